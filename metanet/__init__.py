@@ -1,0 +1,1 @@
+"""metanet: meta-learning task-specific neural networks."""

@@ -1,0 +1,409 @@
+"""Compile a search space into a Plan once; run it with explicit weights, per task or batched.
+
+``compile(space)`` walks the cell graphs once and returns a frozen ``Plan``: the weight
+slots (names, shapes, inits), the preprocessing of each cell input, every candidate edge
+with its ops, and, per edge, which linear ops the fused path merges into one convolution
+(decided by counting multiply-adds). Nothing re-walks the graph per step.
+
+Execution is functional. ``forward`` runs ONE task: ``alpha`` (edges, ops) holds the op
+weights (probabilities, or one-hot), ``params`` the network weights, ``x`` the inputs.
+``run`` takes a meta-batch with a leading task dimension on all three and executes it as
+a loop over tasks or with ``torch.func.vmap`` (which lowers per-task convolutions to
+grouped ones); both compute the same thing. ``forward_genotype`` runs a discrete network,
+touching only the weights of its kept edges.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .graph import Genotype, live_nodes
+from .ops import OpDef, activation, batch_norm, get_op, init_tensor
+from .space import CellSpec, SearchSpace
+
+__all__ = [
+    "Slot",
+    "OpCall",
+    "EdgePlan",
+    "InputPlan",
+    "CellPlan",
+    "Plan",
+    "compile",
+    "forward",
+    "forward_genotype",
+    "run",
+    "init_params",
+    "STRATEGIES",
+]
+
+Params = Mapping[str, Tensor]
+STRATEGIES = ("loop", "vmap")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One weight tensor of the supernet."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "fan_in" | "zeros" | "ones"
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """A candidate op on one edge, bound to its alpha column and weight names."""
+
+    col: int
+    label: str
+    op: OpDef
+    kwargs: tuple[tuple[str, Any], ...]
+    params: tuple[tuple[str, str], ...]  # (op's tensor name, slot name)
+    kernel_size: int | None  # side of the linear form, None if not linear
+
+    def __call__(self, x: Tensor, params: Params, c: int, stride: int) -> Tensor:
+        return self.op.fn(x, {k: params[n] for k, n in self.params}, c=c, stride=stride, **dict(self.kwargs))
+
+    def kernel(self, params: Params, c: int, stride: int, like: Tensor) -> Tensor | None:
+        p = {k: params[n] for k, n in self.params}
+        return self.op.kernel(p, c=c, stride=stride, like=like, **dict(self.kwargs))
+
+
+@dataclass(frozen=True)
+class EdgePlan:
+    """A candidate edge ``src -> dst`` of a cell and how the fused path runs it."""
+
+    index: int  # row of alpha
+    src: int
+    dst: int
+    stride: int
+    ops: tuple[OpCall, ...]
+    merged: tuple[int, ...]  # positions in `ops` merged into one convolution (fused path)
+    merged_size: int  # kernel side of that convolution
+    separate: tuple[int, ...]  # positions run one by one on the fused path (zero dropped)
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How cell input ``j`` is made from a previous state: identity, or act-1x1-norm."""
+
+    state: int  # index into the list of states (stem output, cell 0 output, ...)
+    stride: int
+    weight: str | None  # slot name of the 1x1 projection, None for identity
+    bias: str | None
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """A compiled cell."""
+
+    spec: CellSpec
+    inputs: tuple[InputPlan, ...]
+    edges: tuple[EdgePlan, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled search space: static structure plus weight slots. Build with ``compile``."""
+
+    space: SearchSpace
+    cells: tuple[CellPlan, ...]
+    slots: tuple[Slot, ...]
+
+    @property
+    def image(self) -> bool:
+        return self.space.task.domain == "image"
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {s.name: s.shape for s in self.slots}
+
+    def slot_names(self, genotype: Genotype) -> list[str]:
+        """The weights a discrete network uses: stem, head, live preprocessing and kept ops."""
+        used = {s.name for s in self.slots if s.name.startswith(("stem.", "head."))}
+        for cp, cell in zip(self.cells, genotype.cells):
+            srcs = {s for s, _, _ in cell}
+            for j, ip in enumerate(cp.inputs):
+                if j in srcs:
+                    used |= {n for n in (ip.weight, ip.bias) if n}
+            by_edge = {(e.src, e.dst): e for e in cp.edges}
+            for s, d, label in cell:
+                call = next(c for c in by_edge[(s, d)].ops if c.label == label)
+                used |= {n for _, n in call.params}
+        return [s.name for s in self.slots if s.name in used]
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def _merge_choice(calls: tuple[OpCall, ...], c: int, stride: int) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """Pick which linear ops to merge on an edge so that multiply-adds are smallest.
+
+    Costs are per output position: a dense k x k conv costs k*k*c*c; each op's own cost
+    comes from the registry. Merging only pays when several ops share the kernel.
+    """
+    live = [i for i, call in enumerate(calls) if call.op.name != "zero"]
+    cost = {i: calls[i].op.cost(c, stride=stride, **dict(calls[i].kwargs)) for i in live}
+    linear = sorted((calls[i].kernel_size, i) for i in live if calls[i].kernel_size is not None)
+    best: tuple[float, tuple[int, ...], int] = (sum(cost.values()), (), 0)
+    for size in sorted({k for k, _ in linear}):
+        group = tuple(i for k, i in linear if k <= size)
+        if len(group) < 2:
+            continue
+        total = size * size * c * c + sum(v for i, v in cost.items() if i not in group)
+        if total <= best[0]:
+            best = (total, group, size)
+    _, merged, size = best
+    return tuple(sorted(merged)), size, tuple(i for i in live if i not in merged)
+
+
+def compile(space: SearchSpace) -> Plan:
+    """Compile ``space`` into a Plan: weight slots, input preprocessing, edges, fusion."""
+    image = space.task.domain == "image"
+    slots: list[Slot] = []
+
+    def add(name: str, shape: tuple[int, ...], init: str) -> str:
+        slots.append(Slot(name, tuple(shape), init))
+        return name
+
+    c_in = space.task.input[0]
+    stem = space.stem
+    if image:
+        add("stem.w", (stem.channels, c_in, stem.kernel, stem.kernel), "fan_in")
+    else:
+        add("stem.w", (stem.channels, c_in), "fan_in")
+        add("stem.b", (stem.channels,), "zeros")
+    # (channels, resolution divisor) of each state: stem output, then each cell's output.
+    states: list[tuple[int, int]] = [(stem.channels, 1)]
+    cells: list[CellPlan] = []
+    for ci, spec in enumerate(space.cells):
+        c = spec.channels
+        ref_scale = states[-1][1]
+        inputs: list[InputPlan] = []
+        for j in range(spec.inputs):
+            state = max(len(states) - spec.inputs + j, 0)
+            c_prev, scale = states[state]
+            stride = ref_scale // scale
+            if c_prev == c and stride == 1:
+                inputs.append(InputPlan(state, 1, None, None))
+                continue
+            pre = f"cells.{ci}.pre{j}"
+            if image:
+                w = add(f"{pre}.w", (c, c_prev, 1, 1), "fan_in")
+                inputs.append(InputPlan(state, stride, w, None))
+            else:
+                w = add(f"{pre}.w", (c, c_prev), "fan_in")
+                inputs.append(InputPlan(state, 1, w, add(f"{pre}.b", (c,), "zeros")))
+        edges: list[EdgePlan] = []
+        index = {(e.src, e.dst): e.index for e in space.edges if e.cell == ci}
+        for src, dst in spec.edges():
+            stride = spec.stride(src)
+            calls = []
+            for col, choice in enumerate(spec.ops):
+                kw = choice.kwargs
+                prefix = f"cells.{ci}.e{src}_{dst}.{choice.label}"
+                names = tuple(
+                    (t, add(f"{prefix}.{t}", shape, init))
+                    for t, (shape, init) in choice_shapes(choice.name, c, stride, kw).items()
+                )
+                ksize = get_op(choice.name).kernel_size(stride, **kw) if image else None
+                calls.append(OpCall(col, choice.label, get_op(choice.name), tuple(sorted(kw.items())), names, ksize))
+            calls_t = tuple(calls)
+            merged, size, separate = _merge_choice(calls_t, c, stride) if image else ((), 0, tuple(i for i, cl in enumerate(calls_t) if cl.op.name != "zero"))
+            edges.append(EdgePlan(index[(src, dst)], src, dst, stride, calls_t, merged, size, separate))
+        cells.append(CellPlan(spec, tuple(inputs), tuple(edges)))
+        scale = ref_scale * (2 if spec.reduction else 1)
+        states.append((spec.out_channels, scale))
+    c_last = states[-1][0]
+    add("head.w", (space.task.outputs, c_last), "fan_in")
+    add("head.b", (space.task.outputs,), "zeros")
+    names = [s.name for s in slots]
+    assert len(names) == len(set(names)), "duplicate slot names"
+    return Plan(space, tuple(cells), tuple(slots))
+
+
+def choice_shapes(name: str, c: int, stride: int, kwargs: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Weight shapes and inits of op ``name`` on an edge of ``c`` channels."""
+    return get_op(name).shapes(c, stride, **kwargs)
+
+
+def init_params(plan: Plan, generator: torch.Generator | None = None, names: list[str] | None = None) -> dict[str, Tensor]:
+    """Fresh weights for every slot (or the given slot names), without a task dimension."""
+    wanted = set(names) if names is not None else None
+    return {s.name: init_tensor(s.shape, s.init, generator) for s in plan.slots if wanted is None or s.name in wanted}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _norm(plan: Plan, x: Tensor) -> Tensor:
+    return batch_norm(x) if plan.space.norm == "batch" else x
+
+
+def _stem(plan: Plan, params: Params, x: Tensor) -> Tensor:
+    stem = plan.space.stem
+    if plan.image:
+        y = F.conv2d(x, params["stem.w"], padding=stem.kernel // 2)  # (N, C, H, W)
+    else:
+        y = F.linear(x, params["stem.w"], params["stem.b"])  # (N, W)
+    return activation(stem.activation)(_norm(plan, y))
+
+
+def _head(plan: Plan, params: Params, x: Tensor) -> Tensor:
+    if plan.image:
+        x = F.relu(x).mean((2, 3))  # (N, C)
+    return F.linear(x, params["head.w"], params["head.b"])  # (N, outputs)
+
+
+def _cell_input(plan: Plan, cp: CellPlan, ip: InputPlan, params: Params, x: Tensor) -> Tensor:
+    if ip.weight is None:
+        return x
+    act = activation(cp.spec.preact)
+    if plan.image:
+        return _norm(plan, F.conv2d(act(x), params[ip.weight], stride=ip.stride))
+    return F.linear(act(x), params[ip.weight], params[ip.bias])
+
+
+EdgeFn = Callable[[CellPlan, EdgePlan, Tensor], Tensor]
+
+
+def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], list[tuple[EdgePlan, EdgeFn]]], cell_live: Callable[[int], set[int]]) -> Tensor:
+    """Stem, cells and head; ``cell_edges(i)`` gives the edges to run in cell i."""
+    states = [_stem(plan, params, x)]
+    for ci, cp in enumerate(plan.cells):
+        spec = cp.spec
+        edges = cell_edges(ci)
+        used = {e.src for e, _ in edges}
+        nodes: dict[int, Tensor] = {}
+        for j, ip in enumerate(cp.inputs):
+            if j in used or j == 0:
+                nodes[j] = _cell_input(plan, cp, ip, params, states[ip.state])
+        act = activation(spec.preact)
+        pre: dict[int, Tensor] = {}  # the shared pre-activation, computed once per source
+        live = cell_live(ci)
+        for dst in range(spec.inputs, spec.inputs + spec.nodes):
+            if dst not in live:
+                continue
+            terms = []
+            for e, fn in edges:
+                if e.dst == dst:
+                    if e.src not in pre:
+                        pre[e.src] = act(nodes[e.src])
+                    terms.append(fn(cp, e, pre[e.src]))
+            if terms:
+                nodes[dst] = _norm(plan, torch.stack(terms).sum(0) if len(terms) > 1 else terms[0])
+            else:  # every input dropped: the node outputs zeros, exactly as in the supernet
+                ref = nodes[0]
+                nodes[dst] = ref[..., ::2, ::2] * 0.0 if spec.reduction else ref * 0.0
+        inner = [nodes[j] for j in range(spec.inputs, spec.inputs + spec.nodes) if j in live]
+        if spec.output == "last":
+            out = inner[-1]
+        elif spec.output == "sum":
+            out = torch.stack(inner).sum(0)
+        else:
+            out = torch.cat(inner, dim=1)
+        states.append(out)
+    return _head(plan, params, states[-1])
+
+
+def _soft_edge(alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
+    def edge(cp: CellPlan, e: EdgePlan, x: Tensor) -> Tensor:
+        c, w = cp.spec.channels, alpha[e.index]  # (ops,)
+        if not fused:
+            return sum(w[call.col] * call(x, params, c, e.stride) for call in e.ops)
+        terms = []
+        if e.merged:
+            size = e.merged_size
+            kernel = None
+            for i in e.merged:
+                call = e.ops[i]
+                k = F.pad(call.kernel(params, c, e.stride, x), [(size - call.kernel_size) // 2] * 4)
+                kernel = w[call.col] * k if kernel is None else kernel + w[call.col] * k
+            terms.append(F.conv2d(x, kernel, stride=e.stride, padding=size // 2))
+        for i in e.separate:
+            call = e.ops[i]
+            terms.append(w[call.col] * call(x, params, c, e.stride))
+        if not terms:  # only zero candidates
+            return e.ops[0](x, params, c, e.stride)
+        return sum(terms)
+
+    return edge
+
+
+def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool = False) -> Tensor:
+    """Run the supernet for one task.
+
+    Args:
+        plan: from ``compile``.
+        alpha: op weights per edge, ``(edges, ops)``; rows sum to 1 for a soft encoding.
+        params: weights by slot name, without a task dimension.
+        x: inputs ``(N, *input)``.
+        fused: merge linear ops per edge into one convolution (exact; see ``compile``).
+
+    Returns:
+        ``(N, outputs)`` logits or predictions.
+    """
+    edge = _soft_edge(alpha, params, fused)
+    all_edges = [[(e, edge) for e in cp.edges] for cp in plan.cells]
+    all_nodes = [set(range(cp.spec.inputs, cp.spec.inputs + cp.spec.nodes)) for cp in plan.cells]
+    return _network(plan, params, x, all_edges.__getitem__, all_nodes.__getitem__)
+
+
+def forward_genotype(plan: Plan, genotype: Genotype, params: Params, x: Tensor) -> Tensor:
+    """Run the discrete network ``genotype`` for one task; only its weights are read."""
+    per_cell: list[list[tuple[EdgePlan, EdgeFn]]] = []
+    lives = []
+    for cp, kept in zip(plan.cells, genotype.cells):
+        by_edge = {(e.src, e.dst): e for e in cp.edges}
+        items = []
+        for s, d, label in kept:
+            e = by_edge[(s, d)]
+            call = next(c for c in e.ops if c.label == label)
+            items.append((e, _discrete_edge(call, params)))
+        per_cell.append(items)
+        lives.append(live_nodes(cp.spec, kept))
+    return _network(plan, params, x, per_cell.__getitem__, lives.__getitem__)
+
+
+def _discrete_edge(call: OpCall, params: Params) -> EdgeFn:
+    return lambda cp, e, x: call(x, params, cp.spec.channels, e.stride)
+
+
+def run(
+    plan: Plan,
+    alpha: Tensor,
+    params: Params,
+    x: Tensor,
+    *,
+    fused: bool = False,
+    strategy: str = "loop",
+) -> Tensor:
+    """Run the supernet for a meta-batch of tasks.
+
+    Args:
+        alpha: ``(B, edges, ops)`` per-task op weights.
+        params: ``{name: (B, *shape)}`` per-task weights.
+        x: ``(B, N, *input)``.
+        strategy: ``"loop"`` (one task at a time) or ``"vmap"`` (torch.func.vmap).
+
+    Returns:
+        ``(B, N, outputs)``.
+    """
+    if strategy == "vmap":
+        fn = lambda a, p, xb: forward(plan, a, p, xb, fused=fused)  # noqa: E731
+        return torch.func.vmap(fn)(alpha, dict(params), x)
+    if strategy != "loop":
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    outs = [forward(plan, alpha[b], {k: v[b] for k, v in params.items()}, x[b], fused=fused) for b in range(x.shape[0])]
+    return torch.stack(outs)
+
+
+def param_count(plan: Plan, names: list[str] | None = None) -> int:
+    """Number of weights in the supernet, or in the given slots."""
+    wanted = set(names) if names is not None else None
+    return sum(math.prod(s.shape) for s in plan.slots if wanted is None or s.name in wanted)

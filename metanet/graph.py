@@ -1,0 +1,168 @@
+"""Cell DAGs as networkx graphs, genotypes, and discretisation of soft encodings.
+
+networkx is the single structural representation: discretisation builds each cell's DAG,
+prunes the nodes that cannot reach the cell output, and the exporters of ``inspect.py``
+read the same graphs.
+
+Node numbering inside a cell: ``0 .. inputs-1`` are the cell inputs (the outputs of the
+previous one or two cells), ``inputs .. inputs+nodes-1`` the intermediate nodes, and the
+string ``"out"`` the cell output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+from .space import CellSpec, SearchSpace
+
+__all__ = ["Genotype", "GenotypeError", "discretise", "cell_dag", "live_nodes", "entropy"]
+
+OUT = "out"
+GENOTYPE_VERSION = 1
+
+
+class GenotypeError(ValueError):
+    """A genotype that does not fit its search space; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """A discrete architecture: per cell, the kept edges ``(src, dst, op label)``.
+
+    Nodes that cannot reach a cell's output are already pruned. Hashable, and its JSON
+    form is canonical (sorted edges, sorted keys), so equal genotypes have equal JSON.
+    """
+
+    space: str
+    cells: tuple[tuple[tuple[int, int, str], ...], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cells", tuple(tuple(sorted(map(tuple, c))) for c in self.cells))
+
+    def to_json(self) -> str:
+        """Canonical JSON text."""
+        data = {
+            "format": "metanet.genotype",
+            "version": GENOTYPE_VERSION,
+            "space": self.space,
+            "cells": [[list(e) for e in cell] for cell in self.cells],
+        }
+        return json.dumps(data, sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<genotype>") -> Genotype:
+        """Parse the JSON written by ``to_json``."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GenotypeError(f"{source}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        if not isinstance(data, dict) or data.get("format") != "metanet.genotype":
+            raise GenotypeError(f"{source}: expected a metanet genotype JSON object with \"format\": \"metanet.genotype\"")
+        try:
+            cells = tuple(tuple((int(s), int(d), str(op)) for s, d, op in cell) for cell in data["cells"])
+            return cls(str(data["space"]), cells)
+        except (KeyError, TypeError, ValueError):
+            raise GenotypeError(f"{source}: 'cells' must be a list of [src, dst, op] lists per cell, and 'space' a name") from None
+
+    def validate(self, space: SearchSpace) -> None:
+        """Raise GenotypeError unless every edge and op exists in ``space``."""
+        if self.space != space.name:
+            raise GenotypeError(f"genotype is for space '{self.space}', not '{space.name}'")
+        if len(self.cells) != len(space.cells):
+            raise GenotypeError(f"genotype has {len(self.cells)} cells; space '{space.name}' has {len(space.cells)}")
+        for ci, (cell, spec) in enumerate(zip(self.cells, space.cells)):
+            edges, labels = set(spec.edges()), [o.label for o in spec.ops]
+            for s, d, op in cell:
+                if (s, d) not in edges:
+                    raise GenotypeError(f"cells[{ci}]: no edge {s}->{d} in this cell")
+                if op not in labels:
+                    raise GenotypeError(f"cells[{ci}]: edge {s}->{d}: op '{op}' is not a candidate; expected one of {', '.join(labels)}")
+
+    def to_alpha(self, space: SearchSpace) -> Tensor:
+        """The one-hot encoding ``(edges, ops)`` of this genotype; dropped edges are all zero."""
+        alpha = torch.zeros(space.alpha_shape)
+        index = {(e.cell, e.src, e.dst): e.index for e in space.edges}
+        for ci, cell in enumerate(self.cells):
+            labels = [o.label for o in space.cells[ci].ops]
+            for s, d, op in cell:
+                alpha[index[(ci, s, d)], labels.index(op)] = 1.0
+        return alpha
+
+    def ops(self) -> list[str]:
+        """Every op of every kept edge, in order."""
+        return [op for cell in self.cells for _, _, op in cell]
+
+
+def cell_dag(spec: CellSpec, edges: list[tuple[int, int, str]] | tuple[tuple[int, int, str], ...]) -> nx.DiGraph:
+    """The DAG of one cell: inputs, intermediate nodes, ``out``, and the given op edges."""
+    g = nx.DiGraph()
+    for i in range(spec.inputs):
+        g.add_node(i, role="input")
+    for j in range(spec.inputs, spec.inputs + spec.nodes):
+        g.add_node(j, role="node")
+    g.add_node(OUT, role="output")
+    for s, d, op in edges:
+        g.add_edge(s, d, op=op)
+    inner = range(spec.inputs, spec.inputs + spec.nodes)
+    for j in ([inner[-1]] if spec.output == "last" else inner):
+        g.add_edge(j, OUT, op=spec.output)
+    return g
+
+
+def live_nodes(spec: CellSpec, edges: tuple[tuple[int, int, str], ...]) -> set[int]:
+    """Intermediate nodes that can reach the cell output."""
+    g = cell_dag(spec, edges)
+    return {n for n in nx.ancestors(g, OUT) if isinstance(n, int) and n >= spec.inputs}
+
+
+def _prune(spec: CellSpec, edges: list[tuple[int, int, str]]) -> tuple[tuple[int, int, str], ...]:
+    """Drop the edges of nodes that cannot reach the cell output."""
+    g = cell_dag(spec, edges)
+    live = nx.ancestors(g, OUT)
+    return tuple(e for e in edges if e[1] in live)
+
+
+def discretise(space: SearchSpace, alpha: Tensor) -> Genotype:
+    """Apply the space's rule to one task's soft encoding ``alpha`` (edges, ops).
+
+    Per node, the ``keep`` incoming edges with the strongest non-zero op are kept (all
+    when ``keep`` is None); each kept edge takes its argmax op, ``zero`` excluded unless
+    ``allow_zero``; an edge whose winner is ``zero`` is dropped. Nodes that cannot reach the
+    cell output are pruned.
+    """
+    if tuple(alpha.shape) != space.alpha_shape:
+        raise GenotypeError(f"alpha has shape {tuple(alpha.shape)}; space '{space.name}' expects {space.alpha_shape}")
+    a = alpha.detach().float().cpu()
+    cells: list[tuple[tuple[int, int, str], ...]] = []
+    by_cell: dict[int, list] = {}
+    for e in space.edges:
+        by_cell.setdefault(e.cell, []).append(e)
+    for ci, spec in enumerate(space.cells):
+        labels = [o.label for o in spec.ops]
+        nonzero = [k for k, o in enumerate(spec.ops) if o.name != "zero"]
+        kept: list[tuple[int, int, str]] = []
+        for dst in range(spec.inputs, spec.inputs + spec.nodes):
+            cands = []
+            for e in (e for e in by_cell[ci] if e.dst == dst):
+                row = a[e.index, : len(labels)]
+                strength = max((row[k].item() for k in nonzero), default=0.0)
+                allowed = range(len(labels)) if spec.allow_zero else nonzero
+                best = max(allowed, key=lambda k: row[k].item())
+                cands.append((strength, e.src, labels[best]))
+            cands.sort(key=lambda t: (-t[0], t[1]))  # stable: ties go to the earlier input
+            for _, src, op in cands[: spec.keep] if spec.keep else cands:
+                if op != "zero":
+                    kept.append((src, dst, op))
+        cells.append(_prune(spec, kept))
+    return Genotype(space.name, tuple(cells))
+
+
+def entropy(alpha: Tensor, mask: Tensor) -> Tensor:
+    """Per-edge entropy (nats) of op distributions ``(..., edges, ops)`` over the real ops."""
+    p = alpha.masked_fill(~mask, 0.0)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
