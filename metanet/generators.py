@@ -1,0 +1,155 @@
+"""The two generators: task embedding -> soft architecture, and (task, architecture) -> weights.
+
+``ArchitectureGenerator`` maps a task embedding to alpha logits for every edge and op, and
+turns them into op weights with a tempered softmax or a (straight-through) Gumbel-softmax.
+``WeightGenerator`` is a VAE-style hypernetwork: q(z | e, alpha) -> z -> initial weights,
+decoded per weight slot as a learned base tensor modulated per output channel by z (a
+per-channel scale for weight tensors, a shift for biases). It never maps z to all weights
+with one dense matrix: its size grows with the number of output channels, not weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .executor import Plan, init_params
+from .graph import Genotype, entropy
+
+__all__ = ["ArchitectureGenerator", "WeightGenerator", "ARCH_MODES", "WEIGHT_MODES", "safe_name"]
+
+ARCH_MODES = ("conditional", "shared", "fixed")
+WEIGHT_MODES = ("vae", "off")
+
+
+def safe_name(name: str) -> str:
+    """A slot name usable as an nn.Module attribute (no dots)."""
+    return name.replace(".", "__")
+
+
+class ArchitectureGenerator(nn.Module):
+    """Task embedding ``(B, d)`` -> op weights ``(B, edges, ops)``.
+
+    Modes: ``conditional`` (per-task logits = shared logits + a linear map of the task
+    embedding), ``shared`` (one meta-learned encoding for all tasks, MetaNAS-style), and
+    ``fixed`` (a given genotype, one-hot: plain MAML on a fixed network).
+    """
+
+    def __init__(self, plan: Plan, dim: int, mode: str = "conditional", genotype: Genotype | None = None):
+        super().__init__()
+        if mode not in ARCH_MODES:
+            raise ValueError(f"architecture mode must be one of {', '.join(ARCH_MODES)}, got {mode!r}")
+        space = plan.space
+        self.mode, self.shape = mode, space.alpha_shape
+        self.register_buffer("mask", space.alpha_mask.clone(), persistent=False)
+        if mode == "fixed":
+            if genotype is None:
+                if any(len(c.ops) > 1 for c in space.cells):
+                    raise ValueError("a fixed architecture needs a genotype, or a space with one op per cell")
+                alpha = space.alpha_mask.float()
+            else:
+                genotype.validate(space)
+                alpha = genotype.to_alpha(space)
+            self.register_buffer("fixed", alpha)
+            return
+        self.bias = nn.Parameter(torch.zeros(self.shape))
+        if mode == "conditional":
+            self.proj = nn.Linear(dim, math.prod(self.shape))
+            nn.init.normal_(self.proj.weight, std=0.01)  # tasks start from the shared encoding
+            nn.init.zeros_(self.proj.bias)
+
+    def logits(self, e: Tensor) -> Tensor:
+        """Masked alpha logits ``(B, edges, ops)``; -inf outside each cell's ops."""
+        b = e.shape[0]
+        if self.mode == "fixed":
+            raise RuntimeError("a fixed architecture has no logits")
+        out = self.bias.expand(b, *self.shape)
+        if self.mode == "conditional":
+            out = out + self.proj(e).view(b, *self.shape)
+        return out.masked_fill(~self.mask, float("-inf"))
+
+    def weights(self, logits: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Op weights from logits: tempered softmax, or Gumbel-softmax (``hard``: straight-through)."""
+        if gumbel:
+            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            logits = logits - torch.log(-torch.log(u.clamp_min(1e-10)))
+        soft = torch.softmax(logits / temperature, dim=-1)
+        if not hard:
+            return soft
+        hard_t = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype) * self.mask
+        return hard_t + soft - soft.detach()
+
+    def forward(self, e: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """Op weights ``(B, edges, ops)`` and logits (None when fixed)."""
+        if self.mode == "fixed":
+            return self.fixed.expand(e.shape[0], *self.shape), None
+        logits = self.logits(e)
+        return self.weights(logits, temperature, gumbel, hard, generator), logits
+
+    def entropy(self, alpha: Tensor) -> Tensor:
+        """Mean per-edge entropy of ``alpha`` ``(B, edges, ops)``, per task ``(B,)``."""
+        return entropy(alpha, self.mask).mean(-1)
+
+
+class WeightGenerator(nn.Module):
+    """VAE hypernetwork: (task embedding, alpha) -> per-task initial weights and KL.
+
+    Args:
+        plan: the compiled space whose slots are generated.
+        dim: task embedding size.
+        latent: size of z.
+        mode: ``vae`` or ``off`` (learned initial weights shared by all tasks: MAML).
+    """
+
+    def __init__(self, plan: Plan, dim: int, latent: int = 32, mode: str = "vae", generator: torch.Generator | None = None):
+        super().__init__()
+        if mode not in WEIGHT_MODES:
+            raise ValueError(f"weight mode must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
+        self.mode, self.latent = mode, latent
+        self.names = [s.name for s in plan.slots]
+        self.base = nn.ParameterDict({safe_name(k): nn.Parameter(v) for k, v in init_params(plan, generator).items()})
+        if mode == "off":
+            return
+        n_alpha = math.prod(plan.space.alpha_shape)
+        self.encoder = nn.Sequential(nn.Linear(dim + n_alpha, 128), nn.ReLU(), nn.Linear(128, 2 * latent))
+        # One modulation per output channel of every slot, decoded from z in one matmul.
+        self.sizes = [s.shape[0] for s in plan.slots]
+        self.decoder = nn.Linear(latent, sum(self.sizes))
+        nn.init.zeros_(self.decoder.weight)  # start at the base weights; z learns to modulate
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, e: Tensor, alpha: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+        """Generate weights.
+
+        Args:
+            e: ``(B, dim)`` task embeddings.
+            alpha: ``(B, edges, ops)`` op weights.
+            sample: draw z by reparameterisation; otherwise z = mu.
+
+        Returns:
+            ``({slot: (B, *shape)}, kl (B,), z (B, latent) or None)``.
+        """
+        b = e.shape[0]
+        base = {k: self.base[safe_name(k)] for k in self.names}
+        if self.mode == "off":
+            return {k: v.expand(b, *v.shape) for k, v in base.items()}, e.new_zeros(b), None
+        stats = self.encoder(torch.cat([e, alpha.flatten(1)], dim=-1))
+        mu, logvar = stats.chunk(2, dim=-1)
+        logvar = logvar.clamp(-8.0, 8.0)
+        if sample:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + eps * torch.exp(0.5 * logvar)
+        else:
+            z = mu
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)  # (B,)
+        mods = self.decoder(z).split(self.sizes, dim=-1)
+        out = {}
+        for (k, v), m in zip(base.items(), mods):
+            if v.dim() == 1:  # biases: shifted
+                out[k] = v + m
+            else:  # weights: scaled per output channel
+                out[k] = v * (1.0 + m).view(b, -1, *([1] * (v.dim() - 1)))
+        return out, kl, z

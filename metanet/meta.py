@@ -1,0 +1,250 @@
+"""The meta-learner: generators + inner loop + outer loop, and the one evaluation path.
+
+``MetaNet`` holds the task encoder, the architecture generator, the weight generator and
+(optionally) Meta-SGD step sizes. For a meta-batch it generates per-task op weights and
+initial weights, adapts the weights with k gradient steps on each task's support set, and
+returns the query loss; the outer loop backpropagates through the adaptation into both
+generators (second order), or not (first order), or uses Reptile's update.
+
+The task dimension is data throughout. The batched inner loop takes one gradient of the
+SUM of per-task support losses with respect to the stacked per-task weights: tasks are
+independent, so each task's slice of that gradient is its own gradient.
+
+Evaluation has one code path, ``evaluate_task``: generate, discretise the architecture,
+build the discrete network, adapt it k steps on the support set, score the query set. The
+``generate`` API, ``metanet evaluate`` and validation during training all call it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoders import TaskEncoder
+from .executor import Plan, compile, forward_genotype, run
+from .generators import ArchitectureGenerator, WeightGenerator, safe_name
+from .graph import Genotype, discretise
+from .space import SearchSpace
+
+__all__ = [
+    "ModelConfig",
+    "MetaNet",
+    "Generated",
+    "task_loss",
+    "adapt_discrete",
+    "evaluate_task",
+    "meta_loss",
+    "ORDERS",
+]
+
+ORDERS = ("second", "first", "reptile")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that shapes a MetaNet (the trainer's knobs live in TrainConfig)."""
+
+    arch: str = "conditional"  # conditional | shared | fixed
+    weights: str = "vae"  # vae | off
+    dim: int = 64  # task embedding
+    latent: int = 32  # VAE latent
+    inner_lr: float = 0.01
+    meta_sgd: bool = False  # learn a step size per weight
+    adapt_alpha: bool = False  # the inner loop also adapts the alpha logits
+    alpha_lr: float = 0.1
+    use_metadata: bool = True
+    fused: bool = True  # merged mixed ops (exact)
+
+
+@dataclass
+class Generated:
+    """What the generators produce for a meta-batch."""
+
+    alpha: Tensor  # (B, edges, ops) op weights
+    logits: Tensor | None  # (B, edges, ops), None for a fixed architecture
+    params: dict[str, Tensor]  # {slot: (B, *shape)} initial weights
+    kl: Tensor  # (B,)
+    embedding: Tensor  # (B, dim)
+    latent: Tensor | None  # (B, latent)
+
+
+def task_loss(kind: str, pred: Tensor, y: Tensor) -> Tensor:
+    """Per-task mean loss over a task's points: cross-entropy or MSE. ``pred`` is ``(..., N, out)``."""
+    if kind == "classification":
+        return F.cross_entropy(pred.flatten(0, -2), y.flatten(), reduction="none").view(y.shape).mean(-1)
+    return (pred - y).pow(2).flatten(-2).mean(-1)
+
+
+def task_metric(kind: str, pred: Tensor, y: Tensor) -> Tensor:
+    """Per-task accuracy (classification) or MSE (regression)."""
+    if kind == "classification":
+        return (pred.argmax(-1) == y).float().mean(-1)
+    return task_loss(kind, pred, y)
+
+
+class MetaNet(nn.Module):
+    """Task encoder + architecture generator + weight generator (+ Meta-SGD step sizes).
+
+    Args:
+        space: the search space.
+        kind: ``classification`` or ``regression`` (from the task distribution).
+        n_families: metadata families (0: none).
+        config: the model's knobs.
+        genotype: the architecture when ``config.arch == "fixed"``.
+    """
+
+    def __init__(self, space: SearchSpace, n_families: int = 0, config: ModelConfig = ModelConfig(), genotype: Genotype | None = None):
+        super().__init__()
+        self.space, self.config = space, config
+        self.kind = space.task.kind
+        self.plan: Plan = compile(space)
+        self.encoder = TaskEncoder(self.kind, space.task.input, space.task.outputs, config.dim, n_families if config.use_metadata else 0)
+        self.arch = ArchitectureGenerator(self.plan, config.dim, config.arch, genotype)
+        self.weights = WeightGenerator(self.plan, config.dim, config.latent, config.weights)
+        self.lrs = (
+            nn.ParameterDict({safe_name(s.name): nn.Parameter(torch.full(s.shape, config.inner_lr)) for s in self.plan.slots})
+            if config.meta_sgd
+            else None
+        )
+
+    def lr(self, name: str) -> Tensor | float:
+        """Inner-loop step size of slot ``name``."""
+        return self.lrs[safe_name(name)] if self.lrs is not None else self.config.inner_lr
+
+    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None) -> Generated:
+        """Run both generators on a meta-batch of support sets."""
+        if not self.config.use_metadata:
+            metadata = None
+        e = self.encoder(support_x, support_y, metadata)
+        alpha, logits = self.arch(e, temperature, gumbel, hard, generator)
+        params, kl, z = self.weights(e, alpha, sample=sample, generator=generator)
+        return Generated(alpha, logits, params, kl, e, z)
+
+    def predict(self, alpha: Tensor, params: Mapping[str, Tensor], x: Tensor, strategy: str = "loop") -> Tensor:
+        """Batched supernet outputs ``(B, N, out)``."""
+        return run(self.plan, alpha, params, x, fused=self.config.fused, strategy=strategy)
+
+    def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """``steps`` SGD steps on the support sets of all tasks at once.
+
+        Returns the (possibly adapted) op weights and the adapted weights.
+        """
+        params, alpha, logits = dict(gen.params), gen.alpha, gen.logits
+        adapt_alpha = self.config.adapt_alpha and logits is not None
+        if not create_graph:  # first order: the step is a constant added to the weights
+            params = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+            if adapt_alpha:
+                logits = logits if logits.requires_grad else logits.detach().requires_grad_()
+        for _ in range(steps):
+            if adapt_alpha:
+                alpha = self.arch.weights(logits, temperature)
+            loss = task_loss(self.kind, self.predict(alpha, params, x, strategy), y).sum()
+            keys = list(params)
+            wrt = [params[k] for k in keys] + ([logits] if adapt_alpha else [])
+            grads = torch.autograd.grad(loss, wrt, create_graph=create_graph)
+            params = {k: params[k] - self.lr(k) * g for k, g in zip(keys, grads)}
+            if adapt_alpha:
+                logits = logits - self.config.alpha_lr * grads[-1]
+        if adapt_alpha:
+            alpha = self.arch.weights(logits, temperature)
+        return alpha, params
+
+
+def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The outer objective for one meta-batch, and its metrics.
+
+    ``second``: backpropagate through the inner steps. ``first``: treat the inner gradients
+    as constants. ``reptile``: a surrogate whose gradient with respect to the initial
+    weights is ``theta_0 - theta_k`` (averaged over tasks).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator)
+    alpha, adapted = model.adapt(gen, episode.support_x, episode.support_y, inner_steps, create_graph=order == "second", strategy=strategy, temperature=temperature)
+    b = episode.support_x.shape[0]
+    if order == "reptile":
+        with torch.no_grad():
+            pred = model.predict(alpha, adapted, episode.query_x, strategy)
+        objective = sum((p0 * (p0 - adapted[k]).detach()).sum() for k, p0 in gen.params.items()) / b
+    else:
+        pred = model.predict(alpha, adapted, episode.query_x, strategy)
+        objective = task_loss(model.kind, pred, episode.query_y).mean()
+    query = task_loss(model.kind, pred.detach(), episode.query_y).mean()
+    ent = model.arch.entropy(gen.alpha).mean() if gen.logits is not None else gen.kl.new_zeros(())
+    loss = objective + beta * gen.kl.mean() + entropy_weight * ent
+    metrics = {
+        "loss": float(loss.detach()),
+        "query_loss": float(query),
+        "kl": float(gen.kl.detach().mean()),
+        "entropy": float(ent.detach()),
+        "metric": float(task_metric(model.kind, pred.detach(), episode.query_y).mean()),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------- evaluation path
+
+
+def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: Callable[[str], Tensor | float], kind: str) -> dict[str, Tensor]:
+    """``steps`` SGD steps of one task's discrete network on ``(x, y)``; returns new weights."""
+    params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    for _ in range(steps):
+        loss = task_loss(kind, forward_genotype(plan, genotype, params, x), y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        params = {k: (v - lr(k) * g).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
+    return {k: v.detach() for k, v in params.items()}
+
+
+@dataclass
+class TaskNetwork:
+    """One task's generated discrete network: genotype, weights, soft encoding, latent."""
+
+    genotype: Genotype
+    params: dict[str, Tensor]  # only the slots the genotype uses, no task dimension
+    alpha: Tensor  # (edges, ops)
+    latent: Tensor | None
+    embedding: Tensor
+
+
+def generate_networks(model: MetaNet, episode, *, sample: bool = False) -> list[TaskNetwork]:
+    """Generate each task's discrete network (architecture by the space's rule + weights)."""
+    with torch.no_grad():
+        gen = model.generate(episode.support_x, episode.support_y, episode.metadata, sample=sample)
+    out = []
+    for b in range(gen.alpha.shape[0]):
+        g = discretise(model.space, gen.alpha[b])
+        names = model.plan.slot_names(g)
+        out.append(TaskNetwork(g, {k: gen.params[k][b].detach() for k in names}, gen.alpha[b].detach(), None if gen.latent is None else gen.latent[b].detach(), gen.embedding[b].detach()))
+    return out
+
+
+def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, steps: int) -> tuple[float, dict[str, Tensor]]:
+    """Adapt one generated network ``steps`` steps on its support set and score the query set.
+
+    Returns the query metric (accuracy or MSE) and the adapted weights.
+    """
+    lr = lambda k: model.lr(k).detach() if isinstance(model.lr(k), Tensor) else model.lr(k)  # noqa: E731
+    params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, lr, model.kind)
+    with torch.no_grad():
+        pred = forward_genotype(model.plan, net.genotype, params, query_x)
+    return float(task_metric(model.kind, pred[None], query_y[None])[0]), params
+
+
+def evaluate(model: MetaNet, episodes, steps: int) -> dict[str, float]:
+    """Mean query metric over episodes with a 95% confidence interval, via ``evaluate_task``."""
+    scores: list[float] = []
+    was_training = model.training
+    model.eval()
+    for ep in episodes:
+        for b, net in enumerate(generate_networks(model, ep)):
+            score, _ = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], steps)
+            scores.append(score)
+    model.train(was_training)
+    t = torch.tensor(scores, dtype=torch.float64)
+    ci = 1.96 * t.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
+    return {"mean": t.mean().item(), "ci95": ci, "n": len(scores)}
