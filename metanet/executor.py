@@ -281,7 +281,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
         used = {e.src for e, _ in edges}
         nodes: dict[int, Tensor] = {}
         for j, ip in enumerate(cp.inputs):
-            if j in used or j == 0:
+            if j in used:
                 nodes[j] = _cell_input(plan, cp, ip, params, states[ip.state])
         act = activation(spec.preact)
         pre: dict[int, Tensor] = {}  # the shared pre-activation, computed once per source
@@ -298,8 +298,11 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
             if terms:
                 nodes[dst] = _norm(plan, torch.stack(terms).sum(0) if len(terms) > 1 else terms[0])
             else:  # every input dropped: the node outputs zeros, exactly as in the supernet
-                ref = nodes[0]
-                nodes[dst] = ref[..., ::2, ::2] * 0.0 if spec.reduction else ref * 0.0
+                # Shaped from the previous state (this cell's input resolution) so that no
+                # weight is read: a genotype needs only the slots of ``Plan.slot_names``.
+                ref = states[-1][:, :1]
+                ref = ref[..., ::2, ::2] if spec.reduction else ref
+                nodes[dst] = (ref * 0.0).expand(-1, spec.channels, *ref.shape[2:])
         inner = [nodes[j] for j in range(spec.inputs, spec.inputs + spec.nodes) if j in live]
         if spec.output == "last":
             out = inner[-1]

@@ -358,6 +358,20 @@ def _parse(data: Any, ctx: _Ctx, text: str) -> SearchSpace:
     return SearchSpace(name, task, norm, stem, cells, head, text, description)
 
 
+class _SafeUniqueLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def loads(text: str, source: str = "<string>") -> SearchSpace:
     """Parse and validate a search space from YAML text.
 
@@ -366,12 +380,16 @@ def loads(text: str, source: str = "<string>") -> SearchSpace:
     """
     ctx = _Ctx(source)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SafeUniqueLoader)  # safe: no Python tags
     except yaml.constructor.ConstructorError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        tag = (e.problem or "").split("tag")[-1].strip(" '!:") if e.problem else "?"
-        raise ctx.fail("", f"{where}YAML tag '!{tag}' is not allowed; search spaces are plain data") from None
+        problem = e.problem or ""
+        if "tag '" not in problem:  # e.g. "found unhashable key": not a tag at all
+            raise ctx.fail("", f"{where}YAML error: {problem or e.context}") from None
+        # Show the tag as written: 'tag:yaml.org,2002:python/...' is spelt '!!python/...'.
+        tag = problem.split("tag '", 1)[1].rstrip("'").replace("tag:yaml.org,2002:", "!!")
+        raise ctx.fail("", f"{where}YAML tag '{tag}' is not allowed; search spaces are plain data") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
