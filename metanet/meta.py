@@ -112,6 +112,10 @@ class MetaNet(nn.Module):
             else None
         )
 
+    def forward(self, episode, **kwargs) -> tuple[Tensor, dict[str, float]]:
+        """The meta-objective of a meta-batch (see ``meta_loss`` for the keyword arguments)."""
+        return meta_loss(self, episode, **kwargs)
+
     def lr(self, name: str) -> Tensor | float:
         """Inner-loop step size of slot ``name``."""
         return self.lrs[safe_name(name)] if self.lrs is not None else self.config.inner_lr
