@@ -209,6 +209,350 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- generate, inspect
+
+
+def _load_npz(path: str, flag: str, cmd: str) -> dict:
+    """The arrays of a support-set .npz (``x``, ``y`` and optionally ``metadata``)."""
+    import zipfile
+
+    import numpy as np
+
+    p = Path(path)
+    where = f"{cmd}: {flag} {path}"
+    if not p.exists():
+        raise UsageError(f"{where}: no such file")
+    if not p.is_file():
+        raise UsageError(f"{where}: not a file (expected an .npz with arrays x and y)")
+    with p.open("rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise UsageError(f"{where}: is a single .npy array; expected an .npz (numpy.savez) with arrays x and y")
+    if not zipfile.is_zipfile(p):
+        raise UsageError(f"{where}: not an .npz file; expected numpy.savez output with arrays x and y")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{where}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        with loaded:
+            data = {k: loaded[k] for k in loaded.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{where}: cannot read its arrays ({str(e).splitlines()[0]})") from None
+    missing = [k for k in ("x", "y") if k not in data]
+    if missing:
+        held = ", ".join(sorted(data)) or "no arrays"
+        raise UsageError(f"{where}: has no array {' or '.join(repr(m) for m in missing)} (it holds {held}); expected x (inputs) and y (targets)")
+    return data
+
+
+def _support(model, path: str, flag: str, cmd: str, *, tasks: bool = False):
+    """Validated (x, y) tensors and the npz's metadata array (or None)."""
+    from .generate import GenerateError, check_support
+
+    data = _load_npz(path, flag, cmd)
+    try:
+        x, y = check_support(model.space, data["x"], data["y"], tasks=tasks)
+    except GenerateError as e:
+        raise UsageError(f"{cmd}: {flag} {path}: {e}") from None
+    return x, y, data.get("metadata")
+
+
+def _metadata_arg(text: str | None, cfg, model, cmd: str):
+    """--metadata as a family id; a family name works for multimodal runs."""
+    if text is None:
+        return None
+    families = model.encoder.n_families if model.encoder.family is not None else 0
+    if families == 0:
+        raise UsageError(f"{cmd}: --metadata: this run was trained without task metadata")
+    names: tuple[str, ...] = ()
+    if cfg.tasks == "multimodal":
+        from .tasks import FAMILY_NAMES
+
+        names = FAMILY_NAMES
+    if text in names:
+        return names.index(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -1 <= value < families:
+        named = f" or a name ({', '.join(names)})" if names else ""
+        raise UsageError(f"{cmd}: --metadata {text!r}: expected a family id 0 to {families - 1} (-1: unknown){named}")
+    return value
+
+
+def _generate_checked(cmd: str, fn, *args, **kwargs):
+    from .generate import GenerateError
+
+    try:
+        return fn(*args, **kwargs)
+    except GenerateError as e:
+        raise UsageError(f"{cmd}: {e}") from None
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except ValueError:  # a stub in sys.modules without a spec
+        return False
+
+
+def _write_network_folder(net, folder: Path, run: Path, support: str, y) -> str:
+    """Every file of ``metanet generate`` into ``folder``; returns summary.txt's text."""
+    from . import checkpoint as ckpt
+    from . import export as ex
+
+    net.save(folder)
+    exported = "model.pt2 (torch.export, any batch size)"
+    try:
+        net.export(folder / "model.pt2")
+    except Exception as e:  # noqa: BLE001 -- an export limitation must not lose the rest
+        exported = f"model.pt2 not written: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        print(f"metanet: warning: {exported}", file=sys.stderr)
+    g = net.graph()
+    ckpt.atomic_write_bytes(folder / "graph.json", (ex.to_json(g) + "\n").encode())
+    ex.to_graphml(g, folder / "graph.graphml")
+    ckpt.atomic_write_bytes(folder / "graph.dot", ex.to_dot(g).encode())
+    png = "graph.png"
+    if _has_matplotlib():
+        ex.draw_genotype_png(net.space, net.genotype, folder / "graph.png")
+    else:
+        png = "graph.png not drawn (needs matplotlib: pip install 'metanet[plot]')"
+    ckpt.atomic_write_bytes(folder / "alpha.txt", (ex.describe_soft(net.space, net.alpha) + "\n").encode())
+    x = net.example_x
+    lines = [
+        f"run: {run}",
+        f"support: {support} ({x.shape[0]} examples)",
+        net.summary(),
+        f"support {'accuracy' if net.kind == 'classification' else 'mse'}: {net.metric(x, y):.6g} (loss {net.loss(x, y):.6g})",
+        f"files: genotype.json, weights.safetensors, space.yaml, network.json, {exported}, graph.json, graph.graphml, graph.dot, {png}, alpha.txt",
+        "",
+        ex.describe_genotype(net.space, net.genotype),
+    ]
+    text = "\n".join(lines) + "\n"
+    ckpt.atomic_write_bytes(folder / "summary.txt", text.encode())
+    return text
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from .generate import generate
+    from .trainer import load_run
+
+    out, run = Path(args.out), Path(args.run)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"generate: --out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"generate: --out {out} is not empty; use --overwrite to replace it")
+    if not run.is_dir():
+        raise UsageError(f"generate: {run}: no such run directory")
+    model, cfg = load_run(run)
+    x, y, npz_meta = _support(model, args.support, "--support", "generate")
+    metadata = _metadata_arg(args.metadata, cfg, model, "generate")
+    if metadata is None and npz_meta is not None:
+        metadata = npz_meta
+    net = _generate_checked("generate", generate, model, x, y, metadata, args.adapt_steps, args.sample)
+    # write everything into a temp folder beside --out, then rename: never half-written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        text = _write_network_folder(net, tmp, run, args.support, y)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    print(text.split("\n\n")[0])
+    print(f"wrote {out}/")
+    return 0
+
+
+def _read_genotype(path: Path, cmd: str):
+    """A genotype JSON file and its space: space.yaml beside it, else the built-in space."""
+    from .generate import read_network_info, space_for
+    from .graph import Genotype
+    from .space import builtin_path, builtin_spaces, load, loads
+
+    if not path.is_file():
+        raise UsageError(f"{cmd}: {path}: no such genotype file")
+    genotype = Genotype.from_json(path.read_text(), str(path))
+    beside = path.parent / "space.yaml"
+    if beside.is_file():
+        if (path.parent / "network.json").is_file():
+            space = _generate_checked(cmd, lambda: space_for(beside.read_text(), read_network_info(path.parent), str(beside)))
+        else:
+            space = loads(beside.read_text(), str(beside))
+        if space.name != genotype.space:
+            raise UsageError(f"{cmd}: {path} is a genotype of space '{genotype.space}', but {beside} defines '{space.name}'")
+    elif builtin_path(genotype.space).is_file():
+        space = load(builtin_path(genotype.space))
+    else:
+        raise UsageError(f"{cmd}: {path} is a genotype of space '{genotype.space}': no space.yaml beside it and no built-in space of that name (built-in: {', '.join(builtin_spaces())})")
+    genotype.validate(space)
+    return genotype, space
+
+
+def _emit(text: str, out: str | None) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    if out is None:
+        print(text, end="" if text.endswith("\n") else "\n")
+        return
+    atomic_write_bytes(_out_path(out), (text if text.endswith("\n") else text + "\n").encode())
+    print(f"wrote {out}")
+
+
+def _out_path(out: str) -> Path:
+    p = Path(out)
+    if not p.parent.is_dir():
+        raise UsageError(f"inspect: --out {out}: folder {p.parent} does not exist")
+    if p.is_dir():
+        raise UsageError(f"inspect: --out {out} is a folder; give a file name")
+    return p
+
+
+def _write_png(out: str | None, draw: Callable[[Path], object], announce: bool = True) -> None:
+    import os
+
+    if out is None:
+        raise UsageError("inspect: --format png needs --out FILE.png")
+    if not _has_matplotlib():
+        raise UsageError("inspect: PNG output needs matplotlib: pip install 'metanet[plot]' (or pip install matplotlib)")
+    p = _out_path(out)
+    tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}.png")
+    try:
+        draw(tmp)
+        os.replace(tmp, p)
+    except ImportError as e:  # matplotlib present but broken
+        raise UsageError(f"inspect: {str(e).splitlines()[0]}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    if announce:
+        print(f"wrote {out}")
+
+
+def _frequency_table(space, genotypes) -> str:
+    from .export import op_frequency
+
+    freq, labels = op_frequency(space, genotypes)
+    rows = [f"c{e.cell} e{e.src}->{e.dst}" for e in space.edges]
+    w = max(len(r) for r in rows)
+    cols = [max(len(lab), 5) for lab in labels]
+    lines = [f"op frequency over {len(genotypes)} tasks (share of tasks whose network uses the op on the edge)",
+             " " * w + "  " + "  ".join(f"{lab:>{c}s}" for lab, c in zip(labels, cols))]
+    for i, r in enumerate(rows):
+        lines.append(f"{r:{w}s}  " + "  ".join(f"{float(freq[i, k]):>{c}.3f}" for k, c in enumerate(cols)))
+    distinct = len(set(genotypes))
+    lines.append(f"{distinct} distinct architecture{'s' if distinct != 1 else ''} among {len(genotypes)} tasks")
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from . import export as ex
+    from .generate import generate, generate_batch
+    from .trainer import load_run
+
+    cmd = "inspect"
+    src = Path(args.source)
+    if not src.exists():
+        raise UsageError(f"{cmd}: {src}: no such run directory or genotype file")
+    is_run = src.is_dir() and (src / "config.yaml").is_file()
+    if src.is_dir() and not is_run:
+        if not (src / "genotype.json").is_file():
+            raise UsageError(f"{cmd}: {src} is neither a run directory (no config.yaml) nor a saved network (no genotype.json)")
+        src = src / "genotype.json"
+    exclusive = [f for f, on in (("--soft", args.soft), ("--diff", args.diff), ("--population", args.population)) if on]
+    if len(exclusive) > 1:
+        raise UsageError(f"{cmd}: {' and '.join(exclusive)} exclude each other")
+    if not is_run:
+        needs_run = [f for f, on in (("--support", args.support), ("--soft", args.soft), ("--population", args.population), ("--metadata", args.metadata)) if on]
+        if needs_run:
+            raise UsageError(f"{cmd}: {needs_run[0]} needs a run directory; {src} is a genotype file")
+        genotype, space = _read_genotype(src, cmd)
+        alpha = None
+        model = cfg = None
+    else:
+        model, cfg = load_run(src)
+        space = model.space
+        metadata = _metadata_arg(args.metadata, cfg, model, cmd)
+        if args.population:
+            if args.support:
+                raise UsageError(f"{cmd}: give --support or --population, not both")
+            if args.format not in ("text", "png"):
+                raise UsageError(f"{cmd}: --population prints a table and draws a PNG heatmap to --out; --format {args.format} does not apply")
+            xs, ys, npz_meta = _support(model, args.population, "--population", cmd, tasks=True)
+            meta = metadata if metadata is not None else npz_meta
+            nets = _generate_checked(cmd, generate_batch, model, xs, ys, meta)
+            genotypes = [n.genotype for n in nets]
+            if args.out is not None:
+                _write_png(args.out, lambda p: ex.draw_population_png(space, genotypes, p), announce=False)
+            elif args.format == "png":
+                raise UsageError(f"{cmd}: --format png needs --out FILE.png")
+            print(_frequency_table(space, genotypes))
+            if args.out is not None:
+                print(f"wrote {args.out}")
+            return 0
+        if not args.support:
+            raise UsageError(f"{cmd}: a run directory needs --support FILE.npz (one task's support set) or --population FILE.npz")
+        x, y, npz_meta = _support(model, args.support, "--support", cmd)
+        net = _generate_checked(cmd, generate, model, x, y, metadata if metadata is not None else npz_meta)
+        genotype, alpha = net.genotype, net.alpha
+    if args.diff:
+        other = Path(args.diff)
+        if other.suffix == ".npz":
+            if model is None:
+                raise UsageError(f"{cmd}: --diff {other}: a support set needs a run directory to generate from; {src} is a genotype file")
+            ox, oy, ometa = _support(model, str(other), "--diff", cmd)
+            other_genotype = _generate_checked(cmd, generate, model, ox, oy, metadata if metadata is not None else ometa).genotype
+        else:
+            if other.is_dir() and (other / "genotype.json").is_file():
+                other = other / "genotype.json"
+            other_genotype, other_space = _read_genotype(other, cmd)
+            if other_space.name != space.name:
+                raise UsageError(f"{cmd}: --diff {other}: a genotype of space '{other_space.name}' cannot be compared with one of '{space.name}'")
+        if args.format != "text":
+            raise UsageError(f"{cmd}: --diff prints text; --format {args.format} does not apply")
+        _emit(f"--- {src}\n+++ {args.diff}\n" + ex.diff_genotypes(space, genotype, other_genotype), args.out)
+        return 0
+    if args.soft:
+        g = ex.soft_graph(space, alpha)
+    else:
+        g = ex.genotype_graph(space, genotype)
+    if args.format == "text":
+        _emit(ex.describe_soft(space, alpha) if args.soft else ex.describe_genotype(space, genotype), args.out)
+    elif args.format == "dot":
+        _emit(ex.to_dot(g), args.out)
+    elif args.format == "json":
+        _emit(ex.to_json(g), args.out)
+    elif args.format == "graphml":
+        if args.out is not None:
+            ex.to_graphml(g, _out_path(args.out))
+            print(f"wrote {args.out}")
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                print(ex.to_graphml(g, Path(d) / "graph.graphml").read_text(), end="")
+    else:
+        if args.soft:
+            _write_png(args.out, lambda p: ex.draw_soft_png(space, alpha, p))
+        else:
+            _write_png(args.out, lambda p: ex.draw_genotype_png(space, genotype, p))
+    return 0
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -274,6 +618,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps", dest="inner_steps", type=_nonneg_int)
     ev.add_argument("--seed", type=_nonneg_int, default=1234)
     ev.set_defaults(func=_cmd_evaluate)
+
+    ge = sub.add_parser("generate", help="generate one task's network from its support set")
+    ge.add_argument("run", help="run directory")
+    ge.add_argument("--support", required=True, help=".npz with x (N, *input) and y (N,) or (N, outputs)")
+    ge.add_argument("--metadata", help="task family id (or family name for multimodal runs)")
+    ge.add_argument("--adapt-steps", dest="adapt_steps", type=_nonneg_int, default=0, help="inner-loop steps on the support set")
+    ge.add_argument("--sample", action="store_true", help="sample the weight latent instead of taking its mean")
+    ge.add_argument("--out", required=True, help="output folder")
+    ge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    ge.set_defaults(func=_cmd_generate)
+
+    ins = sub.add_parser("inspect", help="show a generated architecture as text, DOT, GraphML, JSON or PNG")
+    ins.add_argument("source", help="run directory (with --support or --population), genotype.json, or a generated folder")
+    ins.add_argument("--support", help=".npz with one task's support set x, y (with a run directory)")
+    ins.add_argument("--metadata", help="task family id (or family name for multimodal runs)")
+    ins.add_argument("--format", choices=("text", "dot", "graphml", "json", "png"), default="text")
+    ins.add_argument("--out", help="output file (default: print; required for png)")
+    ins.add_argument("--soft", action="store_true", help="the soft encoding instead of the discrete network (run only)")
+    ins.add_argument("--diff", help="compare with another task (.npz support set) or another genotype.json")
+    ins.add_argument("--population", help=".npz with x (T, N, *input), y (T, N): op frequencies over T tasks; --out FILE.png draws the heatmap")
+    ins.set_defaults(func=_cmd_inspect)
     return p
 
 

@@ -254,9 +254,11 @@ def _stem(plan: Plan, params: Params, x: Tensor) -> Tensor:
     return activation(stem.activation)(_norm(plan, y))
 
 
-def _head(plan: Plan, params: Params, x: Tensor) -> Tensor:
+def _head(plan: Plan, params: Params, x: Tensor, features: bool = False) -> Tensor:
     if plan.image:
         x = F.relu(x).mean((2, 3))  # (N, C)
+    if features:
+        return x
     return F.linear(x, params["head.w"], params["head.b"])  # (N, outputs)
 
 
@@ -272,7 +274,7 @@ def _cell_input(plan: Plan, cp: CellPlan, ip: InputPlan, params: Params, x: Tens
 EdgeFn = Callable[[CellPlan, EdgePlan, Tensor], Tensor]
 
 
-def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], list[tuple[EdgePlan, EdgeFn]]], cell_live: Callable[[int], set[int]]) -> Tensor:
+def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], list[tuple[EdgePlan, EdgeFn]]], cell_live: Callable[[int], set[int]], features: bool) -> Tensor:
     """Stem, cells and head; ``cell_edges(i)`` gives the edges to run in cell i."""
     states = [_stem(plan, params, x)]
     for ci, cp in enumerate(plan.cells):
@@ -311,7 +313,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
         else:
             out = torch.cat(inner, dim=1)
         states.append(out)
-    return _head(plan, params, states[-1])
+    return _head(plan, params, states[-1], features)
 
 
 def _soft_edge(alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
@@ -338,7 +340,7 @@ def _soft_edge(alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
     return edge
 
 
-def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool = False) -> Tensor:
+def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool = False, features: bool = False) -> Tensor:
     """Run the supernet for one task.
 
     Args:
@@ -347,6 +349,7 @@ def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool
         params: weights by slot name, without a task dimension.
         x: inputs ``(N, *input)``.
         fused: merge linear ops per edge into one convolution (exact; see ``compile``).
+        features: return the input of the head's linear layer ``(N, C)`` instead.
 
     Returns:
         ``(N, outputs)`` logits or predictions.
@@ -354,10 +357,10 @@ def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool
     edge = _soft_edge(alpha, params, fused)
     all_edges = [[(e, edge) for e in cp.edges] for cp in plan.cells]
     all_nodes = [set(range(cp.spec.inputs, cp.spec.inputs + cp.spec.nodes)) for cp in plan.cells]
-    return _network(plan, params, x, all_edges.__getitem__, all_nodes.__getitem__)
+    return _network(plan, params, x, all_edges.__getitem__, all_nodes.__getitem__, features)
 
 
-def forward_genotype(plan: Plan, genotype: Genotype, params: Params, x: Tensor) -> Tensor:
+def forward_genotype(plan: Plan, genotype: Genotype, params: Params, x: Tensor, *, features: bool = False) -> Tensor:
     """Run the discrete network ``genotype`` for one task; only its weights are read."""
     per_cell: list[list[tuple[EdgePlan, EdgeFn]]] = []
     lives = []
@@ -370,7 +373,7 @@ def forward_genotype(plan: Plan, genotype: Genotype, params: Params, x: Tensor) 
             items.append((e, _discrete_edge(call, params)))
         per_cell.append(items)
         lives.append(live_nodes(cp.spec, kept))
-    return _network(plan, params, x, per_cell.__getitem__, lives.__getitem__)
+    return _network(plan, params, x, per_cell.__getitem__, lives.__getitem__, features)
 
 
 def _discrete_edge(call: OpCall, params: Params) -> EdgeFn:
@@ -385,6 +388,7 @@ def run(
     *,
     fused: bool = False,
     strategy: str = "loop",
+    features: bool = False,
 ) -> Tensor:
     """Run the supernet for a meta-batch of tasks.
 
@@ -398,11 +402,11 @@ def run(
         ``(B, N, outputs)``.
     """
     if strategy == "vmap":
-        fn = lambda a, p, xb: forward(plan, a, p, xb, fused=fused)  # noqa: E731
+        fn = lambda a, p, xb: forward(plan, a, p, xb, fused=fused, features=features)  # noqa: E731
         return torch.func.vmap(fn)(alpha, dict(params), x)
     if strategy != "loop":
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    outs = [forward(plan, alpha[b], {k: v[b] for k, v in params.items()}, x[b], fused=fused) for b in range(x.shape[0])]
+    outs = [forward(plan, alpha[b], {k: v[b] for k, v in params.items()}, x[b], fused=fused, features=features) for b in range(x.shape[0])]
     return torch.stack(outs)
 
 

@@ -59,6 +59,7 @@ class ModelConfig:
     alpha_lr: float = 0.1
     use_metadata: bool = True
     fused: bool = True  # merged mixed ops (exact)
+    proto_head: bool = True  # classification: head weights from class prototypes of the network's features
 
 
 @dataclass
@@ -106,6 +107,8 @@ class MetaNet(nn.Module):
         self.encoder = TaskEncoder(self.kind, space.task.input, space.task.outputs, config.dim, n_families if config.use_metadata else 0)
         self.arch = ArchitectureGenerator(self.plan, config.dim, config.arch, genotype)
         self.weights = WeightGenerator(self.plan, config.dim, config.latent, config.weights)
+        self.proto = config.proto_head and self.kind == "classification"
+        self.proto_scale = nn.Parameter(torch.zeros(())) if self.proto else None  # log scale
         self.lrs = (
             nn.ParameterDict({safe_name(s.name): nn.Parameter(torch.full(s.shape, config.inner_lr)) for s in self.plan.slots})
             if config.meta_sgd
@@ -120,14 +123,32 @@ class MetaNet(nn.Module):
         """Inner-loop step size of slot ``name``."""
         return self.lrs[safe_name(name)] if self.lrs is not None else self.config.inner_lr
 
-    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None) -> Generated:
+    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop") -> Generated:
         """Run both generators on a meta-batch of support sets."""
         if not self.config.use_metadata:
             metadata = None
         e = self.encoder(support_x, support_y, metadata)
         alpha, logits = self.arch(e, temperature, gumbel, hard, generator)
         params, kl, z = self.weights(e, alpha, sample=sample, generator=generator)
+        if self.proto:
+            feats = run(self.plan, alpha, params, support_x, fused=self.config.fused, strategy=strategy, features=True)
+            params["head.w"], params["head.b"] = self.proto_head(feats, support_y)
         return Generated(alpha, logits, params, kl, e, z)
+
+    def proto_head(self, feats: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Head weights from class prototypes (Proto-MAML): logits = -scale * |f - p_c|^2 + const.
+
+        Args:
+            feats: ``(B, N, C)`` support features (the head's input).
+            y: ``(B, N)`` labels.
+
+        Returns:
+            ``head.w (B, ways, C)`` and ``head.b (B, ways)``.
+        """
+        onehot = F.one_hot(y, self.space.task.outputs).to(feats.dtype)  # (B, N, ways)
+        protos = torch.einsum("bnw,bnc->bwc", onehot, feats) / onehot.sum(1).clamp_min(1.0)[..., None]
+        scale = self.proto_scale.exp()
+        return 2.0 * scale * protos, -scale * protos.pow(2).sum(-1)
 
     def predict(self, alpha: Tensor, params: Mapping[str, Tensor], x: Tensor, strategy: str = "loop") -> Tensor:
         """Batched supernet outputs ``(B, N, out)``."""
@@ -138,22 +159,36 @@ class MetaNet(nn.Module):
 
         Returns the (possibly adapted) op weights and the adapted weights.
         """
-        params, alpha, logits = dict(gen.params), gen.alpha, gen.logits
-        adapt_alpha = self.config.adapt_alpha and logits is not None
-        if not create_graph:  # first order: the step is a constant added to the weights
-            params = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+        start, alpha, start_logits = dict(gen.params), gen.alpha, gen.logits
+        adapt_alpha = self.config.adapt_alpha and start_logits is not None
+        params, logits = start, start_logits
+        if not create_graph:
+            # First order: adapt detached copies, then add the step to the generated weights
+            # as a constant, so the outer gradient reaches the generators unchanged.
+            params = {k: v.detach() for k, v in start.items()}
             if adapt_alpha:
-                logits = logits if logits.requires_grad else logits.detach().requires_grad_()
+                logits = start_logits.detach()
+
+        def support_loss(p: dict[str, Tensor], lg: Tensor | None) -> Tensor:
+            a = self.arch.weights(lg, temperature) if adapt_alpha else alpha
+            return task_loss(self.kind, self.predict(a, p, x, strategy), y).sum()
+
+        # torch.func.grad gives PARTIAL derivatives with respect to its arguments, even where one
+        # generated weight depends on another (the prototype head on the body), and stays
+        # differentiable for the outer (second-order) backward.
+        grad_fn = torch.func.grad(support_loss, argnums=(0, 1) if adapt_alpha else 0)
         for _ in range(steps):
+            grads = grad_fn(params, logits)
+            g_params, g_logits = grads if adapt_alpha else (grads, None)
+            if not create_graph:
+                g_params = {k: g.detach() for k, g in g_params.items()}
+            params = {k: v - self.lr(k) * g_params[k] for k, v in params.items()}
             if adapt_alpha:
-                alpha = self.arch.weights(logits, temperature)
-            loss = task_loss(self.kind, self.predict(alpha, params, x, strategy), y).sum()
-            keys = list(params)
-            wrt = [params[k] for k in keys] + ([logits] if adapt_alpha else [])
-            grads = torch.autograd.grad(loss, wrt, create_graph=create_graph)
-            params = {k: params[k] - self.lr(k) * g for k, g in zip(keys, grads)}
+                logits = logits - self.config.alpha_lr * (g_logits if create_graph else g_logits.detach())
+        if not create_graph:
+            params = {k: start[k] + (params[k] - start[k]).detach() for k in params}
             if adapt_alpha:
-                logits = logits - self.config.alpha_lr * grads[-1]
+                logits = start_logits + (logits - start_logits).detach()
         if adapt_alpha:
             alpha = self.arch.weights(logits, temperature)
         return alpha, params
@@ -168,7 +203,7 @@ def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator)
+    gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator, strategy=strategy)
     alpha, adapted = model.adapt(gen, episode.support_x, episode.support_y, inner_steps, create_graph=order == "second", strategy=strategy, temperature=temperature)
     b = episode.support_x.shape[0]
     if order == "reptile":
@@ -222,8 +257,13 @@ def generate_networks(model: MetaNet, episode, *, sample: bool = False) -> list[
     out = []
     for b in range(gen.alpha.shape[0]):
         g = discretise(model.space, gen.alpha[b])
-        names = model.plan.slot_names(g)
-        out.append(TaskNetwork(g, {k: gen.params[k][b].detach() for k in names}, gen.alpha[b].detach(), None if gen.latent is None else gen.latent[b].detach(), gen.embedding[b].detach()))
+        params = {k: gen.params[k][b].detach() for k in model.plan.slot_names(g)}
+        if model.proto:  # prototypes of the discrete network's own features
+            with torch.no_grad():
+                feats = forward_genotype(model.plan, g, params, episode.support_x[b], features=True)
+                w, bias = model.proto_head(feats[None], episode.support_y[b][None])
+            params["head.w"], params["head.b"] = w[0], bias[0]
+        out.append(TaskNetwork(g, params, gen.alpha[b].detach(), None if gen.latent is None else gen.latent[b].detach(), gen.embedding[b].detach()))
     return out
 
 

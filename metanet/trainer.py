@@ -77,6 +77,7 @@ class TrainConfig:
     adapt_alpha: bool = False
     use_metadata: bool = True
     fused: bool = True
+    proto_head: bool = True
 
     def model_config(self) -> ModelConfig:
         names = {f.name for f in fields(ModelConfig)}
@@ -266,19 +267,25 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             if state["step"] % cfg.val_every == 0 or progress_of() >= 1.0:
+                t_val = time.perf_counter()
                 val = evaluate(model, val_episodes, cfg.eval_inner_steps)
-                better = state["best"] is None or (val["mean"] > state["best"] if space.task.kind == "classification" else val["mean"] < state["best"])
+                score = val["mean"] if space.task.kind == "classification" else -val["mean"]
+                better = math.isfinite(score) and (state["best"] is None or score > state["best"])
                 metrics_file.write(json.dumps({"step": state["step"], "time": round(state["elapsed"], 3), "val": val}) + "\n")
                 metrics_file.flush()
                 if better:
-                    state["best"] = val["mean"]
+                    state["best"] = score
                     save(ckpt.BEST)
+                state["elapsed"] += time.perf_counter() - t_val  # the budget includes validation
                 save(ckpt.LAST)
     finally:
         metrics_file.close()
         if bar is not None:
             bar.close()
-    return {"step": state["step"], "best_val": state["best"], "strategy": state["strategy"], "nonfinite": state["nonfinite"], "elapsed": state["elapsed"]}
+    best = state["best"]
+    if best is not None and space.task.kind != "classification":
+        best = -best
+    return {"step": state["step"], "best_val": best, "strategy": state["strategy"], "nonfinite": state["nonfinite"], "elapsed": state["elapsed"]}
 
 
 def _read_run_config(run: Path) -> tuple[TrainConfig, str]:
