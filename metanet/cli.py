@@ -58,6 +58,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return v
+
+
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -133,6 +143,10 @@ def _describe_space(sp) -> str:
 # ------------------------------------------------------------------------------- train
 
 
+# train options that are not settings of the run (every other option is, and --resume refuses it)
+_RUN_OPTIONS = frozenset({"out", "resume", "overwrite", "quiet", "verbose", "command", "func"})
+
+
 def _train_config(args: argparse.Namespace):
     from .trainer import TrainConfig
 
@@ -169,19 +183,22 @@ def dataclasses_replace(obj, over: dict):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import env_rank
     from .trainer import train
 
     out = Path(args.out)
     if args.resume:
-        if not (out / "last.pt").exists():
-            raise UsageError(f"train --resume: {out} has no last.pt to resume from")
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k not in _RUN_OPTIONS and v not in (None, False)]
+        if given:
+            raise UsageError(f"train --resume: {given[0]} cannot change a run being resumed (its config.yaml holds the settings)")
+        if args.overwrite:
+            raise UsageError("train: --resume and --overwrite exclude each other")
         result = train(None, out, resume=True, progress=not args.quiet)  # type: ignore[arg-type]
     else:
-        if (out / "last.pt").exists() and not args.overwrite:
-            raise UsageError(f"train: {out} already holds a run; use --resume to continue it or --overwrite to start again")
         cfg = _train_config(args)
-        result = train(cfg, out, progress=not args.quiet)
-    print(json.dumps(result))
+        result = train(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
+    if env_rank() == 0:  # under torchrun only rank 0 reports
+        print(json.dumps(result))
     return 0
 
 
@@ -190,7 +207,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .meta import evaluate
     from .tasks import fixed_episodes
-    from .trainer import build_tasks, load_run
+    from .trainer import build_tasks, check_tasks, load_run
 
     model, cfg = load_run(args.run)
     over = {k: getattr(args, k) for k in ("ways", "shots", "queries", "data_root") if getattr(args, k) is not None}
@@ -199,8 +216,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **over)
     if cfg.ways != model.space.task.outputs and model.kind == "classification":
         raise UsageError(f"evaluate: the run was trained for {model.space.task.outputs}-way tasks, not {cfg.ways}-way")
+    if args.split is not None and cfg.tasks != "omniglot":
+        raise UsageError(f"evaluate: --split applies to image datasets (omniglot), not to tasks '{cfg.tasks}'")
     split = args.split or ("val" if cfg.tasks == "omniglot" else None)
     dist = build_tasks(cfg, split)
+    check_tasks(cfg, model.space, dist)
+    trained = model.encoder.n_families if model.encoder.family is not None else 0
+    if dist.n_families and trained and dist.n_families != trained:  # ids beyond the trained embedding
+        raise UsageError(f"evaluate: the run was trained with {trained} task families as metadata, tasks '{cfg.tasks}' have {dist.n_families}")
     steps = args.inner_steps if args.inner_steps is not None else cfg.eval_inner_steps
     episodes = fixed_episodes(dist, args.episodes, min(args.episodes, 25), seed=args.seed)
     result = evaluate(model, episodes, steps)
@@ -248,7 +271,7 @@ def _load_npz(path: str, flag: str, cmd: str) -> dict:
 
 def _support(model, path: str, flag: str, cmd: str, *, tasks: bool = False):
     """Validated (x, y) tensors and the npz's metadata array (or None)."""
-    from .generate import GenerateError, check_support
+    from .network import GenerateError, check_support
 
     data = _load_npz(path, flag, cmd)
     try:
@@ -283,7 +306,7 @@ def _metadata_arg(text: str | None, cfg, model, cmd: str):
 
 
 def _generate_checked(cmd: str, fn, *args, **kwargs):
-    from .generate import GenerateError
+    from .network import GenerateError
 
     try:
         return fn(*args, **kwargs)
@@ -341,7 +364,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import os
     import shutil
 
-    from .generate import generate
+    from .network import generate
     from .trainer import load_run
 
     out, run = Path(args.out), Path(args.run)
@@ -381,7 +404,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _read_genotype(path: Path, cmd: str):
     """A genotype JSON file and its space: space.yaml beside it, else the built-in space."""
-    from .generate import read_network_info, space_for
+    from .network import read_network_info, space_for
     from .graph import Genotype
     from .space import builtin_path, builtin_spaces, load, loads
 
@@ -463,7 +486,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import tempfile
 
     from . import export as ex
-    from .generate import generate, generate_batch
+    from .network import generate, generate_batch
     from .trainer import load_run
 
     cmd = "inspect"
@@ -590,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-fused", action="store_true", help="run mixed ops unfused (reference path)")
     tr.add_argument("--strategy", choices=("auto", "loop", "vmap"))
     tr.add_argument("--beta", type=_nonneg_float, help="KL weight")
-    tr.add_argument("--entropy-weight", dest="entropy_weight", type=float)
+    tr.add_argument("--entropy-weight", dest="entropy_weight", type=_finite_float)
     tr.add_argument("--temperature", type=_positive_float)
     tr.add_argument("--final-temperature", dest="final_temperature", type=_positive_float)
     tr.add_argument("--gumbel", action="store_true")
@@ -599,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--minutes", type=_positive_float)
     tr.add_argument("--val-every", dest="val_every", type=_positive_int)
     tr.add_argument("--val-tasks", dest="val_tasks", type=_positive_int)
+    tr.add_argument("--log-every", dest="log_every", type=_positive_int, help="steps between rows of metrics.jsonl")
+    tr.add_argument("--ckpt-every", dest="ckpt_every", type=_positive_int, help="also write last.pt every N steps (default: at validations)")
+    tr.add_argument("--max-nonfinite", dest="max_nonfinite", type=_positive_int, help="stop after this many non-finite steps in a row")
     tr.add_argument("--seed", type=_nonneg_int)
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -660,12 +686,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except UsageError as e:
-        print(f"metanet: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"metanet: error: {e}\n")  # one write: under torchrun, ranks share stderr
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 -- only the user's mistakes are turned into one line
         if isinstance(e, _user_errors()):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"metanet: error: {msg}", file=sys.stderr)
+            sys.stderr.write(f"metanet: error: {msg}\n")
             return EXIT_USAGE
         raise
     except KeyboardInterrupt:

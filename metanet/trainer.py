@@ -3,7 +3,16 @@
 A run directory holds ``config.yaml``, ``space.yaml`` (the exact search space text),
 ``metrics.jsonl`` (one JSON object per logged step), ``last.pt`` and ``best.pt``.
 ``train`` with ``resume=True`` continues a run exactly: model, optimizer, schedule, step
-and every RNG state come back from ``last.pt``.
+and every RNG state come back from ``last.pt``, and the rows of ``metrics.jsonl`` written
+after that checkpoint are dropped, since the resumed run writes them again.
+
+Under torchrun (``WORLD_SIZE > 1``) the meta-batch is sharded across the processes (see
+``metanet.distributed``): every rank samples the whole meta-batch from the shared seed and
+runs the generators on all of it (so each task draws the same noise as in one process),
+then adapts only its own block of tasks; the gradients and metrics are summed over the
+ranks, each rank's loss weighted by its share of the tasks, so N processes follow the
+trajectory of one process with the same meta-batch (up to float rounding). Rank 0 alone
+validates, writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -21,14 +30,16 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import distributed
 from .meta import ORDERS, MetaNet, ModelConfig, evaluate, meta_loss
 from .space import SearchSpace, load, loads
 from .tasks import Episode, TaskDistribution, fixed_episodes, make_tasks
 
-__all__ = ["TrainConfig", "ConfigError", "build_space", "build_tasks", "build_model", "train", "load_run", "calibrate_strategy"]
+__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy"]
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the training checkpoints (last.pt, best.pt); resume needs this exact one
+METRICS = "metrics.jsonl"
 
 
 class ConfigError(ValueError):
@@ -67,6 +78,7 @@ class TrainConfig:
     val_tasks: int = 100
     log_every: int = 10
     max_nonfinite: int = 10
+    ckpt_every: int | None = None  # also write last.pt every this many steps (None: at validations only)
     # model
     arch: str = "conditional"
     weights: str = "vae"
@@ -88,11 +100,91 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """A config from plain data (``config.yaml``), every value checked (``ConfigError``)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
-            raise ConfigError(f"{source}: unknown key '{unknown[0]}'")
-        return cls(**data)
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}{_suggest(str(unknown[0]), known)}")
+        cfg = cls(**data)
+        validate_config(cfg, source)
+        return cfg
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# Field checks: (kind, lower bound or choices). Everything else is a plain string.
+_POS_INT = ("ways", "shots", "queries", "meta_batch", "val_every", "val_tasks", "log_every", "max_nonfinite", "dim", "latent")
+_NONNEG_INT = ("inner_steps", "eval_inner_steps", "seed")
+_POS_FLOAT = ("temperature", "final_temperature", "meta_lr", "clip", "inner_lr")
+_NONNEG_FLOAT = ("beta",)
+_BOOL = ("rotations", "gumbel", "hard", "meta_sgd", "adapt_alpha", "use_metadata", "fused", "proto_head")
+_CHOICES = {
+    "order": ORDERS,
+    "strategy": ("auto", "loop", "vmap"),
+    "schedule": ("cosine", "constant"),
+    "arch": ("conditional", "shared", "fixed"),
+    "weights": ("vae", "off"),
+}
+
+
+def validate_config(cfg: TrainConfig, source: str = "config") -> None:
+    """Check every field's type and range; raise ``ConfigError`` naming the first bad one."""
+
+    def bad(name: str, expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {name} must be {expected}, got {getattr(cfg, name)!r}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for name in _POS_INT:
+        v = getattr(cfg, name)
+        if not (is_int(v) and v >= 1):
+            raise bad(name, "a positive integer")
+    for name in _NONNEG_INT:
+        v = getattr(cfg, name)
+        if not (is_int(v) and v >= 0):
+            raise bad(name, "an integer >= 0")
+    for name in _POS_FLOAT:
+        v = getattr(cfg, name)
+        if not (is_num(v) and v > 0):
+            raise bad(name, "a finite number > 0")
+    for name in _NONNEG_FLOAT:
+        v = getattr(cfg, name)
+        if not (is_num(v) and v >= 0):
+            raise bad(name, "a finite number >= 0")
+    if not is_num(cfg.entropy_weight):
+        raise bad("entropy_weight", "a finite number")
+    for name in _BOOL:
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false")
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            v = getattr(cfg, name)
+            raise ConfigError(f"{source}: {name} must be one of {', '.join(choices)}, got {v!r}{_suggest(str(v), list(choices))}")
+    for name in ("space", "tasks"):
+        v = getattr(cfg, name)
+        if not (isinstance(v, str) and v):
+            raise bad(name, "a non-empty string")
+    if cfg.data_root is not None and not (isinstance(cfg.data_root, str) and cfg.data_root):
+        raise bad("data_root", "a folder name or null")
+    if cfg.steps is not None and not (is_int(cfg.steps) and cfg.steps >= 1):
+        raise bad("steps", "a positive integer or null")
+    if cfg.minutes is not None and not (is_num(cfg.minutes) and cfg.minutes > 0):
+        raise bad("minutes", "a finite number > 0 or null")
+    if cfg.steps is None and cfg.minutes is None:
+        raise ConfigError(f"{source}: give steps or minutes (--steps or --minutes)")
+    if cfg.ckpt_every is not None and not (is_int(cfg.ckpt_every) and cfg.ckpt_every >= 1):
+        raise bad("ckpt_every", "a positive integer or null")
 
 
 def build_space(cfg: TrainConfig, text: str | None = None) -> SearchSpace:
@@ -118,7 +210,8 @@ def build_tasks(cfg: TrainConfig, split: str | None = None, *, shots: int | None
     return make_tasks(cfg.tasks, **kw)
 
 
-def _check(cfg: TrainConfig, space: SearchSpace, dist: TaskDistribution) -> None:
+def check_tasks(cfg: TrainConfig, space: SearchSpace, dist: TaskDistribution, world_size: int = 1) -> None:
+    """Raise ``ConfigError`` unless the tasks fit the space (kind, input shape, outputs, ways)."""
     if cfg.order not in ORDERS:
         raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {cfg.order!r}")
     if dist.kind != space.task.kind:
@@ -127,14 +220,21 @@ def _check(cfg: TrainConfig, space: SearchSpace, dist: TaskDistribution) -> None
         raise ConfigError(f"space '{space.name}' expects inputs {list(space.task.input)} but tasks '{cfg.tasks}' give {list(dist.input_shape)}")
     if dist.kind == "regression" and dist.n_outputs != space.task.outputs:
         raise ConfigError(f"space '{space.name}' has {space.task.outputs} outputs but tasks '{cfg.tasks}' have {dist.n_outputs}")
+    if dist.kind == "classification" and dist.n_outputs != cfg.ways:
+        raise ConfigError(f"tasks '{cfg.tasks}' are {dist.n_outputs}-way but the config asks for {cfg.ways} ways")
     if cfg.steps is None and cfg.minutes is None:
         raise ConfigError("give --steps or --minutes")
+    if cfg.meta_batch < world_size:
+        raise ConfigError(f"meta-batch {cfg.meta_batch} is smaller than the {world_size} processes; every process needs at least one task")
 
 
 def build_model(cfg: TrainConfig, space: SearchSpace, n_families: int) -> MetaNet:
     """A fresh MetaNet for a config (seeded by ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
-    return MetaNet(space, n_families, cfg.model_config())
+    try:
+        return MetaNet(space, n_families, cfg.model_config())
+    except ValueError as e:  # e.g. arch 'fixed' on a space with a choice of ops
+        raise ConfigError(f"space '{space.name}': {str(e).splitlines()[0]}") from None
 
 
 def calibrate_strategy(model: MetaNet, episode: Episode, cfg: TrainConfig, repeats: int = 2) -> str:
@@ -167,44 +267,140 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Setup:
+    """What rank 0 validated and every rank builds from."""
+
+    cfg: TrainConfig
+    space_text: str | None  # the run's space.yaml when resuming
+    saved: dict[str, Any] | None  # last.pt when resuming from a checkpoint
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = False, stop_after: int | None = None, overwrite: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
     """Meta-train and write the run directory; returns the final metrics.
+
+    Everything the user gave is checked before the run directory is created or touched.
+    Under torchrun the process group is initialised here (and destroyed at the end) when
+    no one has done so; every rank calls ``train`` with the same arguments.
 
     Args:
         cfg: the configuration (ignored in favour of the saved one when resuming).
         out: run directory.
-        resume: continue from ``out/last.pt``.
-        progress: show a tqdm bar.
+        resume: continue from ``out/last.pt``, or from the start of the saved config when
+            the run never reached a checkpoint.
+        progress: show a tqdm bar (rank 0).
         stop_after: stop (as if killed) after this many steps in this call; for tests.
+        overwrite: start afresh in a folder that already holds a run (the CLI asks for
+            ``--overwrite``); with False that is a ``ConfigError``.
+        device: where to train; None: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
+
+    Raises:
+        ConfigError: a bad configuration, or a folder that is not (or already is) a run.
+        NonFiniteError: ``max_nonfinite`` non-finite steps in a row.
     """
-    out = Path(out)
+    ctx = distributed.setup(device)
+    try:
+        result = _train(ctx, cfg, Path(out), resume, progress, stop_after, overwrite)
+    except BaseException:
+        ctx.close(clean=False)
+        raise
+    ctx.close()
+    return result
+
+
+def _prepare(cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) -> _Setup:
+    """Rank 0: read and check what the user gave; writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; --out needs a folder for the run")
     if resume:
-        cfg, space_text = _read_run_config(out)
-        space = build_space(cfg, space_text)
-    else:
-        space = build_space(cfg)
-    dist = build_tasks(cfg, "train")
-    val_dist = build_tasks(cfg, "val", queries=cfg.queries)
-    _check(cfg, space, dist)
-    model = build_model(cfg, space, dist.n_families)
+        cfg, text = _read_run_config(out, "train --resume")
+        saved = None
+        if (out / ckpt.LAST).exists():
+            saved = _load_training_checkpoint(out / ckpt.LAST)
+        return _Setup(cfg, text, saved)
+    if cfg is None:
+        raise ConfigError("train: no config given (and not resuming)")
+    validate_config(cfg)
+    if not overwrite and any((out / f).exists() for f in (ckpt.LAST, "config.yaml")):
+        raise ConfigError(f"train: {out} already holds a run; use --resume to continue it or --overwrite to start again")
+    return _Setup(cfg, None, None)
+
+
+def _load_training_checkpoint(path: Path) -> dict[str, Any]:
+    saved = ckpt.load_checkpoint(path)
+    version = saved.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{path}: a training checkpoint of format version {version!r}; this metanet resumes version {FORMAT_VERSION} only")
+    missing = [k for k in ("model", "optimizer", "state", "rng", "n_families") if k not in saved]
+    if missing:
+        raise ConfigError(f"{path}: not a metanet training checkpoint (no {missing[0]!r})")
+    return saved
+
+
+def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume: bool, progress: bool, stop_after: int | None, overwrite: bool) -> dict[str, Any]:
+    # Rank 0 checks everything first and tells the others, so that a mistake is one error
+    # on every rank rather than a hang.
+    setup: _Setup | BaseException | None = None
+    if ctx.is_main:
+        try:
+            setup = _prepare(cfg, out, resume, overwrite)
+            space = build_space(setup.cfg, setup.space_text)
+            dist_ = build_tasks(setup.cfg, "train")
+            val_dist = build_tasks(setup.cfg, "val", queries=setup.cfg.queries)
+            check_tasks(setup.cfg, space, dist_, ctx.world_size)
+            val_episodes = fixed_episodes(val_dist, setup.cfg.val_tasks, min(setup.cfg.meta_batch, setup.cfg.val_tasks), seed=setup.cfg.seed + 10_000)
+            model = build_model(setup.cfg, space, dist_.n_families)
+        except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
+            setup = e
+    setup = ctx.broadcast_object(setup if ctx.is_main else None)
+    if isinstance(setup, BaseException):
+        raise setup
+    assert setup is not None
+    cfg = setup.cfg
+    if not ctx.is_main:
+        space = build_space(cfg, setup.space_text)
+        dist_ = build_tasks(cfg, "train")
+        model = build_model(cfg, space, dist_.n_families)
+        val_episodes = []
+    model.to(ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    val_episodes = fixed_episodes(val_dist, cfg.val_tasks, min(cfg.meta_batch, cfg.val_tasks), seed=cfg.seed + 10_000)
+    gen = torch.Generator().manual_seed(cfg.seed)  # tasks (CPU), the same on every rank
+    # The generators' noise (VAE, Gumbel) is drawn on the model's device.
+    noise = gen if ctx.device.type == "cpu" else torch.Generator(ctx.device).manual_seed(cfg.seed + 20_000)
+    val_episodes = [ep.to(ctx.device) for ep in val_episodes]
     state = {"step": 0, "elapsed": 0.0, "best": None, "nonfinite": 0, "nonfinite_run": 0, "strategy": cfg.strategy}
-    if resume:
-        saved = ckpt.load_checkpoint(out / ckpt.LAST)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+    saved = setup.saved
+    if saved is not None:
+        try:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{out / ckpt.LAST}: does not match the run's config.yaml ({str(e).splitlines()[0].strip()})") from None
         state.update(saved["state"])
-        ckpt.restore_rng(saved["rng"], {"tasks": gen})
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode())
-        ckpt.atomic_write_bytes(out / "space.yaml", space.text.encode())
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        _restore_rng(saved["rng"], gen, noise)
+    else:  # a fresh start: the global RNGs from the seed too, so that last.pt's RNG state is reproducible
+        _seed_globals(cfg.seed)
+    del setup, saved  # the checkpoint's tensors are in the model and optimizer now
+    part = distributed.shard(cfg.meta_batch, ctx.rank, ctx.world_size)
+    if ctx.distributed:
+        log.info("rank %d/%d adapts tasks %d:%d of %d on %s", ctx.rank, ctx.world_size, part.start, part.stop, cfg.meta_batch, ctx.device)
+
+    if ctx.is_main:  # only now is anything written
+        if resume:
+            ckpt.remove_stale_temps(out)
+            _truncate_metrics(out / METRICS, state["step"])
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in (ckpt.LAST, ckpt.BEST, METRICS):
+                (out / stale).unlink(missing_ok=True)
+            ckpt.atomic_write_bytes(out / "space.yaml", space.text.encode())
+            ckpt.atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode())  # written last: marks a run
     if state["strategy"] == "auto":
-        probe = dist.sample(cfg.meta_batch, torch.Generator().manual_seed(cfg.seed + 1))
-        state["strategy"] = calibrate_strategy(model, probe, cfg)
+        probe = dist_.sample(part.stop - part.start, torch.Generator().manual_seed(cfg.seed + 1)).to(ctx.device)
+        state["strategy"] = ctx.broadcast_object(calibrate_strategy(model, probe, cfg))
         model.zero_grad(set_to_none=True)
 
     def save(name: str) -> None:
@@ -212,11 +408,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             "format_version": FORMAT_VERSION,
             "config": dataclasses.asdict(cfg),
             "space": space.text,
-            "n_families": dist.n_families,
+            "n_families": dist_.n_families,
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "state": dict(state),
-            "rng": ckpt.capture_rng({"tasks": gen}),
+            "rng": ckpt.capture_rng({"tasks": gen} if noise is gen else {"tasks": gen, "noise": noise}),
         })  # fmt: skip
 
     def progress_of() -> float:
@@ -224,15 +420,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             return state["step"] / cfg.steps
         return state["elapsed"] / (60.0 * cfg.minutes)
 
+    sync_clock = ctx.distributed and cfg.steps is None
+    elapsed_t = torch.zeros(1, dtype=torch.float64, device=ctx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=state["strategy"])
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=state["step"], unit="step", dynamic_ncols=True)
-    metrics_file = (out / "metrics.jsonl").open("a")
+    metrics_file = (out / METRICS).open("a") if ctx.is_main else None
+
+    def write(row: dict[str, Any]) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(_finite_or_null(row)) + "\n")
+            metrics_file.flush()
+
     done_here = 0
     try:
-        while progress_of() < 1.0:
+        while True:
+            if sync_clock:  # the time budget ends on the same step everywhere
+                elapsed_t[0] = state["elapsed"]
+                state["elapsed"] = float(ctx.broadcast(elapsed_t)[0])
+            if progress_of() >= 1.0:
+                break
             if stop_after is not None and done_here >= stop_after:
                 return {"stopped": state["step"]}
             t0 = time.perf_counter()
@@ -240,12 +451,15 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             for group in opt.param_groups:
                 group["lr"] = cfg.meta_lr * _lr_factor(cfg, p)
             tau = _temperature(cfg, p)
-            episode = dist.sample(cfg.meta_batch, gen)
-            loss, m = meta_loss(model, episode, inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, temperature=tau, gumbel=cfg.gumbel, hard=cfg.hard, strategy=state["strategy"], generator=gen)
+            episode = dist_.sample(cfg.meta_batch, gen).to(ctx.device)
+            loss, m = distributed.shard_loss(model, episode, part, noise, temperature=tau, **step_kw)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
+            if ctx.distributed:
+                finite, m = ctx.all_reduce_step(params, finite, m)
+            if finite:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 finite = bool(torch.isfinite(norm))
             if finite:
@@ -254,8 +468,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             else:
                 state["nonfinite"] += 1
                 state["nonfinite_run"] += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", state["step"], state["nonfinite_run"])
                 if state["nonfinite_run"] >= cfg.max_nonfinite:
-                    raise NonFiniteError(f"{cfg.max_nonfinite} non-finite losses or gradients in a row, the last at step {state['step']}; lower --meta-lr or --inner-lr")
+                    raise NonFiniteError(f"{cfg.max_nonfinite} non-finite losses or gradients in a row, the last at step {state['step']}; lower --meta-lr or --inner-lr (last.pt holds the last finite state)")
             state["step"] += 1
             done_here += 1
             state["elapsed"] += time.perf_counter() - t0
@@ -263,38 +478,115 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                 bar.update(1)
                 bar.set_postfix(query=f"{m['query_loss']:.3f}")
             if state["step"] % cfg.log_every == 0:
-                row = {"step": state["step"], "time": round(state["elapsed"], 3), "temperature": tau, "lr": opt.param_groups[0]["lr"], "nonfinite": state["nonfinite"], **m}
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            if state["step"] % cfg.val_every == 0 or progress_of() >= 1.0:
+                write({"step": state["step"], "time": round(state["elapsed"], 3), "temperature": tau, "lr": opt.param_groups[0]["lr"], "nonfinite": state["nonfinite"], "skipped": not finite, **m})
+            validate = state["step"] % cfg.val_every == 0 or progress_of() >= 1.0
+            if validate and ctx.is_main:
                 t_val = time.perf_counter()
                 val = evaluate(model, val_episodes, cfg.eval_inner_steps)
                 score = val["mean"] if space.task.kind == "classification" else -val["mean"]
                 better = math.isfinite(score) and (state["best"] is None or score > state["best"])
-                metrics_file.write(json.dumps({"step": state["step"], "time": round(state["elapsed"], 3), "val": val}) + "\n")
-                metrics_file.flush()
+                write({"step": state["step"], "time": round(state["elapsed"], 3), "val": val})
                 if better:
                     state["best"] = score
                     save(ckpt.BEST)
                 state["elapsed"] += time.perf_counter() - t_val  # the budget includes validation
+            if ctx.is_main and (validate or (cfg.ckpt_every is not None and state["step"] % cfg.ckpt_every == 0)):
                 save(ckpt.LAST)
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if bar is not None:
             bar.close()
     best = state["best"]
     if best is not None and space.task.kind != "classification":
         best = -best
-    return {"step": state["step"], "best_val": best, "strategy": state["strategy"], "nonfinite": state["nonfinite"], "elapsed": state["elapsed"]}
+    result = {"step": state["step"], "best_val": best, "strategy": state["strategy"], "nonfinite": state["nonfinite"], "elapsed": state["elapsed"]}
+    return ctx.broadcast_object(result)  # rank 0's figures everywhere (and no rank leaves early)
 
 
-def _read_run_config(run: Path) -> tuple[TrainConfig, str]:
+def _finite_or_null(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN or infinity: such figures are logged as null."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out[k] = _finite_or_null(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        else:
+            out[k] = v
+    return out
+
+
+def _seed_globals(seed: int) -> None:
+    import random
+
+    random.seed(seed)
     try:
-        data = yaml.safe_load((run / "config.yaml").read_text())
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)
+
+
+def _restore_rng(rng: dict[str, Any], gen: torch.Generator, noise: torch.Generator) -> None:
+    rng = dict(rng)
+    saved_gens = dict(rng.get("generators", {}))
+    noise_state = saved_gens.pop("noise", None)
+    rng["generators"] = saved_gens
+    ckpt.restore_rng(rng, {"tasks": gen})
+    if noise is gen:
+        if noise_state is not None:
+            log.warning("resuming on the CPU a run saved on %s: the generators' noise continues from the task stream", noise_state["device"])
+    elif noise_state is not None and torch.device(noise_state["device"]).type == noise.device.type:
+        noise.set_state(noise_state["state"])
+    else:
+        log.warning("resuming on %s a run saved elsewhere: the generators' noise starts from a fresh seed", noise.device)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (the resumed checkpoint's).
+
+    Later rows (and a line cut short by a kill) belong to steps the resumed run repeats.
+    """
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    keep: list[bytes] = []
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] > step:
+            break
+        keep.append(line)
+    kept = b"".join(keep)
+    if kept != data:
+        ckpt.atomic_write_bytes(path, kept)
+
+
+def _read_run_config(run: Path, cmd: str | None = None) -> tuple[TrainConfig, str]:
+    what = f"{cmd}: " if cmd else ""
+    if not run.is_dir():
+        raise ConfigError(f"{what}{run}: no such run directory")
+    try:
+        text_cfg = (run / "config.yaml").read_text()
         text = (run / "space.yaml").read_text()
     except FileNotFoundError as e:
-        raise ConfigError(f"{run}: not a metanet run directory (missing {Path(e.filename).name})") from None
-    return TrainConfig.from_dict(data, str(run / "config.yaml")), text
+        raise ConfigError(f"{what}{run}: not a metanet run directory (missing {Path(e.filename).name})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}{run}: cannot read the run's files ({type(e).__name__})") from None
+    try:
+        data = yaml.safe_load(text_cfg)  # plain data only: a tag that would run code is refused
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{run / 'config.yaml'}: not a readable config ({first})") from None
+    try:
+        return TrainConfig.from_dict(data, str(run / "config.yaml")), text
+    except TypeError as e:  # e.g. keys that are not strings
+        raise ConfigError(f"{run / 'config.yaml'}: not a metanet config ({e})") from None
 
 
 def load_run(run: str | Path, which: str = "best") -> tuple[MetaNet, TrainConfig]:
@@ -304,8 +596,16 @@ def load_run(run: str | Path, which: str = "best") -> tuple[MetaNet, TrainConfig
     path = run / (ckpt.BEST if which == "best" else ckpt.LAST)
     if not path.exists():
         path = run / ckpt.LAST
+    if not path.exists():
+        raise ConfigError(f"{run}: the run has no checkpoint yet (no {ckpt.LAST} or {ckpt.BEST})")
     saved = ckpt.load_checkpoint(path)
-    model = MetaNet(build_space(cfg, text), saved["n_families"], cfg.model_config())
-    model.load_state_dict(saved["model"])
+    version = saved.get("format_version")
+    if not (type(version) is int and 1 <= version <= FORMAT_VERSION) or "model" not in saved or "n_families" not in saved:
+        raise ConfigError(f"{path}: not a metanet training checkpoint this version reads (format version {version!r}, expected 1..{FORMAT_VERSION})")
+    try:
+        model = MetaNet(build_space(cfg, text), saved["n_families"], cfg.model_config())
+        model.load_state_dict(saved["model"])
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: does not match the run's config.yaml ({str(e).splitlines()[0].strip()})") from None
     model.eval()
     return model, cfg

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from metanet.export import diff_genotypes, draw_genotype_png, to_dot
-from metanet.generate import generate
+from metanet.network import generate
 from metanet.tasks import FAMILY_NAMES, Multimodal
 from metanet.trainer import TrainConfig, load_run, train
 

@@ -14,7 +14,7 @@ import torch
 from metanet import export as ex
 from metanet import tasks
 from metanet.cli import main
-from metanet.generate import generate, generate_batch, load_generated
+from metanet.network import generate, generate_batch, load_generated
 from metanet.tasks import Episode, Multimodal
 from metanet.trainer import TrainConfig, load_run, train
 

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from metanet import space as spaces
 from metanet.executor import forward
-from metanet.generate import DiscreteNetwork, GenerateError, generate, generate_batch, load_generated
+from metanet.network import DiscreteNetwork, GenerateError, generate, generate_batch, load_generated
 from metanet.generators import safe_name
 from metanet.meta import MetaNet, ModelConfig, evaluate_task, generate_networks, task_metric
 from metanet.tasks import Episode, Multimodal

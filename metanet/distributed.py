@@ -1,0 +1,228 @@
+"""Process-group helpers for multi-process meta-training on torch.distributed.
+
+``torchrun --nproc_per_node N -m metanet train ...`` starts N copies of the command with
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set.
+``setup`` turns those into a ``Context``: it initialises the default process group when
+``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA) and picks the device, ``cuda:LOCAL_RANK``
+when CUDA is available, else the CPU. With one process nothing is initialised and every
+collective below is a no-op, so the trainer has one code path.
+
+The meta-batch is sharded by ``shard``: rank r owns a contiguous block of the B tasks, the
+blocks of all ranks partition ``range(B)``, and the sizes differ by at most one.
+``shard_loss`` is a rank's share of the meta-objective and ``Context.all_reduce_step``
+sums the gradients and metrics of one step, so that N ranks take the step one process
+would take with the whole meta-batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .meta import Generated, MetaNet, meta_loss
+from .tasks import Episode
+
+__all__ = ["Context", "setup", "shard", "shard_loss", "env_rank", "env_world_size"]
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 when unset)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def env_rank() -> int:
+    """This process's ``RANK`` as torchrun sets it (0 when unset)."""
+    return _env_int("RANK", 0)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+@dataclass
+class Context:
+    """Who this process is in the job, and the collectives the trainer needs."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this context initialised the process group (and destroys it)
+
+    @property
+    def distributed(self) -> bool:
+        """More than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files or prints."""
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over all ranks, in place (returns ``t``)."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``t`` with rank ``src``'s ``t``, in place (returns ``t``)."""
+        if self.distributed:
+            dist.broadcast(t, src)
+        return t
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (pickled: only for objects this job made)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.rank == src else None]
+        # nccl moves objects through the current CUDA device; gloo through the CPU
+        dist.broadcast_object_list(box, src, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def all_reduce_step(self, params: list[torch.nn.Parameter], finite: bool, metrics: dict[str, float]) -> tuple[bool, dict[str, float]]:
+        """Sum gradients and (weighted) metrics over the ranks; False if any rank's loss was non-finite.
+
+        A parameter gets a gradient if any rank gave it one (the sum, absent ones counted as
+        zero) and keeps None otherwise, as one process would.
+        """
+        keys = sorted(metrics)
+        info = torch.tensor([float(finite)] + [float(p.grad is not None) for p in params] + [metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        self.all_reduce_sum(info)
+        n = len(params)
+        reduced = {k: float(v) for k, v in zip(keys, info[1 + n :].tolist())}
+        if int(info[0].item()) < self.world_size:
+            return False, reduced
+        present = info[1 : 1 + n].tolist()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        self.all_reduce_sum(flat)
+        offset = 0
+        for p, there in zip(params, present):
+            size = p.numel()
+            p.grad = flat[offset : offset + size].view_as(p) if there > 0 else None
+            offset += size
+        return True, reduced
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.distributed:
+            dist.barrier()
+
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group if this context created it.
+
+        Args:
+            clean: every rank got here in step (wait for all before closing connections);
+                False after an error, which the other ranks may not have seen.
+        """
+        if self.owns_group and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def setup(device: str | torch.device | None = None) -> Context:
+    """The job context from torchrun's environment; initialises the process group if needed.
+
+    Args:
+        device: the device to train on; None picks ``cuda:LOCAL_RANK`` when CUDA is
+            available, else the CPU.
+    """
+    world = env_world_size()
+    rank = env_rank()
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if device is None:
+        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owns = False
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    elif world > 1:
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank)
+        owns = True
+    return Context(rank, world, local_rank, dev, owns)
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous block of ``range(n)``; blocks differ in size by at most one."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+# ------------------------------------------------------------------- sharded meta-batches
+
+
+class _Pregenerated:
+    """A MetaNet whose ``generate`` returns generators' output computed beforehand.
+
+    ``meta_loss`` on a rank's block of tasks then uses the slice of the full meta-batch's
+    generation (same noise as one process) and is otherwise ``meta_loss`` unchanged.
+    """
+
+    def __init__(self, model: MetaNet, generated: Generated):
+        self._model, self._generated = model, generated
+
+    def generate(self, *args: Any, **kwargs: Any) -> Generated:
+        return self._generated
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def _slice_generated(g: Generated, part: slice) -> Generated:
+    return Generated(
+        g.alpha[part],
+        None if g.logits is None else g.logits[part],
+        {k: v[part] for k, v in g.params.items()},
+        g.kl[part],
+        g.embedding[part],
+        None if g.latent is None else g.latent[part],
+    )
+
+
+def _slice_episode(ep: Episode, part: slice) -> Episode:
+    return Episode(ep.support_x[part], ep.support_y[part], ep.query_x[part], ep.query_y[part], None if ep.metadata is None else ep.metadata[part])
+
+
+def shard_loss(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, **kw: Any) -> tuple[Tensor, dict[str, float]]:
+    """This rank's share of the meta-objective of ``episode``, the whole meta-batch.
+
+    The generators run on all B tasks, drawing from ``noise`` exactly what one process
+    draws; the inner loop and the losses run on the tasks in ``part`` only. The loss and
+    the metrics are those tasks' means weighted by ``len(part) / B``, so that their sums
+    over the ranks are the whole meta-batch's.
+
+    Args:
+        model: the meta-learner.
+        episode: the meta-batch, the same on every rank.
+        part: this rank's block of tasks (``shard``).
+        noise: the generator of the VAE and Gumbel noise, in the same state on every rank.
+        **kw: ``meta_loss``'s keyword arguments (``temperature``, ``gumbel``, ``hard`` and
+            ``strategy`` are required).
+    """
+    b = episode.batch_size
+    if part.start == 0 and part.stop == b:
+        return meta_loss(model, episode, generator=noise, **kw)
+    full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw["temperature"], gumbel=kw["gumbel"], hard=kw["hard"], sample=model.config.weights == "vae", generator=noise, strategy=kw["strategy"])
+    loss, m = meta_loss(_Pregenerated(model, _slice_generated(full, part)), _slice_episode(episode, part), generator=noise, **kw)  # type: ignore[arg-type]
+    w = (part.stop - part.start) / b
+    return loss * w, {k: v * w for k, v in m.items()}

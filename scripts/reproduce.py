@@ -1,0 +1,1104 @@
+"""Reproduce the results tables: every method is a configuration of the same trainer.
+
+MAML, first-order MAML, Reptile, Meta-SGD, ProtoNet, MetaNAS-style shared search and
+metanet (with its ablations) are rows of ``METHODS``: ``TrainConfig`` overrides, trained
+by ``metanet.trainer.train`` with the same wall-clock budget per method and seed, then
+evaluated by ``metanet.meta.evaluate`` (generate, discretise, adapt the discrete network
+k steps on the support set, score the query set) on fixed test tasks that every method
+and seed shares. Writes ``OUT/RESULTS.md``, ``OUT/results/results.json`` and the PNG plots
+in ``OUT/results/``; run directories (checkpoints, ``metrics.jsonl``) go to ``--runs``.
+
+    python scripts/reproduce.py --smoke                       # every row, tiny budget, temp dir
+    python scripts/reproduce.py --table sinusoid multimodal --minutes 0.3 --seeds 3 --jobs 2
+    python scripts/reproduce.py --table omniglot --minutes 10 --seeds 1 --data-root DIR
+    python scripts/reproduce.py --table sinusoid --methods maml metanet --shots 5 --out /tmp/row
+
+Running several tables by separate commands into the same ``--out`` merges them: each
+table keeps the command and date that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import difflib
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metanet.export import draw_population_png, op_frequency
+from metanet.executor import forward_genotype
+from metanet.meta import MetaNet, adapt_discrete, evaluate, generate_networks, meta_loss, task_metric
+from metanet.network import generate_batch
+from metanet.tasks import TASKS, Episode, Omniglot, default_data_root
+from metanet.trainer import TrainConfig, load_run, train
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "docs"
+TEST_SEED = 20_170_703  # test tasks: one fixed set for every method and seed
+CURVE_STEPS = 10  # adaptation curves: 0..CURVE_STEPS inner steps (smoke: 2); cost: as many steps
+NEVER = 10**12  # val_every: validate only once, after the budget
+RESULTS_FORMAT = "metanet.reproduce"
+RESULTS_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method as ``TrainConfig`` overrides; ``search`` methods use the searchable space."""
+
+    name: str
+    about: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    search: bool = True  # searchable space (mlp_regression / conv_omniglot) or the fixed one
+    tables: tuple[str, ...] = ("sinusoid", "multimodal", "omniglot")
+
+
+_FIXED = {"arch": "fixed", "weights": "off", "proto_head": False}
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("maml", "MAML: fixed network, learned initial weights, second order", dict(_FIXED), search=False),
+    Method("fomaml", "first-order MAML", dict(_FIXED, order="first"), search=False),
+    Method("reptile", "Reptile, 5 inner steps", dict(_FIXED, order="reptile", inner_steps=5), search=False),
+    Method("metasgd", "Meta-SGD: MAML + a learned step size per weight", dict(_FIXED, meta_sgd=True), search=False),
+    Method("protonet", "prototypical network: conv4 features, prototype head, no inner steps",
+           {"arch": "fixed", "weights": "off", "proto_head": True, "inner_steps": 0, "eval_inner_steps": 0},
+           search=False, tables=("omniglot",)),
+    Method("metanas", "MetaNAS-style: one meta-learned soft architecture for all tasks, learned init",
+           {"arch": "shared", "weights": "off"}),
+    Method("metanet", "metanet: task-conditional architecture + VAE weight generator", {}),
+    Method("metanet-no-archgen", "ablation: shared architecture, VAE weights", {"arch": "shared", "weights": "vae"}),
+    Method("metanet-no-weightgen", "ablation: conditional architecture, learned init", {"arch": "conditional", "weights": "off"}),
+    Method("metanet-no-metadata", "ablation: task metadata withheld", {"use_metadata": False}, tables=("multimodal",)),
+    Method("metanet-first-order", "ablation: first-order outer gradient", {"order": "first"}),
+    Method("metanet-unfused", "ablation: unfused mixed ops (same maths, slower)", {"fused": False}),
+)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class Table:
+    """One results table: its task distribution, settings, spaces and evaluation."""
+
+    name: str
+    title: str
+    kind: str  # regression | classification
+    fixed_space: str
+    search_space: str
+    eval_steps: tuple[int, ...]  # table columns: metric after k inner steps
+    train: dict[str, Any]  # TrainConfig fields shared by every row
+    strategy: str  # default task-execution strategy (DESIGN: loop is faster for conv4 on CPU)
+    per_family: bool = False
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.kind == "classification" else "MSE"
+
+
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("sinusoid", "Sinusoid regression", "regression", "mlp_maml", "mlp_regression", (1, 10),
+          {"tasks": "sinusoid", "queries": 10, "meta_batch": 25, "inner_steps": 1, "eval_inner_steps": 10, "inner_lr": 0.01}, "auto"),
+    Table("multimodal", "Multimodal regression (5 function families)", "regression", "mlp_maml", "mlp_regression", (1, 10),
+          {"tasks": "multimodal", "queries": 10, "meta_batch": 25, "inner_steps": 1, "eval_inner_steps": 10, "inner_lr": 0.01}, "auto",
+          per_family=True),
+    Table("omniglot", "Omniglot few-shot classification", "classification", "conv4", "conv_omniglot", (0, 1, 10),
+          {"tasks": "omniglot", "queries": 5, "meta_batch": 16, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4}, "loop"),
+)}  # fmt: skip
+TABLE_ORDER = tuple(TABLES)
+
+DEFAULT_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 5)}
+DEFAULT_WAYS = (5, 20)
+SMOKE_WAYS = (2, 3)
+SMOKE_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 2)}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One block of rows: a table at one (ways, shots)."""
+
+    table: str
+    shots: int
+    ways: int = 0  # 0: regression
+
+    @property
+    def label(self) -> str:
+        return f"{self.ways}-way {self.shots}-shot" if self.ways else f"{self.shots}-shot"
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(" ", "").replace("-", "")
+
+    def args(self) -> list[str]:
+        return (["--ways", str(self.ways)] if self.ways else []) + ["--shots", str(self.shots)]
+
+
+# ------------------------------------------------------------------------- statistics
+
+
+def pool(stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Statistics of the union of groups of scores, from each group's ``evaluate`` summary.
+
+    ``evaluate`` reports ``ci95 = 1.96 * sd / sqrt(n)`` with the sample sd (n - 1), so each
+    group's sd is recovered from its ``ci95`` and the pooled sd is exact (within-group sum
+    of squares plus between-group spread), as if every score had been kept.
+    """
+    stats = [s for s in stats if s["n"] > 0]
+    n = sum(int(s["n"]) for s in stats)
+    if n == 0:
+        return {"mean": math.nan, "ci95": math.nan, "n": 0}
+    mean = sum(s["mean"] * s["n"] for s in stats) / n
+    ss = 0.0
+    for s in stats:
+        sd = s["ci95"] * math.sqrt(s["n"]) / 1.96 if s["n"] > 1 else 0.0
+        ss += (s["n"] - 1) * sd**2 + s["n"] * (s["mean"] - mean) ** 2
+    ci = 1.96 * math.sqrt(ss / (n - 1)) / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "ci95": ci, "n": n}
+
+
+def aggregate_seeds(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean over seeds of the per-seed means; 95% CI over every test task pooled across seeds.
+
+    ``seed_sd`` is the spread of the per-seed means (NaN for one seed): the pooled CI does
+    not contain seed-to-seed variation.
+    """
+    means = [s["mean"] for s in per_seed]
+    pooled = pool(per_seed)
+    sd = float(torch.tensor(means, dtype=torch.float64).std()) if len(means) > 1 else math.nan
+    return {"mean": sum(means) / len(means), "ci95": pooled["ci95"], "n": pooled["n"], "seeds": len(means), "seed_sd": sd}
+
+
+def verdict(metric: str, ours: dict[str, float], base: dict[str, float], ours_name: str = "metanet", base_name: str = "MAML") -> str:
+    """One plain sentence comparing two aggregated results at equal budget.
+
+    MSE: "metanet is X% lower MSE than MAML" when it is lower, else "metanet does not beat
+    MAML: X% higher MSE". Accuracy: the same in percentage points. A win whose 95%
+    intervals overlap is called not significant.
+    """
+    a, b = ours["mean"], base["mean"]
+    if ours.get("n") == 0 or base.get("n") == 0:
+        return f"cannot compare {ours_name} with {base_name}: no test tasks"
+    if not (math.isfinite(a) and math.isfinite(b)):
+        bad = [n for n, v in ((ours_name, a), (base_name, b)) if not math.isfinite(v)]
+        return f"cannot compare {ours_name} with {base_name}: {' and '.join(bad)} {'has' if len(bad) == 1 else 'have'} a non-finite {metric}"
+    lower_is_better = metric == "MSE"
+    if metric == "MSE":
+        value = f"({a:.4g} vs {b:.4g})"
+        pct = 100.0 * abs(a - b) / abs(b) if b != 0 else math.inf
+        diff = f"{pct:.1f}%" if round(pct, 1) < 100.0 or pct >= 100.0 else ">99.9%"
+    else:
+        value = f"({100 * a:.2f}% vs {100 * b:.2f}%)"
+        diff = f"{100 * abs(a - b):.2f} points"
+    wins = a < b if lower_is_better else a > b
+    if a == b:
+        return f"{ours_name} does not beat {base_name}: equal {metric} {value}"
+    if not wins:
+        worse = "higher" if lower_is_better else "lower"
+        return f"{ours_name} does not beat {base_name}: {diff} {worse} {metric} {value}"
+    better = "lower" if lower_is_better else "higher"
+    sentence = f"{ours_name} is {diff} {better} {metric} than {base_name} {value}"
+    ca, cb = ours.get("ci95", math.nan), base.get("ci95", math.nan)
+    if math.isfinite(ca) and math.isfinite(cb) and abs(a - b) <= ca + cb:
+        sentence += "; the 95% intervals overlap, so the difference is not significant"
+    return sentence
+
+
+# ----------------------------------------------------------------------- test episodes
+
+
+class TestEpisodes:
+    """The episodes of ``fixed_episodes(dist, n_tasks, batch, seed)``, sampled lazily.
+
+    Re-iterable, and holds no images: 600 20-way 5-shot Omniglot tasks would be 376 MB.
+    ``limit`` keeps the first ``limit`` episodes.
+    """
+
+    def __init__(self, dist: Any, n_tasks: int, batch: int, seed: int, limit: int | None = None):
+        self.dist, self.n_tasks, self.batch, self.seed, self.limit = dist, n_tasks, batch, seed, limit
+
+    def __iter__(self) -> Iterator[Episode]:
+        generator = torch.Generator().manual_seed(self.seed)  # as fixed_episodes
+        sizes = [self.batch] * (self.n_tasks // self.batch) + ([self.n_tasks % self.batch] if self.n_tasks % self.batch else [])
+        for size in sizes[: self.limit]:
+            yield self.dist.sample(size, generator)
+
+
+class FamilyEpisodes:
+    """The tasks of ``episodes`` whose metadata is ``family``."""
+
+    def __init__(self, episodes: TestEpisodes, family: int):
+        self.episodes, self.family = episodes, family
+
+    def __iter__(self) -> Iterator[Episode]:
+        for ep in self.episodes:
+            keep = ep.metadata == self.family  # (B,)
+            if bool(keep.any()):
+                yield Episode(ep.support_x[keep], ep.support_y[keep], ep.query_x[keep], ep.query_y[keep], ep.metadata[keep])
+
+
+_OMNIGLOT_CACHE: dict[str, Omniglot] = {}
+_EPISODE_FIELDS = ("ways", "shots", "queries")
+
+
+def _cached_omniglot(**kwargs: Any) -> Omniglot:
+    """``Omniglot(**kwargs)`` sharing decoded images between runs.
+
+    The trainer builds its train and val distributions on every run, and ``Omniglot``
+    decodes and resizes the images at construction (~2 s per split on this CPU). Instances
+    that differ only in ways, shots or queries share one decoding here: a copy of the
+    cached instance with those fields replaced, after the checks the constructor makes.
+    """
+    key = json.dumps({k: str(v) for k, v in kwargs.items() if k not in _EPISODE_FIELDS}, sort_keys=True)
+    base = _OMNIGLOT_CACHE.get(key)
+    if base is None:
+        base = _OMNIGLOT_CACHE[key] = Omniglot(**kwargs)
+        return base
+    episode = {k: kwargs[k] for k in _EPISODE_FIELDS if k in kwargs}
+    shots, queries, ways = (episode.get(k, getattr(base, k)) for k in ("shots", "queries", "ways"))
+    if shots + queries > base.images.shape[1] or ways > base.n_classes or min(shots, queries, ways) < 1:
+        return Omniglot(**kwargs)  # raises the constructor's own error
+    inst = copy.copy(base)
+    for k, v in episode.items():
+        object.__setattr__(inst, k, v)  # frozen dataclass: the constructor's own idiom
+    return inst
+
+
+def _worker_setup() -> None:
+    """One intra-op thread per run, and the Omniglot cache in the task registry."""
+    torch.set_num_threads(1)
+    TASKS["omniglot"] = _cached_omniglot
+
+
+def _test_dist(test: dict[str, Any]) -> Any:
+    if test["tasks"] == "omniglot":
+        return TASKS["omniglot"](root=test["data_root"], split=test["split"], ways=test["ways"], shots=test["shots"], queries=test["queries"], rotations=test["rotations"])
+    kw = {"with_metadata": True} if test["tasks"] == "multimodal" else {}  # metadata to split by family
+    return TASKS[test["tasks"]](shots=test["shots"], queries=test["queries"], **kw)
+
+
+# ------------------------------------------------------------------------------ a job
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (table, setting, method, seed), evaluate it on the test tasks, return figures.
+
+    With ``job["reuse"]`` a finished run whose saved job equals this one is not redone.
+    """
+    run_dir = Path(job["run_dir"])
+    cached = run_dir / "result.json"
+    spec = {k: v for k, v in job.items() if k != "reuse"}
+    if job["reuse"] and cached.is_file():
+        saved = _from_json(json.loads(cached.read_text()))
+        if saved.get("job") == spec:
+            saved["reused"] = True
+            return saved
+    cfg = TrainConfig(**job["cfg"])
+    t0 = time.perf_counter()
+    summary = train(cfg, run_dir)
+    train_wall = time.perf_counter() - t0
+    model, _ = load_run(run_dir, "last")  # validation runs only after the budget: last = final
+    test = job["test"]
+    dist = _test_dist(test)
+    episodes = TestEpisodes(dist, test["n"], test["batch"], test["seed"])
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"job": spec, "train": summary, "train_wall_s": train_wall}
+    steps = job["eval_steps"]
+    if job["per_family"]:
+        present = torch.cat([ep.metadata for ep in episodes]).bincount(minlength=len(dist.families))  # (F,) tasks per family
+        empty = {"mean": math.nan, "ci95": math.nan, "n": 0}
+        families = {
+            name: {str(k): evaluate(model, FamilyEpisodes(episodes, f), k) if present[f] else dict(empty) for k in steps}
+            for f, name in enumerate(dist.families)
+        }
+        result["families"] = families
+        result["scores"] = {str(k): pool([families[name][str(k)] for name in families]) for k in steps}
+    else:
+        result["scores"] = {str(k): evaluate(model, episodes, k) for k in steps}
+    limit = max(1, math.ceil(job["curve_tasks"] / test["batch"]))
+    result["curve"] = adaptation_curve(model, TestEpisodes(dist, test["n"], test["batch"], test["seed"], limit=limit), job["curve_steps"])
+    result["curve_tasks"] = min(test["n"], limit * test["batch"])
+    result["cost"] = _cost(model, next(iter(episodes)), job["cost_tasks"], job["curve_steps"], job["cost_repeats"])
+    if cfg.arch != "fixed":
+        result["population"] = _population(model, episodes, job.get("population_png"))
+    if not cfg.fused:
+        result["fused_check"] = _fused_check(model, next(iter(episodes)), cfg)
+    result["eval_wall_s"] = time.perf_counter() - t0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(_to_json(result), indent=1, allow_nan=False))
+    return result
+
+
+def adaptation_curve(model: MetaNet, episodes: Any, steps: int) -> list[float]:
+    """Mean query metric after 0, 1, ..., ``steps`` inner steps, in one pass per task.
+
+    ``meta.evaluate_task``'s path (generate, discretise, ``adapt_discrete`` with the model's
+    step sizes, score the query set) taken one step at a time: ``evaluate(model, episodes,
+    k)`` gives entry k, but calling it for every k would redo the first steps 11 times.
+    """
+    lr = lambda k: model.lr(k).detach() if isinstance(model.lr(k), torch.Tensor) else model.lr(k)  # noqa: E731
+    totals, n = [0.0] * (steps + 1), 0
+    was_training = model.training
+    model.eval()
+    for ep in episodes:
+        for b, net in enumerate(generate_networks(model, ep)):
+            params = net.params
+            for k in range(steps + 1):
+                if k:
+                    params = adapt_discrete(model.plan, net.genotype, params, ep.support_x[b], ep.support_y[b], 1, lr, model.kind)
+                with torch.no_grad():
+                    pred = forward_genotype(model.plan, net.genotype, params, ep.query_x[b])
+                totals[k] += float(task_metric(model.kind, pred[None], ep.query_y[b][None])[0])
+            n += 1
+    model.train(was_training)
+    return [t / n for t in totals]
+
+
+def _cost(model: MetaNet, ep: Episode, tasks: int, steps: int, repeats: int) -> dict[str, float]:
+    """Per new task: generation time (generators + discretise + build the module) and ``steps`` inner steps.
+
+    Generation is timed ``repeats`` more times after a warm-up, and the fastest kept.
+    """
+    t = min(tasks, ep.batch_size)
+    meta = ep.metadata[:t] if ep.metadata is not None and model.encoder.family is not None else None
+    args = (model, ep.support_x[:t], ep.support_y[:t], meta)
+    if repeats:
+        generate_batch(*args)  # warm-up
+    nets = generate_batch(*args, adapt_steps=steps)
+    gen_ms = min([sum(n.generation_ms for n in nets) / t] + [sum(n.generation_ms for n in generate_batch(*args)) / t for _ in range(repeats)])
+    return {
+        "generation_ms": gen_ms,
+        "adapt_ms": sum(n.adapt_ms for n in nets) / t,
+        "adapt_steps": steps,
+        "params": sum(n.num_params() for n in nets) / t,
+        "tasks": t,
+    }
+
+
+def _population(model: MetaNet, episodes: TestEpisodes, png: str | None) -> dict[str, Any]:
+    """The test tasks' genotypes: how many distinct, op frequency per edge, collapse."""
+    genotypes = [net.genotype for ep in episodes for net in generate_networks(model, ep)]
+    freq, labels = op_frequency(model.space, genotypes)
+    counts: dict[str, int] = {}
+    for g in genotypes:
+        counts[g.to_json()] = counts.get(g.to_json(), 0) + 1
+    top = max(counts, key=counts.get)
+    if png:
+        draw_population_png(model.space, genotypes, png)
+    return {
+        "tasks": len(genotypes),
+        "distinct": len(counts),
+        "top_share": counts[top] / len(genotypes),
+        "collapsed": len(counts) == 1,
+        "labels": labels,
+        "edges": [f"c{e.cell} e{e.src}->{e.dst}" for e in model.space.edges],
+        "freq": freq.tolist(),
+        "top_genotype": json.loads(top),
+    }
+
+
+def _fused_check(model: MetaNet, ep: Episode, cfg: TrainConfig, tasks: int = 4) -> dict[str, float]:
+    """The meta-objective of a few test tasks with fused and with unfused mixed ops, same weights.
+
+    In float64: float32 convolutions differ from run to run in the last bits, and a small
+    loss turns that into a relative difference of 1e-4, which would hide what is checked.
+    """
+    b = min(tasks, ep.batch_size)
+
+    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t[:b].double() if t is not None and t.is_floating_point() else (None if t is None else t[:b])
+
+    ep64 = Episode(f64(ep.support_x), f64(ep.support_y), f64(ep.query_x), f64(ep.query_y), f64(ep.metadata))
+    losses = {}
+    for fused in (True, False):
+        m = MetaNet(model.space, model.encoder.n_families, dataclasses.replace(model.config, fused=fused))
+        m.load_state_dict(model.state_dict())
+        m.double().train()
+        loss, _ = meta_loss(m, ep64, inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, strategy="loop", generator=torch.Generator().manual_seed(0))
+        losses["fused" if fused else "unfused"] = float(loss.detach())
+    diff = abs(losses["fused"] - losses["unfused"])
+    return {**losses, "abs_diff": diff, "rel_diff": diff / max(abs(losses["fused"]), 1e-12), "dtype": "float64", "tasks": b}
+
+
+# ----------------------------------------------------------------------- planning jobs
+
+
+def _budget(args: argparse.Namespace) -> dict[str, Any]:
+    if args.steps is not None:
+        return {"steps": args.steps, "minutes": None}
+    return {"steps": None, "minutes": args.minutes}
+
+
+def budget_label(args: argparse.Namespace) -> str:
+    """The per-method, per-seed budget in words."""
+    if args.steps is not None:
+        return f"{args.steps} meta-steps"
+    m = args.minutes
+    return f"{m:g} min" if m >= 1 else f"{60 * m:g} s"
+
+
+def settings_for(table: str, args: argparse.Namespace) -> list[Setting]:
+    """The settings of a table, from ``--shots``/``--ways`` or the defaults."""
+    shots = tuple(args.shots) if args.shots else (SMOKE_SHOTS if args.smoke else DEFAULT_SHOTS)[table]
+    if table == "omniglot":
+        ways = tuple(args.ways) if args.ways else (SMOKE_WAYS if args.smoke else DEFAULT_WAYS)
+        return [Setting(table, s, w) for w in ways for s in shots]
+    return [Setting(table, s) for s in shots]
+
+
+def methods_for(table: str, args: argparse.Namespace) -> list[Method]:
+    wanted = args.methods or list(METHODS)
+    return [METHODS[m] for m in wanted if table in METHODS[m].tables]
+
+
+def seeds_for(table: str, args: argparse.Namespace) -> int:
+    if args.smoke:
+        return 1
+    return args.seeds or (1 if TABLES[table].kind == "classification" else 3)
+
+
+def eval_steps_for(table: str, args: argparse.Namespace) -> list[int]:
+    """The table's columns: metric after k inner steps (smoke: at most 2 steps)."""
+    steps = TABLES[table].eval_steps
+    return sorted({min(k, 2) for k in steps}) if args.smoke else list(steps)
+
+
+def make_config(table: Table, setting: Setting, method: Method, seed: int, args: argparse.Namespace) -> TrainConfig:
+    """The trainer configuration of one row and seed."""
+    fields = dict(table.train)
+    fields.update(
+        space=table.search_space if method.search else table.fixed_space,
+        shots=setting.shots,
+        seed=seed,
+        strategy=args.strategy or ("loop" if args.smoke else table.strategy),
+        val_every=NEVER,  # one validation, after the budget: every method spends it on training
+        val_tasks=args.val_tasks,
+        **_budget(args),
+    )
+    if setting.ways:
+        fields.update(ways=setting.ways, data_root=str(args.data_root), rotations=True)
+    if args.smoke:
+        fields.update(meta_batch=1 if setting.ways else 2, log_every=1, eval_inner_steps=1, **({"queries": 1} if setting.ways else {}))
+    fields.update(method.overrides)
+    return TrainConfig(**fields)
+
+
+def plan_jobs(args: argparse.Namespace, tables: Sequence[str], runs: Path, figures: Path) -> list[dict[str, Any]]:
+    """Every (table, setting, method, seed) job, seeds outermost so load drift hits all methods alike."""
+    jobs = []
+    for table_name in tables:
+        table = TABLES[table_name]
+        n_seeds = seeds_for(table_name, args)
+        for seed in range(n_seeds):
+            for i, setting in enumerate(settings_for(table_name, args)):
+                test = {
+                    "tasks": table.train["tasks"], "shots": setting.shots, "ways": setting.ways,
+                    "queries": args.test_queries or (1 if args.smoke and setting.ways else (5 if setting.ways else (10 if args.smoke else 100))),
+                    "n": args.test_tasks or ((2 if setting.ways else 20) if args.smoke else 600),
+                    "batch": (2 if setting.ways else 10) if args.smoke else 25, "seed": TEST_SEED,
+                    "split": args.eval_split, "data_root": str(args.data_root) if setting.ways else None, "rotations": True,
+                }  # fmt: skip
+                for method in methods_for(table_name, args):
+                    cfg = make_config(table, setting, method, seed, args)
+                    draw = method.name == "metanet" and seed == 0 and (i == 0 or not args.smoke)  # smoke: one per table
+                    png = figures / f"{table_name}_{setting.slug}_population.png" if draw else None
+                    jobs.append({
+                        "table": table_name, "setting": setting.label, "method": method.name, "seed": seed,
+                        "cfg": dataclasses.asdict(cfg), "test": test, "eval_steps": eval_steps_for(table_name, args),
+                        "per_family": table.per_family, "curve_tasks": 2 if args.smoke else args.curve_tasks,
+                        "curve_steps": 2 if args.smoke else CURVE_STEPS, "cost_tasks": 1 if args.smoke else 10, "cost_repeats": 0 if args.smoke else 2,
+                        "population_png": str(png) if png else None,
+                        "run_dir": str(runs / table_name / setting.slug / method.name / f"seed{seed}"), "reuse": args.reuse,
+                    })  # fmt: skip
+    return jobs
+
+
+def _run_job_safely(job: dict[str, Any]) -> dict[str, Any]:
+    """``run_job``, with a failure (a diverged run, say) recorded instead of ending the whole table."""
+    try:
+        return run_job(job)
+    except Exception as e:  # noqa: BLE001 - any failure of one run is reported in its row
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def run_jobs(jobs: list[dict[str, Any]], n_workers: int) -> list[dict[str, Any]]:
+    """Run jobs in this process (``n_workers`` 1) or in spawned single-threaded workers."""
+
+    def report(i: int, job: dict[str, Any], res: dict[str, Any]) -> None:
+        k = str(job["eval_steps"][-1])
+        if "error" in res:
+            print(f"[{i + 1}/{len(jobs)}] {job['table']} {job['setting']} {job['method']} seed {job['seed']}: FAILED {res['error']}", flush=True)
+            return
+        tr = res["train"]
+        print(f"[{i + 1}/{len(jobs)}] {job['table']} {job['setting']} {job['method']} seed {job['seed']}: "
+              f"{tr['step']} steps in {tr['elapsed']:.1f} s ({tr['strategy']}), "
+              f"eval {res['eval_wall_s']:.1f} s, metric@{k} {res['scores'][k]['mean']:.4g}"
+              + (" (reused)" if res.get("reused") else ""), flush=True)  # fmt: skip
+
+    if n_workers <= 1:
+        out = []
+        for i, job in enumerate(jobs):
+            out.append(_run_job_safely(job))
+            report(i, job, out[-1])
+        return out
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    out: list[dict[str, Any] | None] = [None] * len(jobs)
+    with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"), initializer=_worker_setup) as pool_:
+        futures = {pool_.submit(_run_job_safely, job): i for i, job in enumerate(jobs)}
+        for done, fut in enumerate(cf.as_completed(futures)):
+            i = futures[fut]
+            out[i] = fut.result()
+            report(done, jobs[i], out[i])
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------- collecting
+
+
+def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str, Any]], args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The table's JSON: per setting and method, per-seed figures and their aggregate."""
+    table = TABLES[table_name]
+    rows: dict[str, dict[str, Any]] = {}
+    for job, res in zip(jobs, results):
+        if job["table"] != table_name:
+            continue
+        row = rows.setdefault(job["setting"], {}).setdefault(job["method"], {"per_seed": [], "errors": []})
+        if "error" in res:
+            row["errors"].append({"seed": job["seed"], "run_dir": job["run_dir"], "error": res["error"]})
+            continue
+        row["per_seed"].append({
+            "seed": job["seed"], "run_dir": job["run_dir"], "train": res["train"], "scores": res["scores"],
+            "families": res.get("families"), "curve": res["curve"], "curve_tasks": res["curve_tasks"], "cost": res["cost"],
+            "population": res.get("population"), "fused_check": res.get("fused_check"),
+            "population_png": Path(job["population_png"]).name if job.get("population_png") else None,
+            "config": job["cfg"], "test": job["test"],
+        })  # fmt: skip
+    ks = [str(k) for k in eval_steps_for(table_name, args)]
+    for setting, methods in rows.items():
+        for name, row in methods.items():
+            row["command"] = row_command(table_name, setting, name, args)
+            seeds = row["per_seed"]
+            if not seeds:  # every seed failed
+                row["aggregate"] = {k: {"mean": math.nan, "ci95": math.nan, "n": 0, "seeds": 0, "seed_sd": math.nan} for k in ks}
+                row.update(curve=[], steps=math.nan, generation_ms=math.nan, adapt_ms=math.nan)
+                continue
+            row["aggregate"] = {k: aggregate_seeds([s["scores"][k] for s in seeds]) for k in ks}
+            if seeds[0]["families"]:
+                fams = seeds[0]["families"]
+                row["families"] = {f: {k: aggregate_seeds([s["families"][f][k] for s in seeds]) for k in fams[f]} for f in fams}
+            row["curve"] = [sum(c) / len(seeds) for c in zip(*(s["curve"] for s in seeds))]
+            row["steps"] = sum(s["train"]["step"] for s in seeds) / len(seeds)
+            row["generation_ms"] = sum(s["cost"]["generation_ms"] for s in seeds) / len(seeds)
+            row["adapt_ms"] = sum(s["cost"]["adapt_ms"] for s in seeds) / len(seeds)
+    settings = [s.label for s in settings_for(table_name, args)]
+    return {
+        "title": table.title, "metric": table.metric, "eval_steps": eval_steps_for(table_name, args),
+        "command": command, "date": _now(), "smoke": args.smoke, "budget": budget_label(args),
+        "seeds": seeds_for(table_name, args), "settings": [s for s in settings if s in rows], "rows": rows,
+        "test": next((j["test"] for j in jobs if j["table"] == table_name), None),
+        "machine": {"torch": torch.__version__, "cpus": os.cpu_count(), "threads_per_run": 1, "parallel_runs": args.jobs},
+    }  # fmt: skip
+
+
+_FORWARDED = ("minutes", "steps", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "eval_split", "strategy")
+
+
+def row_command(table: str, setting: str, method: str, args: argparse.Namespace) -> str:
+    """The command that reproduces one row (into its own folder)."""
+    parts = ["python", "scripts/reproduce.py"] + (["--smoke"] if args.smoke else [])
+    parts += ["--table", table, "--methods", method]
+    s = next(x for x in settings_for(table, args) if x.label == setting)
+    parts += s.args()
+    defaults = vars(build_parser().parse_args([]))
+    for name in _FORWARDED:
+        value = getattr(args, name)
+        if value != defaults[name] and not (args.smoke and name in ("minutes", "steps", "val_tasks")):
+            parts += [f"--{name.replace('_', '-')}", str(value)]
+    if not args.smoke:
+        parts += ["--seeds", str(seeds_for(table, args))]
+    if table == "omniglot" and args.data_root_given:
+        parts += ["--data-root", str(args.data_root)]
+    parts += ["--out", f"runs/row-{table}-{s.slug}-{method}"]
+    return shlex.join(parts)
+
+
+def _to_json(v: Any) -> Any:
+    """Non-finite floats as null: strict JSON that any parser reads."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _to_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_to_json(x) for x in v]
+    return v
+
+
+_NUMERIC = {"mean", "ci95", "seed_sd", "generation_ms", "adapt_ms"}
+
+
+def _from_json(v: Any, key: str | None = None) -> Any:
+    """Undo ``_to_json`` for the figures the markdown reads (null -> NaN)."""
+    if isinstance(v, dict):
+        return {k: _from_json(x, k) for k, x in v.items()}
+    if isinstance(v, list):
+        return [math.nan if x is None and key == "curve" else _from_json(x) for x in v]
+    return math.nan if v is None and key in _NUMERIC else v
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def _fmt(stat: dict[str, float], metric: str) -> str:
+    m, ci = stat["mean"], stat["ci95"]
+    if stat["n"] == 0:
+        return "no test tasks"
+    if not math.isfinite(m):
+        return "diverged (non-finite)"
+    if metric == "accuracy":
+        return f"{100 * m:.2f}% ± {100 * ci:.2f}" if math.isfinite(ci) else f"{100 * m:.2f}%"
+    return f"{m:.4g} ± {ci:.2g}" if math.isfinite(ci) else f"{m:.4g}"
+
+
+def _best(rows: dict[str, Any], key: str, metric: str, get) -> str | None:
+    vals = {name: get(row)[key]["mean"] for name, row in rows.items() if math.isfinite(get(row)[key]["mean"])}
+    if not vals:
+        return None
+    return (max if metric == "accuracy" else min)(vals, key=vals.get)
+
+
+def _steps_header(k: str, metric: str) -> str:
+    return f"{metric} after {k} step{'' if k == '1' else 's'}"
+
+
+def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
+    """The markdown section of one table."""
+    metric, ks = t["metric"], [str(k) for k in t["eval_steps"]]
+    test = t["test"] or {}
+    out = [f"## {t['title']}", ""]
+    if t["smoke"]:
+        out += ["**Smoke run: a few meta-steps per method, a handful of test tasks. The numbers test the pipeline and mean nothing.**", ""]
+    what = f"{test.get('n')} test tasks" + (f" x {test.get('queries')} query points" if not test.get("ways") else f", {test.get('queries')} queries per class")
+    split = f", split `{test.get('split')}`" if test.get("ways") else ""
+    out += [
+        f"- Command: `{t['command']}`",
+        f"- Date: {t['date']}",
+        f"- Machine: torch {t['machine']['torch']}, {t['machine']['cpus']} CPUs, one thread per run, {t['machine']['parallel_runs']} run(s) at a time.",
+        f"- Budget: {t['budget']} of meta-training per method and seed; {t['seeds']} seed(s); evaluated on {what}{split} (the same tasks for every method and seed).",
+        "",
+    ]
+    out += _summary(t)
+    for setting in t["settings"]:
+        rows = t["rows"][setting]
+        out += [f"### {setting}", ""]
+        head = ["method", "meta-steps"] + [_steps_header(k, metric) for k in ks] + ["generate (ms/task)", "budget", "seeds", "reproduce"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        best = {k: _best(rows, k, metric, lambda r: r["aggregate"]) for k in ks}
+        for method, row in rows.items():
+            failed = not row["per_seed"]
+            cells = [method, "-" if failed else f"{row['steps']:.0f}"]
+            for k in ks:
+                c = "failed" if failed else _fmt(row["aggregate"][k], metric)
+                cells.append(f"**{c}**" if best[k] == method else c)
+            seeds = f"{len(row['per_seed'])}" + (f" ({len(row['errors'])} failed)" if row.get("errors") else "")
+            cells += ["-" if failed else f"{row['generation_ms']:.2g}", t["budget"], seeds, f"`{row['command']}`"]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        for method, row in rows.items():
+            for e in row.get("errors", []):
+                out.append(f"- `{method}` seed {e['seed']} failed: {e['error']} (run directory `{e['run_dir']}`).")
+        if any(row.get("errors") for row in rows.values()):
+            out.append("")
+        fams = next((r["families"] for r in rows.values() if r.get("families")), None)
+        if fams:
+            for k in ks:
+                names = list(fams)
+                out += [f"Per family, {_steps_header(k, metric)} (test tasks filtered by their family metadata):", ""]
+                out += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+                for method, row in rows.items():
+                    if row.get("families"):
+                        out.append(f"| {method} | " + " | ".join(_fmt(row["families"][f][k], metric) for f in names) + " |")
+                    else:
+                        out.append(f"| {method} | " + " | ".join("failed" for _ in names) + " |")
+                out.append("")
+        out += _verdicts(rows, ks, metric)
+        out += _populations(rows, figures_rel)
+        out += _fused(rows)
+    out += [
+        f"![learning curves]({figures_rel}/{name}_learning.png)",
+        "",
+        f"![{metric} vs adaptation steps]({figures_rel}/{name}_adaptation.png)",
+        "",
+        f"![cost per new task]({figures_rel}/{name}_cost.png)",
+        "",
+    ]
+    return out
+
+
+def _summary(t: dict[str, Any]) -> list[str]:
+    """One line: in how many (setting, steps) cells metanet beats MAML."""
+    outcomes = []
+    for setting in t["settings"]:
+        rows = t["rows"][setting]
+        if "metanet" in rows and "maml" in rows and rows["metanet"]["per_seed"] and rows["maml"]["per_seed"]:
+            for k in t["eval_steps"]:
+                outcomes.append(verdict(t["metric"], rows["metanet"]["aggregate"][str(k)], rows["maml"]["aggregate"][str(k)]))
+    if not outcomes:
+        return []
+    wins = [o for o in outcomes if o.startswith("metanet is ")]
+    solid = [o for o in wins if "not significant" not in o]
+    losses = [o for o in outcomes if "does not beat" in o]
+    line = (f"**Summary: metanet beats MAML in {len(wins)} of {len(outcomes)} (setting, steps) cells at this budget "
+            f"({len(solid)} with non-overlapping 95% intervals) and does not beat MAML in {len(losses)}.**")  # fmt: skip
+    return [line, ""]
+
+
+def _verdicts(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[str]:
+    if "metanet" not in rows or "maml" not in rows:
+        return ["Verdict: not computed (needs both the metanet and the maml rows).", ""]
+    out = ["Verdict, metanet against MAML at the same budget (computed from the rows above):", ""]
+    failed = [n for n in ("metanet", "maml") if not rows[n]["per_seed"]]
+    if failed:
+        return out + [f"- cannot compare: {' and '.join(failed)} failed in every seed.", ""]
+    for k in ks:
+        out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows['maml']['aggregate'][k])}.")
+    fams = rows["metanet"].get("families")
+    if fams and rows["maml"].get("families"):
+        k = ks[-1]
+        for f in fams:
+            out.append(f"- {f}, {_steps_header(k, metric)}: {verdict(metric, fams[f][k], rows['maml']['families'][f][k])}.")
+    return out + [""]
+
+
+def _populations(rows: dict[str, Any], figures_rel: str) -> list[str]:
+    out = []
+    for method, row in rows.items():
+        pops = [s["population"] for s in row["per_seed"] if s.get("population")]
+        if not pops:
+            continue
+        arch = row["per_seed"][0]["config"]["arch"]
+        distinct = ", ".join(str(p["distinct"]) for p in pops)
+        collapsed = sum(p["collapsed"] for p in pops)
+        if arch == "shared":
+            note = "one shared architecture by construction"
+        elif collapsed == len(pops):
+            note = "**the generator collapsed: every test task gets the same architecture**" + (" (in every seed)" if len(pops) > 1 else "")
+        elif collapsed:
+            note = f"**the generator collapsed to one architecture in {collapsed} of {len(pops)} seeds**"
+        else:
+            note = "the generator did not collapse (test tasks get different architectures)"
+        top = ", ".join(f"{100 * p['top_share']:.0f}%" for p in pops)
+        out.append(f"- Architectures of `{method}` over the {pops[0]['tasks']} test tasks: distinct genotypes per seed {distinct}; the most common covers {top}; {note}.")
+        if method == "metanet":
+            p = pops[0]
+            out += ["", f"  Op frequency per candidate edge (seed 0, `metanet.export.op_frequency`; rows sum to 1):", ""]
+            out += ["  | edge | " + " | ".join(p["labels"]) + " |", "  |" + "---|" * (len(p["labels"]) + 1)]
+            for e, fr in zip(p["edges"], p["freq"]):
+                out.append(f"  | {e} | " + " | ".join(f"{v:.2f}" if v else "." for v in fr) + " |")
+            out.append("")
+            png = row["per_seed"][0].get("population_png")
+            if png:
+                out += [f"  ![metanet architectures over the test tasks]({figures_rel}/{png})", ""]
+    return (["Population view of the generated architectures:", ""] + out + [""]) if out else []
+
+
+def _fused(rows: dict[str, Any]) -> list[str]:
+    checks = [(m, s["fused_check"]) for m, row in rows.items() for s in row["per_seed"] if s.get("fused_check")]
+    if not checks:
+        return []
+    out = ["Fused vs unfused mixed ops (the meta-objective of a few test tasks in float64, the same trained weights, both paths):", ""]
+    for m, c in checks:
+        out.append(f"- `{m}` weights: fused {c['fused']:.6g}, unfused {c['unfused']:.6g}, |difference| {c['abs_diff']:.2g} (relative {c['rel_diff']:.2g}).")
+    if all(rows.get(m, {}).get("per_seed") for m in ("metanet", "metanet-unfused")):
+        a, b = rows["metanet"]["steps"], rows["metanet-unfused"]["steps"]
+        out.append(f"- In the same budget the fused run made {a:.0f} meta-steps and the unfused one {b:.0f} ({a / max(b, 1):.2f}x): "
+                   "fusion changes speed, not the function; the unfused row's accuracy differs only through the steps it did not get.")  # fmt: skip
+    return out + [""]
+
+
+def write_markdown(path: Path, data: dict[str, Any], figures_rel: str) -> None:
+    """Render RESULTS.md from results.json's data."""
+    tables = data["tables"]
+    lines = [
+        "# metanet results",
+        "",
+        "<!-- Generated by scripts/reproduce.py. Do not edit by hand: re-run the command below. -->",
+        "This file is generated by `scripts/reproduce.py`; do not edit it by hand.",
+        "",
+    ]
+    for name in TABLE_ORDER:
+        if name in tables:
+            lines.append(f"- {tables[name]['title']}: `{tables[name]['command']}` ({tables[name]['date']})")
+    for name, why in data.get("skipped", {}).items():
+        lines.append(f"- {TABLES[name].title}: skipped ({why})")
+    lines += [
+        "",
+        "How to read the tables:",
+        "",
+        "- Every method is a configuration of the same trainer (`metanet.trainer.train`) and is evaluated by the same "
+        "path (`metanet.meta.evaluate`: generate the network, discretise its architecture, adapt the discrete network "
+        "k steps on the support set, score the query set). The final model of each run is evaluated.",
+        "- Budget: wall-clock meta-training time per method and seed (validation runs only once, after the budget, so "
+        "every method spends the budget on training); faster methods make more meta-steps.",
+        "- A cell is the mean over seeds of the per-seed mean over the test tasks, ± the half-width of a 95% confidence "
+        "interval over all test tasks pooled across seeds (1.96 sd / sqrt(n)). That interval does not contain seed-to-seed "
+        "variation; `results/results.json` gives the per-seed means and their sd (`seed_sd`). Best value per column in bold.",
+        "- Regression inner steps use lr 0.01 (Meta-SGD: its learned step sizes); Omniglot inner steps use lr 0.4.",
+        "",
+        "Methods (`TrainConfig` overrides on top of each table's shared settings):",
+        "",
+        "| method | what | overrides | space |",
+        "|---|---|---|---|",
+    ]
+    for m in METHODS.values():
+        ov = ", ".join(f"{k}={v}" for k, v in m.overrides.items()) or "(defaults: arch=conditional, weights=vae)"
+        space = "searchable (mlp_regression / conv_omniglot)" if m.search else "fixed (mlp_maml / conv4)"
+        lines.append(f"| {m.name} | {m.about} | {ov} | {space} |")
+    lines.append("")
+    for name in TABLE_ORDER:
+        if name in tables:
+            lines += table_markdown(name, tables[name], figures_rel)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------- plots
+
+
+def _figure(n_panels: int, rows: int = 1) -> tuple[Any, list[list[Any]]]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.2 * n_panels + 1.8, 9.0), 3.4 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [[fig.add_subplot(rows, n_panels, r * n_panels + c + 1) for c in range(n_panels)] for r in range(rows)]
+    return fig, axes
+
+
+def _colours(names: Sequence[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {n: cmap(METHODS_INDEX.get(n, i) % 20) for i, n in enumerate(names)}
+
+
+METHODS_INDEX = {name: i for i, name in enumerate(METHODS)}
+
+
+def _style(method: str, colour: dict[str, Any]) -> dict[str, Any]:
+    """Baselines dashed, metanet and its ablations solid, metanet itself thick."""
+    m = METHODS.get(method)
+    dashed = m is not None and not m.name.startswith("metanet")
+    return {"color": colour[method], "lw": 2.4 if method == "metanet" else 1.2, "ls": "--" if dashed else "-"}
+
+
+def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_table(name: str, t: dict[str, Any], figures: Path) -> list[Path]:
+    """Learning curves, metric vs adaptation steps, and cost per new task for one table."""
+    from matplotlib.ticker import MaxNLocator
+
+    settings, metric = t["settings"], t["metric"]
+    methods = list(dict.fromkeys(m for s in settings for m in t["rows"][s]))
+    colour = _colours(methods)
+    log_y = metric == "MSE"
+    paths = []
+
+    fig, axes = _figure(len(settings))
+    for ax, setting in zip(axes[0], settings):
+        for method, row in t["rows"][setting].items():
+            for i, seed in enumerate(row["per_seed"]):
+                pts = [(r["time"], r["query_loss"]) for r in _read_metrics(seed["run_dir"]) if "query_loss" in r and math.isfinite(r["query_loss"])]
+                if not pts:
+                    continue
+                times, losses = zip(*pts)
+                w = max(1, len(losses) // 50)  # moving average over ~2% of the run
+                smooth = [sum(losses[max(0, j - w + 1): j + 1]) / len(losses[max(0, j - w + 1): j + 1]) for j in range(len(losses))]
+                ax.plot(times, smooth, alpha=1.0 if i == 0 else 0.45, label=method if i == 0 else None, **_style(method, colour))
+        ax.set(title=setting, xlabel="meta-training wall time (s)", ylabel="training query loss (after the inner steps)")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{t['title']}: learning curves ({t['budget']} per method and seed; lines are seeds)")
+    paths.append(_save(fig, figures / f"{name}_learning.png"))
+
+    fig, axes = _figure(len(settings))
+    for ax, setting in zip(axes[0], settings):
+        for method, row in t["rows"][setting].items():
+            if not row["curve"]:
+                continue
+            curve = [100 * v if metric == "accuracy" else v for v in row["curve"]]
+            ax.plot(range(len(curve)), curve, marker="o", ms=3, label=method, **_style(method, colour))
+        n = next((r["per_seed"][0]["curve_tasks"] for r in t["rows"][setting].values() if r["per_seed"]), 0)
+        ax.set(title=f"{setting} ({n} test tasks)", xlabel="inner steps on the support set", ylabel=f"query {metric}" + (" (%)" if metric == "accuracy" else ""))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{t['title']}: {metric} vs adaptation steps (mean over seeds)")
+    paths.append(_save(fig, figures / f"{name}_adaptation.png"))
+
+    fig, axes = _figure(len(settings))
+    for ax, setting in zip(axes[0], settings):
+        rows = t["rows"][setting]
+        names = list(rows)
+        gen = [rows[m]["generation_ms"] for m in names]
+        adapt = [rows[m]["adapt_ms"] for m in names]
+        ys = range(len(names))
+        ax.barh([y - 0.2 for y in ys], gen, height=0.4, color="#4477aa", label="generate (encode, generators, discretise, build)")
+        steps = next((r["per_seed"][0]["cost"]["adapt_steps"] for r in rows.values() if r["per_seed"]), 0)
+        ax.barh([y + 0.2 for y in ys], adapt, height=0.4, color="#ee6677", label=f"adapt {steps} inner steps")
+        ax.set_yticks(list(ys), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set(title=setting, xlabel="milliseconds per new task")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{t['title']}: cost per new task (1 CPU thread)")
+    paths.append(_save(fig, figures / f"{name}_cost.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Methods: " + ", ".join(METHODS))  # fmt: skip
+    p.add_argument("--table", nargs="+", default=["all"], metavar="NAME", help=f"tables to run: {', '.join(TABLE_ORDER)} or all (default: all)")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (default: every method that applies to the table)")
+    p.add_argument("--shots", nargs="+", type=int, help="shots per setting (default: sinusoid 5 10 20, multimodal 5, omniglot 1 5)")
+    p.add_argument("--ways", nargs="+", type=int, help="omniglot ways (default: 5 20)")
+    p.add_argument("--minutes", type=float, default=1.0, help="wall-clock meta-training budget per method and seed (default: 1)")
+    p.add_argument("--steps", type=int, help="a budget in meta-steps instead of minutes")
+    p.add_argument("--seeds", type=int, help="seeds per method (default: 3 for regression, 1 for omniglot)")
+    p.add_argument("--test-tasks", type=int, help="test tasks per setting (default: 600)")
+    p.add_argument("--test-queries", type=int, help="query points per test task (default: 100; omniglot: 5 per class)")
+    p.add_argument("--curve-tasks", type=int, default=100, help="test tasks for the metric-vs-steps curves (default: 100)")
+    p.add_argument("--val-tasks", type=int, default=25, help="validation tasks, scored once after the budget (default: 25)")
+    p.add_argument("--eval-split", default="val", choices=("val", "evaluation"), help="omniglot test split: val (alphabets held out of the background set) or evaluation (needs images_evaluation)")
+    p.add_argument("--data-root", help="omniglot folder (default: metanet.tasks.default_data_root())")
+    p.add_argument("--strategy", choices=("auto", "loop", "vmap"), help="task execution (default: auto for regression, loop for omniglot)")
+    p.add_argument("--out", help="output folder for RESULTS.md and results/ (default: docs/; --smoke: a new temp folder)")
+    p.add_argument("--runs", help="folder for the run directories (default: runs/reproduce for docs/, else OUT/runs)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each (use at most the number of idle cores)")
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs whose job is unchanged (re-render without retraining)")
+    p.add_argument("--smoke", action="store_true", help="every row at a tiny budget (2 steps, 1 seed, a few test tasks): tests the pipeline")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    tables = []
+    for t in args.table:
+        if t == "all":
+            tables += list(TABLE_ORDER)
+        elif t in TABLES:
+            tables.append(t)
+        else:
+            close = difflib.get_close_matches(t, [*TABLE_ORDER, "all"], n=1)
+            p.error(f"unknown table {t!r}: choose from {', '.join(TABLE_ORDER)}, all" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    args.tables = list(dict.fromkeys(tables))
+    for m in args.methods or []:
+        if m not in METHODS:
+            close = difflib.get_close_matches(m, list(METHODS), n=1)
+            p.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for name in ("minutes", "steps", "seeds", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "jobs"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    for name in ("shots", "ways"):
+        if any(v <= 0 for v in getattr(args, name) or []):
+            p.error(f"--{name} must be positive")
+    if args.smoke:
+        args.steps, args.val_tasks = 2, 1
+    args.data_root_given = args.data_root is not None
+    args.data_root = Path(args.data_root) if args.data_root else default_data_root()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the tables, write the outputs; returns the results.json data."""
+    args = parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "scripts/reproduce.py", *given])
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="metanet-smoke-")) if args.smoke else DEFAULT_OUT)
+    figures = out / "results"
+    runs = Path(args.runs) if args.runs else (REPO / "runs" / "reproduce" if out.resolve() == DEFAULT_OUT.resolve() else out / "runs")
+    figures.mkdir(parents=True, exist_ok=True)
+    skipped: dict[str, str] = {}
+    tables = list(args.tables)
+    if "omniglot" in tables:
+        reason = None
+        if args.data_root is None:
+            reason = "no Omniglot data found: give --data-root DIR or set METANET_DATA_ROOT"
+        elif not args.data_root.is_dir():
+            reason = f"the Omniglot folder {args.data_root} does not exist"
+        elif args.eval_split == "evaluation" and not any((args.data_root / f).exists() for f in ("images_evaluation.npz", "images_evaluation")):
+            reason = f"--eval-split evaluation needs images_evaluation(.npz) in {args.data_root}"
+        if reason:
+            skipped["omniglot"] = reason
+            tables.remove("omniglot")
+            print(f"omniglot: skipped ({reason})")
+    prev_threads = torch.get_num_threads()
+    saved_factory = TASKS["omniglot"]
+    _worker_setup()
+    t0 = time.perf_counter()
+    try:
+        jobs = plan_jobs(args, tables, runs, figures)
+        print(f"{len(jobs)} runs into {runs}; outputs in {out}", flush=True)
+        results = run_jobs(jobs, args.jobs)
+    finally:
+        TASKS["omniglot"] = saved_factory
+        torch.set_num_threads(prev_threads)
+    json_path = figures / "results.json"
+    data: dict[str, Any] = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "tables": {}, "skipped": {}}
+    if json_path.is_file():  # merge: tables run by earlier commands stay
+        old = _from_json(json.loads(json_path.read_text()))
+        if old.get("format") == RESULTS_FORMAT and old.get("version") == RESULTS_VERSION:
+            data = old
+    for name in tables:
+        data["tables"][name] = collect(name, jobs, results, args, command)
+        data["skipped"].pop(name, None)
+        plot_table(name, data["tables"][name], figures)
+    for name, why in skipped.items():
+        if name not in data["tables"]:
+            data["skipped"][name] = why
+    json_path.write_text(json.dumps(_to_json(data), indent=1, allow_nan=False))
+    write_markdown(out / "RESULTS.md", data, "results")
+    print(f"wrote {out / 'RESULTS.md'} and {figures}/ in {time.perf_counter() - t0:.1f} s")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Distributed meta-training: 2 gloo processes under torchrun == 1 process with the same meta-batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metanet import checkpoint as ckpt
+from metanet import distributed
+from metanet.meta import MetaNet, ModelConfig, meta_loss
+from metanet.space import load
+from metanet.tasks import Sinusoid
+from metanet.trainer import ConfigError, TrainConfig, build_model, build_space, build_tasks, check_tasks, train
+
+# Seven tasks over two ranks: uneven blocks (4 + 3), so the weighting by share is tested too.
+CFG = TrainConfig(space="mlp_regression", tasks="sinusoid", steps=4, meta_batch=7, val_every=2, val_tasks=4, log_every=1, strategy="loop", gumbel=True, seed=5)
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Every rank: a fresh distributed run stopped after 2 steps (as if killed), then resumed
+# through the command line. The process group is the worker's, so train() leaves it alone.
+WORKER = """
+import json, sys
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+from metanet.cli import main
+from metanet.trainer import TrainConfig, train
+
+assert train(TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], stop_after=2) == {"stopped": 2}
+code = main(["-v", "train", "--resume", "--quiet", "--out", sys.argv[2]])
+dist.destroy_process_group()
+sys.exit(code)
+"""
+
+
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nnodes 1 --nproc_per_node 2 ...`` on loopback (gloo)."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+def _assert_same_run(one: Path, two: Path) -> None:
+    """Same parameters, optimizer moments and logged training figures, to float tolerance."""
+    a, b = ckpt.load_checkpoint(one / ckpt.LAST), ckpt.load_checkpoint(two / ckpt.LAST)
+    assert a["state"]["step"] == b["state"]["step"] == CFG.steps
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6, msg=k)
+    init = build_model(CFG, build_space(CFG), 0).state_dict()
+    assert max(float((a["model"][k] - init[k]).abs().max()) for k in init) > 1e-4  # training moved them
+    for i, s in a["optimizer"]["state"].items():
+        for k, atol in (("exp_avg", 1e-7), ("exp_avg_sq", 1e-10)):  # moments of gradients, some near 0
+            torch.testing.assert_close(b["optimizer"]["state"][i][k], s[k], rtol=1e-3, atol=atol, msg=f"{i} {k}")
+    rows_a = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "val" in r) for r in rows_b] == [(r["step"], "val" in r) for r in rows_a]  # no duplicates: rank 1 wrote none
+    for ra, rb in zip(rows_a, rows_b):
+        for k in ("loss", "query_loss", "kl", "entropy", "metric"):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+        # Validation figures are not compared: this early, op weights are near ties, and a
+        # 1e-7 difference in parameters can flip one task's discretised architecture.
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(CFG, out)
+    return out
+
+
+def test_two_processes_equal_one_process_through_stop_and_resume(one_process, tmp_path):
+    """torchrun 2 gloo ranks, each adapting its block of the meta-batch, == 1 process.
+
+    The distributed run stops after 2 steps and resumes (``metanet train --resume``) on 2 ranks.
+    """
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    cfg = {k: v for k, v in dataclasses.asdict(CFG).items()}
+    proc = _torchrun(str(worker), json.dumps(cfg), "two", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    _assert_same_run(one_process, two)
+    # rank 0 alone writes files and prints; each rank adapted its own block of tasks
+    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "space.yaml"]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == CFG.steps, proc.stdout
+    assert "rank 0/2 adapts tasks 0:4 of 7" in proc.stderr and "rank 1/2 adapts tasks 4:7 of 7" in proc.stderr
+
+
+def test_a_mistake_is_one_error_on_every_rank_not_a_hang(tmp_path):
+    """Rank 0 finds the mistake and tells the others: the job ends at once, exit status 2, no folder."""
+    proc = _torchrun("-m", "metanet", "train", "--space", "conv_omniglot", "--tasks", "sinusoid", "--out", "bad", cwd=tmp_path)
+    line = "metanet: error: space 'conv_omniglot' is for classification but tasks 'sinusoid' are regression\n"
+    assert line in proc.stderr, proc.stderr[-3000:]
+    # torchrun stops the other worker once one exits (SIGTERM, -15) if it has not exited already
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
+    assert "metanet/trainer.py" not in proc.stderr and "metanet/cli.py" not in proc.stderr  # no traceback of ours
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert not (tmp_path / "bad").exists()
+
+
+def test_shards_partition_the_meta_batch():
+    for n in (1, 7, 8, 25):
+        for world in range(1, n + 1):
+            parts = [distributed.shard(n, r, world) for r in range(world)]
+            assert [i for p in parts for i in range(n)[p]] == list(range(n))
+            sizes = [p.stop - p.start for p in parts]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_shard_losses_sum_to_the_full_meta_gradient():
+    """In one process: the weighted block losses' gradients sum to the full batch's, noise included."""
+    torch.manual_seed(0)
+    model = MetaNet(load("mlp_regression"), 0, ModelConfig(dim=8, latent=4)).double()
+    ep = Sinusoid(shots=5, queries=5).sample(5, torch.Generator().manual_seed(0))
+    ep = type(ep)(*(t.double() for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y)))
+    kw = dict(inner_steps=2, order="second", temperature=1.0, gumbel=True, hard=False, strategy="loop")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(part):
+        loss, m = distributed.shard_loss(model, ep, part, torch.Generator().manual_seed(3), **kw)
+        return torch.autograd.grad(loss, params, allow_unused=True), m, loss
+
+    full, m_full, loss_full = grads(slice(0, 5))
+    ref, _ = meta_loss(model, ep, generator=torch.Generator().manual_seed(3), **kw)
+    assert loss_full.item() == ref.item()
+    a, m_a, loss_a = grads(slice(0, 3))
+    b, m_b, loss_b = grads(slice(3, 5))
+    assert abs(loss_a.item() - loss_full.item()) > 1e-3  # a block is not the whole batch
+    for g, ga, gb in zip(full, a, b):
+        if g is not None:
+            torch.testing.assert_close(ga + gb, g)
+    for k in m_full:
+        assert m_a[k] + m_b[k] == pytest.approx(m_full[k], rel=1e-9, abs=1e-12), k
+
+
+def test_without_torchrun_there_is_one_process_and_no_group():
+    ctx = distributed.setup("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.distributed, ctx.owns_group) == (0, 1, False, False)
+    t = torch.ones(3)
+    assert ctx.all_reduce_sum(t) is t and torch.equal(t, torch.ones(3))
+    assert ctx.broadcast_object({"a": 1}) == {"a": 1}
+    assert not torch.distributed.is_initialized()
+
+
+def test_meta_batch_smaller_than_the_world_is_refused():
+    cfg = TrainConfig(meta_batch=2)
+    with pytest.raises(ConfigError, match=r"^meta-batch 2 is smaller than the 4 processes; every process needs at least one task$"):
+        check_tasks(cfg, build_space(cfg), build_tasks(cfg), world_size=4)

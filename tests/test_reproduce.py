@@ -1,0 +1,314 @@
+"""scripts/reproduce.py: the smoke run writes every row, plot and figure; the statistics and
+the metanet-vs-MAML sentence are right on hand-made numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metanet.meta import evaluate
+from metanet.tasks import Multimodal, Sinusoid, default_data_root, fixed_episodes
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
+
+# The rows the brief asks for, per table (written out here, not read from the script).
+BASELINES = ["maml", "fomaml", "reptile", "metasgd", "metanas"]
+ABLATIONS = ["metanet-no-archgen", "metanet-no-weightgen", "metanet-first-order", "metanet-unfused"]
+EXPECTED = {
+    "sinusoid": (["5-shot", "10-shot", "20-shot"], BASELINES + ["metanet"] + ABLATIONS),
+    "multimodal": (["5-shot"], BASELINES + ["metanet"] + ABLATIONS + ["metanet-no-metadata"]),
+    "omniglot": (["2-way 1-shot", "2-way 2-shot", "3-way 1-shot", "3-way 2-shot"], BASELINES + ["protonet", "metanet"] + ABLATIONS),
+}
+
+
+@pytest.fixture(scope="module")
+def rp():
+    spec = importlib.util.spec_from_file_location("metanet_reproduce_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+# ------------------------------------------------------------------------ the sentence
+
+
+def stat(mean: float, ci: float = 0.01, n: int = 600) -> dict:
+    return {"mean": mean, "ci95": ci, "n": n}
+
+
+def test_verdict_mse_lower_is_a_win_with_the_percentage(rp):
+    s = rp.verdict("MSE", stat(0.5), stat(0.8))
+    assert s == "metanet is 37.5% lower MSE than MAML (0.5 vs 0.8)"
+
+
+def test_verdict_mse_higher_does_not_beat(rp):
+    s = rp.verdict("MSE", stat(0.9), stat(0.6))
+    assert s == "metanet does not beat MAML: 50.0% higher MSE (0.9 vs 0.6)"
+
+
+def test_verdict_a_win_inside_the_intervals_is_called_not_significant(rp):
+    s = rp.verdict("MSE", stat(0.70, ci=0.05), stat(0.75, ci=0.05))
+    assert s.startswith("metanet is 6.7% lower MSE than MAML")
+    assert s.endswith("the 95% intervals overlap, so the difference is not significant")
+    assert "not significant" not in rp.verdict("MSE", stat(0.70, ci=0.02), stat(0.75, ci=0.02))
+
+
+def test_verdict_equal_is_not_a_win(rp):
+    assert rp.verdict("MSE", stat(0.5), stat(0.5)) == "metanet does not beat MAML: equal MSE (0.5 vs 0.5)"
+
+
+def test_verdict_tiny_and_huge_ratios(rp):
+    assert "metanet is >99.9% lower MSE" in rp.verdict("MSE", stat(0.001), stat(5.0))
+    assert "does not beat MAML: 900.0% higher MSE" in rp.verdict("MSE", stat(5.0), stat(0.5))
+
+
+def test_verdict_accuracy_in_points(rp):
+    assert rp.verdict("accuracy", stat(0.95), stat(0.90)) == "metanet is 5.00 points higher accuracy than MAML (95.00% vs 90.00%)"
+    assert rp.verdict("accuracy", stat(0.85), stat(0.90)) == "metanet does not beat MAML: 5.00 points lower accuracy (85.00% vs 90.00%)"
+
+
+def test_verdict_non_finite_and_empty(rp):
+    assert rp.verdict("MSE", stat(math.nan), stat(0.5)) == "cannot compare metanet with MAML: metanet has a non-finite MSE"
+    assert rp.verdict("MSE", stat(0.5), stat(math.inf)) == "cannot compare metanet with MAML: MAML has a non-finite MSE"
+    assert rp.verdict("MSE", stat(math.nan, n=0), stat(0.5)) == "cannot compare metanet with MAML: no test tasks"
+
+
+def test_summary_counts_wins_and_losses(rp):
+    def row(*means):
+        return {"aggregate": {str(k): stat(m, ci=0.05) for k, m in zip((1, 10), means)}, "per_seed": [{}]}
+
+    t = {"metric": "MSE", "eval_steps": [1, 10], "settings": ["5-shot", "10-shot"], "rows": {
+        "5-shot": {"metanet": row(0.50, 0.30), "maml": row(0.80, 0.32)},  # a clear win, a win inside the intervals
+        "10-shot": {"metanet": row(0.90, 0.40), "maml": row(0.60, 0.20)},  # two losses
+    }}  # fmt: skip
+    assert rp._summary(t) == [
+        "**Summary: metanet beats MAML in 2 of 4 (setting, steps) cells at this budget "
+        "(1 with non-overlapping 95% intervals) and does not beat MAML in 2.**", "",
+    ]
+
+
+# -------------------------------------------------------------------------- statistics
+
+
+def summary(t: torch.Tensor) -> dict:
+    """What metanet.meta.evaluate reports for these scores."""
+    ci = 1.96 * t.std().item() / math.sqrt(len(t)) if len(t) > 1 else math.nan
+    return {"mean": t.mean().item(), "ci95": ci, "n": len(t)}
+
+
+def test_pool_equals_the_statistics_of_all_scores_together(rp):
+    g = torch.Generator().manual_seed(0)
+    groups = [torch.rand(n, generator=g, dtype=torch.float64) * (i + 1) for i, n in enumerate((7, 1, 30, 12))]
+    pooled = rp.pool([summary(x) for x in groups] + [{"mean": math.nan, "ci95": math.nan, "n": 0}])
+    direct = summary(torch.cat(groups))
+    assert pooled["n"] == direct["n"] == 50
+    assert pooled["mean"] == pytest.approx(direct["mean"], rel=1e-12)
+    assert pooled["ci95"] == pytest.approx(direct["ci95"], rel=1e-9)
+
+
+def test_aggregate_seeds_means_the_seed_means_and_pools_the_interval(rp):
+    g = torch.Generator().manual_seed(1)
+    seeds = [torch.rand(20, generator=g, dtype=torch.float64) + s for s in range(3)]
+    agg = rp.aggregate_seeds([summary(x) for x in seeds])
+    assert agg["mean"] == pytest.approx(sum(x.mean().item() for x in seeds) / 3)
+    assert agg["ci95"] == pytest.approx(summary(torch.cat(seeds))["ci95"])
+    assert agg["seed_sd"] == pytest.approx(torch.stack([x.mean() for x in seeds]).std().item())
+    assert (agg["n"], agg["seeds"]) == (60, 3)
+
+
+def test_test_episodes_are_fixed_episodes_sampled_lazily(rp):
+    dist = Sinusoid(shots=5, queries=7)
+    lazy = list(rp.TestEpisodes(dist, 11, 4, seed=3))
+    eager = fixed_episodes(dist, 11, 4, seed=3)
+    assert [e.batch_size for e in lazy] == [4, 4, 3]
+    for a, b in zip(lazy, eager):
+        torch.testing.assert_close(a.support_x, b.support_x, rtol=0, atol=0)
+        torch.testing.assert_close(a.query_y, b.query_y, rtol=0, atol=0)
+    assert len(list(rp.TestEpisodes(dist, 11, 4, seed=3, limit=1))) == 1
+
+
+def test_family_episodes_keep_only_that_family(rp):
+    eps = rp.TestEpisodes(Multimodal(shots=5, queries=5), 40, 10, seed=0)
+    kept = [t for ep in rp.FamilyEpisodes(eps, 2) for t in ep.metadata.tolist()]
+    total = sum(int((ep.metadata == 2).sum()) for ep in eps)
+    assert kept and set(kept) == {2} and len(kept) == total
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--methods", "mamll"], "unknown method 'mamll'"),
+    (["--table", "sinusiod"], "did you mean 'sinusoid'?"),
+    (["--minutes", "0"], "--minutes must be positive, got 0.0"),
+])  # fmt: skip
+def test_bad_arguments_name_the_problem(rp, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        rp.main(argv)
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the smoke run
+
+
+@pytest.fixture(scope="module")
+def smoke(rp, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    data = rp.main(["--smoke", "--out", str(out)])
+    return out, data
+
+
+def _tables() -> list[str]:
+    return ["sinusoid", "multimodal"] + (["omniglot"] if default_data_root() is not None else [])
+
+
+def _section(md: str, title: str, level: str) -> str:
+    """The text from a heading to the next heading of the same or a higher level."""
+    start = md.index(f"\n{level} {title}\n")
+    ends = [m.start() for m in re.finditer(r"\n#{1,%d} " % len(level), md) if m.start() > start]
+    return md[start : ends[0] if ends else len(md)]
+
+
+@pytest.mark.slow
+def test_smoke_markdown_has_every_row(smoke):
+    out, data = smoke
+    md = (out / "RESULTS.md").read_text()
+    assert "generated by `scripts/reproduce.py`; do not edit it by hand" in md
+    assert f"`python scripts/reproduce.py --smoke --out {out}`" in md
+    assert re.search(r"\(\d{4}-\d\d-\d\d \d\d:\d\d UTC\)", md)
+    for table in _tables():
+        title = data["tables"][table]["title"]
+        section = _section(md, title, "##")
+        settings, methods = EXPECTED[table]
+        for setting in settings:
+            block = _section(section, setting, "###")
+            rows = [line for line in block.splitlines() if line.startswith("| ") and "`python scripts/reproduce.py" in line]
+            assert sorted(r.split(" | ")[0].lstrip("| ") for r in rows) == sorted(methods)
+            for r in rows:  # budget, seeds and the row's own command
+                cells = r.split(" | ")
+                assert cells[-3:-1] == ["2 meta-steps", "1"]
+                assert f"--methods {cells[0].lstrip('| ')} " in cells[-1] and "--smoke" in cells[-1]
+    if "omniglot" not in _tables():
+        assert "Omniglot few-shot classification: skipped (no Omniglot data found" in md
+
+
+@pytest.mark.slow
+def test_smoke_verdicts_follow_the_numbers(rp, smoke):
+    out, data = smoke
+    md = (out / "RESULTS.md").read_text()
+    for table in _tables():
+        t = data["tables"][table]
+        for setting in t["settings"]:
+            rows = t["rows"][setting]
+            for k in t["eval_steps"]:
+                sentence = rp.verdict(t["metric"], rows["metanet"]["aggregate"][str(k)], rows["maml"]["aggregate"][str(k)])
+                assert re.search(r"^(metanet is >?[\d.]+(%| points) (lower MSE|higher accuracy) than MAML|metanet does not beat MAML: )", sentence)
+                assert sentence in _section(_section(md, t["title"], "##"), setting, "###")
+        assert "**Summary: metanet beats MAML in " in _section(md, t["title"], "##")
+
+
+@pytest.mark.slow
+def test_smoke_json_pngs_and_population(smoke):
+    out, _ = smoke
+    text = (out / "results" / "results.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["format"] == "metanet.reproduce" and set(data["tables"]) == set(_tables())
+    for table in _tables():
+        t = data["tables"][table]
+        for name in ("learning", "adaptation", "cost"):
+            png = out / "results" / f"{table}_{name}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        first = t["settings"][0]
+        assert (out / "results" / t["rows"][first]["metanet"]["per_seed"][0]["population_png"]).is_file()
+        for setting in t["settings"]:
+            for method, row in t["rows"][setting].items():
+                seed = row["per_seed"][0]
+                assert seed["train"]["step"] == 2
+                assert len(row["curve"]) == 3  # smoke: 0..2 adaptation steps
+                assert seed["cost"]["generation_ms"] > 0
+                pop = seed["population"]
+                if seed["config"]["arch"] == "fixed":
+                    assert pop is None
+                else:
+                    assert pop["tasks"] == seed["test"]["n"]
+                    assert pop["collapsed"] == (pop["distinct"] == 1)
+                    for freq in pop["freq"]:
+                        assert sum(freq) == pytest.approx(1.0)
+            check = t["rows"][setting]["metanet-unfused"]["per_seed"][0]["fused_check"]
+            assert check["rel_diff"] < 1e-10  # fused and unfused mixed ops are the same function (float64)
+    mm = data["tables"]["multimodal"]
+    fams = mm["rows"]["5-shot"]["metanet"]["families"]
+    assert list(fams) == ["sinusoid", "linear", "quadratic", "l1", "tanh"]
+    assert all(f["1"]["n"] > 0 for f in fams.values())  # the smoke's test tasks cover every family
+    assert sum(f["1"]["n"] for f in fams.values()) == mm["test"]["n"]
+
+
+@pytest.mark.slow
+def test_smoke_scores_are_metanet_evaluate_on_the_fixed_test_tasks(rp, smoke):
+    # Re-evaluate one saved run by hand: the table cell must be exactly evaluate's mean.
+    from metanet.trainer import load_run
+
+    out, data = smoke
+    seed = data["tables"]["sinusoid"]["rows"]["10-shot"]["maml"]["per_seed"][0]
+    model, _ = load_run(seed["run_dir"], "last")
+    test = seed["test"]
+    episodes = fixed_episodes(Sinusoid(shots=10, queries=test["queries"]), test["n"], test["batch"], test["seed"])
+    assert evaluate(model, episodes, 1)["mean"] == pytest.approx(seed["scores"]["1"]["mean"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_reported_in_its_row_not_fatal(rp, smoke):
+    out, _ = smoke
+    args = rp.parse_args(["--smoke", "--table", "sinusoid", "--shots", "5", "--reuse", "--out", str(out)])
+    jobs = rp.plan_jobs(args, ["sinusoid"], out / "runs", out / "results")
+    results = [rp._run_job_safely(job) for job in jobs]  # finished runs: read back, not retrained
+    assert all(r.get("reused") for r in results)
+    bad = dict(jobs[0], cfg=dict(jobs[0]["cfg"], space="no_such_space"), run_dir=str(out / "bad"), reuse=False)
+    assert jobs[0]["method"] == "maml"
+    results[0] = rp._run_job_safely(bad)
+    assert results[0]["error"].startswith(("ConfigError", "SpaceError", "FileNotFoundError"))
+    t = rp.collect("sinusoid", jobs, results, args, "python scripts/reproduce.py ...")
+    md = "\n".join(rp.table_markdown("sinusoid", t, "results"))
+    row = next(line for line in md.splitlines() if line.startswith("| maml |"))
+    assert row.split(" | ")[1:4] == ["-", "failed", "failed"]
+    assert f"- `maml` seed 0 failed: {results[0]['error']}" in md
+    assert "- cannot compare: maml failed in every seed." in md
+    rp.plot_table("sinusoid", t, out / "failed_plots")  # the plots skip the failed row
+
+
+@pytest.mark.slow
+def test_rerun_of_one_table_reuses_runs_and_keeps_the_others(rp, smoke):
+    out, _ = smoke
+    last = out / "runs" / "sinusoid" / "5shot" / "maml" / "seed0" / "last.pt"
+    before = last.stat().st_mtime_ns
+    rp.main(["--smoke", "--table", "sinusoid", "--methods", "maml", "metanet", "--shots", "5", "--reuse", "--out", str(out)])
+    assert last.stat().st_mtime_ns == before  # not retrained
+    data = json.loads((out / "results" / "results.json").read_text())
+    assert set(data["tables"]) == set(_tables())  # the other tables stay
+    assert list(data["tables"]["sinusoid"]["rows"]) == ["5-shot"]
+    md = (out / "RESULTS.md").read_text()
+    assert "--table sinusoid --methods maml metanet --shots 5 --reuse" in md
+
+
+@pytest.mark.slow
+def test_adaptation_curve_is_evaluate_at_every_step(rp, smoke):
+    from metanet.trainer import load_run
+
+    _, data = smoke
+    seed = data["tables"]["multimodal"]["rows"]["5-shot"]["metanet"]["per_seed"][0]
+    model, _ = load_run(seed["run_dir"], "last")
+    test = seed["test"]
+    episodes = rp.TestEpisodes(Multimodal(shots=5, queries=test["queries"]), test["n"], test["batch"], test["seed"], limit=1)
+    curve = rp.adaptation_curve(model, episodes, 3)
+    for k in range(4):
+        assert curve[k] == pytest.approx(evaluate(model, episodes, k)["mean"], rel=1e-6)
+    assert seed["curve"] == pytest.approx(curve[:3], rel=1e-6)  # what the run recorded (smoke: 0..2 steps)
