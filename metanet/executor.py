@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import Genotype, live_nodes
-from .ops import OpDef, activation, batch_norm, get_op, init_tensor
+from .ops import OpDef, activation, batch_norm, conv2d_im2col, get_op, init_tensor
 from .space import CellSpec, SearchSpace
 
 __all__ = [
@@ -45,6 +45,10 @@ __all__ = [
 
 Params = Mapping[str, Tensor]
 STRATEGIES = ("loop", "vmap")
+# The image stem runs as unfold + matmul when it has at most this many inputs per output
+# (C_in * k * k). CPU convolution kernels are slow for 1-channel inputs (about 6 GFLOP/s
+# against 100+ for 64 channels); scripts/bench_meta.py measures both paths.
+IM2COL_MAX_FAN_IN = 9
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class Plan:
     space: SearchSpace
     cells: tuple[CellPlan, ...]
     slots: tuple[Slot, ...]
+    stem_im2col: bool = False  # run the image stem as unfold + matmul (few input channels)
 
     @property
     def image(self) -> bool:
@@ -224,7 +229,8 @@ def compile(space: SearchSpace) -> Plan:
     add("head.b", (space.task.outputs,), "zeros")
     names = [s.name for s in slots]
     assert len(names) == len(set(names)), "duplicate slot names"
-    return Plan(space, tuple(cells), tuple(slots))
+    fan_in = c_in * stem.kernel * stem.kernel
+    return Plan(space, tuple(cells), tuple(slots), stem_im2col=image and fan_in <= IM2COL_MAX_FAN_IN)
 
 
 def choice_shapes(name: str, c: int, stride: int, kwargs: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -247,7 +253,9 @@ def _norm(plan: Plan, x: Tensor) -> Tensor:
 
 def _stem(plan: Plan, params: Params, x: Tensor) -> Tensor:
     stem = plan.space.stem
-    if plan.image:
+    if plan.stem_im2col:
+        y = conv2d_im2col(x, params["stem.w"], padding=stem.kernel // 2)  # (N, C, H, W)
+    elif plan.image:
         y = F.conv2d(x, params["stem.w"], padding=stem.kernel // 2)  # (N, C, H, W)
     else:
         y = F.linear(x, params["stem.w"], params["stem.b"])  # (N, W)
@@ -298,7 +306,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
                         pre[e.src] = act(nodes[e.src])
                     terms.append(fn(cp, e, pre[e.src]))
             if terms:
-                nodes[dst] = _norm(plan, torch.stack(terms).sum(0) if len(terms) > 1 else terms[0])
+                nodes[dst] = _norm(plan, _add(terms))
             else:  # every input dropped: the node outputs zeros, exactly as in the supernet
                 # Shaped from the previous state (this cell's input resolution) so that no
                 # weight is read: a genotype needs only the slots of ``Plan.slot_names``.
@@ -309,33 +317,73 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
         if spec.output == "last":
             out = inner[-1]
         elif spec.output == "sum":
-            out = torch.stack(inner).sum(0)
+            out = _add(inner)
         else:
             out = torch.cat(inner, dim=1)
         states.append(out)
     return _head(plan, params, states[-1], features)
 
 
+def _add(terms: list[Tensor]) -> Tensor:
+    """Sum of tensors by chained adds: no ``0 + t`` pass (Python ``sum``) and no stacked copy."""
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+# Kernels of linear ops without weights (skip at stride 1, average pooling), already padded
+# to the merged size: constants, built once per (op, hyper, channels, stride, size, dtype, device).
+_CONST_KERNELS: dict[tuple, Tensor] = {}
+
+
+def _padded_kernel(call: OpCall, params: Params, c: int, stride: int, size: int, like: Tensor) -> Tensor:
+    """``call``'s linear form ``(c, c, size, size)``, zero-padded to the merged kernel size."""
+    key = None
+    if not call.params:
+        key = (call.op.name, call.kwargs, c, stride, size, like.dtype, like.device)
+        cached = _CONST_KERNELS.get(key)
+        if cached is not None:
+            return cached
+    k = call.kernel(params, c, stride, like)
+    p = (size - call.kernel_size) // 2
+    if p:
+        k = F.pad(k, [p] * 4)
+    if key is not None:
+        _CONST_KERNELS[key] = k.detach()
+    return k
+
+
+def _merged_kernel(e: EdgePlan, w: Tensor, params: Params, c: int, like: Tensor) -> Tensor:
+    """sum_k w_k K_k over the merged ops of edge ``e``: ``(c, c, size, size)``.
+
+    A chain of ``addcmul``: one op per merged kernel (not a pad, a multiply and an add), and
+    autograd saves only the kernels themselves (weights, cached constants), no stacked copy.
+    """
+    kernel = None
+    for i in e.merged:
+        call = e.ops[i]
+        k = _padded_kernel(call, params, c, e.stride, e.merged_size, like)
+        wk = w[call.col]
+        kernel = wk * k if kernel is None else torch.addcmul(kernel, wk, k)
+    return kernel
+
+
 def _soft_edge(alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
     def edge(cp: CellPlan, e: EdgePlan, x: Tensor) -> Tensor:
         c, w = cp.spec.channels, alpha[e.index]  # (ops,)
         if not fused:
-            return sum(w[call.col] * call(x, params, c, e.stride) for call in e.ops)
+            return _add([w[call.col] * call(x, params, c, e.stride) for call in e.ops])
         terms = []
         if e.merged:
-            size = e.merged_size
-            kernel = None
-            for i in e.merged:
-                call = e.ops[i]
-                k = F.pad(call.kernel(params, c, e.stride, x), [(size - call.kernel_size) // 2] * 4)
-                kernel = w[call.col] * k if kernel is None else kernel + w[call.col] * k
-            terms.append(F.conv2d(x, kernel, stride=e.stride, padding=size // 2))
+            kernel = _merged_kernel(e, w, params, c, x)
+            terms.append(F.conv2d(x, kernel, stride=e.stride, padding=e.merged_size // 2))
         for i in e.separate:
             call = e.ops[i]
             terms.append(w[call.col] * call(x, params, c, e.stride))
         if not terms:  # only zero candidates
             return e.ops[0](x, params, c, e.stride)
-        return sum(terms)
+        return _add(terms)
 
     return edge
 
@@ -406,7 +454,11 @@ def run(
         return torch.func.vmap(fn)(alpha, dict(params), x)
     if strategy != "loop":
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    outs = [forward(plan, alpha[b], {k: v[b] for k, v in params.items()}, x[b], fused=fused, features=features) for b in range(x.shape[0])]
+    # unbind, not v[b]: the backward of B selects allocates B zero-filled (B, *shape)
+    # gradients per weight (quadratic in B); unbind's backward is one stack.
+    per_task = {k: v.unbind(0) for k, v in params.items()}
+    alphas, xs = alpha.unbind(0), x.unbind(0)
+    outs = [forward(plan, alphas[b], {k: v[b] for k, v in per_task.items()}, xs[b], fused=fused, features=features) for b in range(len(xs))]
     return torch.stack(outs)
 
 

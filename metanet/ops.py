@@ -29,6 +29,8 @@ __all__ = [
     "register_op",
     "get_op",
     "batch_norm",
+    "batch_norm_reference",
+    "conv2d_im2col",
     "activation",
     "ACTIVATIONS",
     "suggest",
@@ -132,17 +134,105 @@ def get_op(name: str) -> OpDef:
 # --------------------------------------------------------------------------- helpers
 
 
-def batch_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """Per-task batch normalisation from plain tensor ops, no affine terms, no buffers.
+def batch_norm_reference(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-task batch normalisation written with plain tensor ops (the reference).
 
-    Statistics are over the task's own batch (and spatial positions), as transductive MAML
-    does. Written with mean/var rather than ``F.batch_norm`` because the native kernel's
-    second-order gradients under ``vmap`` are wrong (DESIGN.md, known pitfalls).
+    Statistics are over the task's own batch (and spatial positions), no affine terms, no
+    buffers. ``batch_norm`` computes the same thing with fewer passes over the tensor.
     """
     dims = (0,) if x.dim() == 2 else (0, 2, 3)
     mean = x.mean(dims, keepdim=True)
     var = (x - mean).pow(2).mean(dims, keepdim=True)
     return (x - mean) * torch.rsqrt(var + eps)
+
+
+class _BatchNorm(torch.autograd.Function):
+    """``y = (x - mean) * r`` with ``r = rsqrt(var + eps)``; returns ``(y, r)``.
+
+    The backward is written with differentiable ops on the OUTPUTS ``y`` and ``r`` only
+    (both saved as outputs), so autograd differentiates it again for second-order MAML
+    and the result is exact; ``generate_vmap_rule`` makes it work under ``vmap`` and
+    ``torch.func.grad``. Compared with ``batch_norm_reference`` (mean, sub, pow, mean,
+    rsqrt, mul, and the backward of each) it makes about half the full-size passes in the
+    forward and the backward, which is what a meta-step on CPU spends its time on.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor]:
+        # Only the VALUES of the native kernel are used (one fused pass; var_mean over
+        # (0, 2, 3) is several times slower on CPU); the derivatives are ours, below.
+        y, _, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+        return y, invstd.view([1, -1] + [1] * (x.dim() - 2))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        ctx.dims = inputs[1]
+        ctx.save_for_backward(*output)
+        ctx.set_materialize_grads(False)  # gr is None unless something used r
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None, gr: Tensor | None) -> tuple[Tensor | None, None, None]:
+        y, r = ctx.saved_tensors
+        dims = ctx.dims
+        n = math.prod(y.shape[d] for d in dims)
+        if gy is None:
+            gy = torch.zeros_like(y)
+        if not torch.is_grad_enabled():
+            # A backward that will not be differentiated again (create_graph=False; the
+            # query side of a meta-step): the native fused kernel computes the same
+            # r (gy - mean(gy) - y mean(gy y)) in one pass, with y as the normalised input
+            # (mean 0, invstd 1) and r as the affine weight.
+            c = y.shape[1]
+            dx = torch.ops.aten.native_batch_norm_backward(
+                gy, y, r.reshape(c), None, None, y.new_zeros(c), y.new_ones(c), True, 0.0, [True, False, False]
+            )[0]
+            return (dx if gr is None else torch.addcmul(dx, y, r * r * gr / n, value=-1.0)), None, None
+        # dx = r (gy - mean(gy) - y mean(gy y)) - r^2 y gr / n   (dr/dx = -r^2 y / n)
+        c = r * (gy * y).mean(dims, keepdim=True)
+        if gr is not None:
+            c = c + r * r * gr / n
+        dx = torch.addcmul(-r * gy.mean(dims, keepdim=True), gy, r)
+        return torch.addcmul(dx, y, c, value=-1.0), None, None
+
+
+def batch_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-task batch normalisation, no affine terms, no buffers.
+
+    Statistics are over the task's own batch (and spatial positions), as transductive MAML
+    does. Not ``F.batch_norm``: the native kernel's second-order gradients under ``vmap``
+    are wrong (DESIGN.md, known pitfalls). A custom autograd function with a hand-written,
+    itself differentiable backward (the forward values come from the native kernel, which
+    is exact without affine terms); equal to ``batch_norm_reference`` to float tolerance in
+    value and in first and second derivatives (tests/test_perf_paths.py).
+    """
+    if not torch.is_grad_enabled():
+        return torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)[0]
+    return _BatchNorm.apply(x, (0,) if x.dim() == 2 else (0, 2, 3), eps)[0]
+
+
+def conv2d_im2col(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """``F.conv2d(x, w, stride=stride, padding=padding)`` as unfold + one matmul (im2col).
+
+    For few input channels (a 1-channel image stem: 9 multiply-adds per output) the CPU
+    convolution kernels reach a few GFLOP/s, while this is one matrix product per call.
+    Its derivatives are unfold/fold and matmuls, so first and second order are exact; when
+    ``x`` needs no gradient (network inputs) the unfold is a constant.
+
+    Args:
+        x: ``(N, C_in, H, W)``.
+        w: ``(C_out, C_in, k, k)``.
+    """
+    n, _, h, wd = x.shape
+    c_out, _, kh, kw = w.shape
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, C_in*k*k, Ho*Wo)
+    # An explicit bmm: torch.matmul would fold this into one (N*L, K) x (K, C_out) product
+    # with transposing copies, and a skinny (C_out, N*L) x (N*L, K) weight gradient that
+    # runs at a few GFLOP/s; per-image products need no copies (3-4x faster fwd + bwd).
+    out = torch.bmm(w.reshape(c_out, -1).expand(n, -1, -1), cols)  # (N, C_out, Ho*Wo)
+    return out.view(n, c_out, ho, wo)
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {

@@ -1,0 +1,199 @@
+"""Fused vs naive mixed ops: time and activation memory of a supernet step.
+
+Prints ONE JSON line. Measured side by side in one run: the two paths alternate, several
+repeats, the median is reported with the ratio.
+
+- ``edge``: one NB201-like edge (zero, skip, conv 1x1, conv 3x3, avg pool; 32 channels,
+  14x14), 16 tasks x 80 images run as the executor runs them (a loop over tasks),
+  forward + backward to alpha and the weights.
+- ``conv_omniglot`` and ``darts_cnn``: the whole supernet, forward + backward, tasks of
+  5-way 1-shot + 15 queries (80 images), a loop over tasks.
+
+Activation memory is the bytes of the distinct storages that autograd saves for the
+backward (``torch.autograd.graph.saved_tensors_hooks``), not counting the weights and
+inputs themselves: what the forward keeps alive until the backward, independent of the
+allocator. For darts_cnn it also reports where the time goes per op (forward + backward of
+each candidate op on its edge's input, summed over edges), since the planner merges
+nothing there.
+
+    python scripts/bench_fused.py            # about 3 minutes on 2 cores
+    python scripts/bench_fused.py --quick    # under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from metanet import executor as X
+from metanet.space import load, loads
+
+EDGE_SPACE = """
+name: nb201_edge
+task: {kind: classification, input: [32, 14, 14], outputs: 5}
+norm: none
+stem: {op: conv_3x3, channels: 32}
+cell: {nodes: 1, inputs: 1, preact: relu, output: last, ops: [zero, skip, conv_1x1, conv_3x3, avg_pool_3x3]}
+cells: [{type: normal, channels: 32}]
+head: {op: global_pool_linear}
+"""
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, alternating them ``repeats`` times (after a warm-up)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs its forward."""
+    storages: dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def batch(plan: X.Plan, tasks: int, images: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Per-task soft alpha, per-task weights (leaves) and inputs ``(B, N, *input)``."""
+    space = plan.space
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn((tasks, *space.alpha_shape), generator=g)
+    alpha = torch.softmax(logits.masked_fill(~space.alpha_mask, float("-inf")), -1).requires_grad_(True)
+    base = X.init_params(plan, g)
+    params = {k: (v + 0.01 * torch.randn((tasks, *v.shape), generator=g)).requires_grad_(True) for k, v in base.items()}
+    x = torch.randn((tasks, images, *space.task.input), generator=g)
+    return alpha, params, x
+
+
+def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int) -> dict:
+    alpha, params, x = batch(plan, tasks, images)
+    leaves = [alpha, *params.values()]
+
+    def forward(fused: bool) -> torch.Tensor:
+        return X.run(plan, alpha, params, x, fused=fused, strategy="loop")
+
+    def step(fused: bool) -> None:
+        y = forward(fused)
+        torch.autograd.grad(y.pow(2).mean(), leaves, allow_unused=True)
+
+    t = interleaved({"naive": lambda: step(False), "fused": lambda: step(True)}, repeats)
+    mem = {k: saved_bytes(lambda f=f: forward(f), [*leaves, x]) for k, f in (("naive", False), ("fused", True))}
+    merged = sum(len(e.merged) for cp in plan.cells for e in cp.edges)
+    return {
+        "naive_ms": round(1e3 * t["naive"], 1),
+        "fused_ms": round(1e3 * t["fused"], 1),
+        "speedup": round(t["naive"] / t["fused"], 2),
+        "naive_act_mb": round(mem["naive"] / 2**20, 1),
+        "fused_act_mb": round(mem["fused"] / 2**20, 1),
+        "memory_ratio": round(mem["naive"] / mem["fused"], 2),
+        "merged_ops": merged,
+        "edges": sum(len(cp.edges) for cp in plan.cells),
+    }
+
+
+def edge_case(tasks: int, images: int, repeats: int) -> dict:
+    """The issue's single NB201 edge: naive vs merged on the edge alone."""
+    plan = X.compile(loads(EDGE_SPACE, "nb201_edge"))
+    cp = plan.cells[0]
+    e = cp.edges[0]
+    alpha, params, _ = batch(plan, tasks, 1)
+    x = torch.randn(tasks, images, 32, 14, 14, generator=torch.Generator().manual_seed(1)).relu()
+    leaves = [alpha, *params.values()]
+    per_task = {k: v.unbind(0) for k, v in params.items()}
+
+    def forward(fused: bool) -> torch.Tensor:
+        outs = []
+        for b in range(tasks):
+            p = {k: v[b] for k, v in per_task.items()}
+            outs.append(X._soft_edge(alpha[b], p, fused)(cp, e, x[b]))
+        return torch.stack(outs)
+
+    def step(fused: bool) -> None:
+        torch.autograd.grad(forward(fused).pow(2).mean(), leaves, allow_unused=True)
+
+    t = interleaved({"naive": lambda: step(False), "fused": lambda: step(True)}, repeats)
+    # The edge's input counts: in a network it is an activation (the shared pre-activation).
+    mem = {k: saved_bytes(lambda f=f: forward(f), leaves) for k, f in (("naive", False), ("fused", True))}
+    return {
+        "naive_ms": round(1e3 * t["naive"], 1),
+        "fused_ms": round(1e3 * t["fused"], 1),
+        "speedup": round(t["naive"] / t["fused"], 2),
+        "naive_act_mb": round(mem["naive"] / 2**20, 1),
+        "fused_act_mb": round(mem["fused"] / 2**20, 1),
+        "memory_ratio": round(mem["naive"] / mem["fused"], 2),
+    }
+
+
+def op_breakdown(plan: X.Plan, images: int, repeats: int) -> dict[str, float]:
+    """Share of a naive supernet step's op time per candidate op (forward + backward on
+    each edge's input shape, summed over edges)."""
+    g = torch.Generator().manual_seed(2)
+    params = {k: v.requires_grad_(True) for k, v in X.init_params(plan, g).items()}
+    res = plan.space.task.input[1]
+    per_op: dict[str, float] = {}
+    cache: dict[tuple, float] = {}
+    scale = 1
+    for cp in plan.cells:
+        c = cp.spec.channels
+        for e in cp.edges:
+            for call in e.ops:
+                key = (call.label, c, e.stride, res // scale)
+                if key not in cache:
+                    x = torch.randn(images, c, res // scale, res // scale, generator=g).relu().requires_grad_(True)
+
+                    def run(call=call, x=x, c=c, s=e.stride) -> None:
+                        y = call(x, params, c, s)
+                        if y.requires_grad:
+                            torch.autograd.grad(y.pow(2).mean(), [x])
+
+                    cache[key] = interleaved({"op": run}, repeats)["op"]
+                per_op[call.label] = per_op.get(call.label, 0.0) + cache[key]
+        scale *= 2 if cp.spec.reduction else 1
+    total = sum(per_op.values())
+    return {k: round(v / total, 3) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    repeats = args.repeats or (3 if quick else 7)
+    tasks, images = (4, 40) if quick else (16, 80)
+    out: dict = {"bench": "fused", "quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats}
+    out["edge"] = {"tasks": tasks, "images": images, "channels": 32, "size": 14, **edge_case(tasks, images, repeats)}
+    st, si = (2, 40) if quick else (8, 80)
+    for name in ("conv_omniglot", "darts_cnn"):
+        plan = X.compile(load(name))
+        out[name] = {"tasks": st, "images": si, **supernet_case(plan, st, si, repeats)}
+    out["darts_cnn"]["naive_time_share_by_op"] = op_breakdown(X.compile(load("darts_cnn")), si, max(1, repeats // 2))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Meta-training throughput on the fixed conv4 network: ours vs a clone-and-adapt loop.
+
+Prints ONE JSON line. Second-order MAML, 1 inner step, 5-way 1-shot with 15 queries,
+meta-batch 32, on ``search_spaces/conv4.yaml`` (conv3x3 stem + norm, 3 x (relu, conv3x3
+stride 2, per-task batch norm without affine), relu, global pool, linear):
+
+- ``ours_loop`` / ``ours_vmap``: ``MetaNet`` with the architecture fixed, the weight
+  generator off and no prototype head (plain MAML on the executor), per-task loop or
+  ``torch.func.vmap`` over tasks;
+- ``ours_loop_reference_paths``: the loop with the executor's fast paths switched off
+  (conv stem instead of im2col, the plain-ops batch norm): what they gain, side by side;
+- ``clone_loop``: what learn2learn's ``MAML.clone()`` + ``adapt`` does, in plain PyTorch:
+  an ``nn.Module`` conv4, per task ``torch.autograd.grad(create_graph=True)`` on the
+  support loss, the query loss of the adapted weights, backward per task.
+
+All run the same tasks from the same initial weights; the JSON reports the largest
+relative difference of their meta-gradients (float64, 2 tasks) as a check that they
+compute the same thing.
+Timings alternate the variants, several repeats, median. FLOPs come from
+``torch.utils.flop_counter.FlopCounterMode`` on the per-task loop (convolutions and
+matmuls only; it over-counts grouped convolutions, hence not on the vmap path); the peak is
+a large float32 matmul measured in the same run. ``top_ops`` is torch.profiler's
+key_averages of one ``ours_loop`` step, by self CPU time.
+
+    python scripts/bench_meta.py            # about 3 minutes on 2 cores
+    python scripts/bench_meta.py --quick    # under a minute (meta-batch 4)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metanet.executor as X
+from metanet.meta import Generated, MetaNet, ModelConfig, meta_loss, task_loss
+from metanet.ops import batch_norm_reference, conv2d_im2col
+from metanet.space import load
+from metanet.tasks import Episode
+
+WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
+INNER_LR = 0.4
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per repeat, alternating them (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def episode(tasks: int, seed: int = 0) -> Episode:
+    """Random 28x28 images, labels grouped by class (timing does not depend on the data)."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(WAYS).repeat_interleave(SHOTS).expand(tasks, -1).contiguous()
+    yq = torch.arange(WAYS).repeat_interleave(QUERIES).expand(tasks, -1).contiguous()
+    return Episode(
+        torch.randn(tasks, WAYS * SHOTS, 1, SIZE, SIZE, generator=g), ys,
+        torch.randn(tasks, WAYS * QUERIES, 1, SIZE, SIZE, generator=g), yq,
+    )  # fmt: skip
+
+
+def conv4_module(ways: int) -> nn.Sequential:
+    """The conv4 network as a plain nn.Module (what a learn2learn user writes)."""
+    def bn() -> nn.Module:
+        return nn.BatchNorm2d(64, affine=False, track_running_stats=False)
+
+    layers: list[nn.Module] = [nn.Conv2d(1, 64, 3, padding=1, bias=False), bn()]
+    for _ in range(3):
+        layers += [nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False), bn()]
+    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, ways)]
+    return nn.Sequential(*layers)
+
+
+def copy_weights(model: MetaNet, net: nn.Sequential) -> None:
+    """Give the clone-loop network our base weights (same initial point)."""
+    base = {k: model.weights.base[k.replace(".", "__")] for k in model.weights.names}
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    names = ["stem.w"] + [f"cells.{i}.e0_1.conv_3x3.w" for i in range(3)]
+    with torch.no_grad():
+        for conv, name in zip(convs, names):
+            conv.weight.copy_(base[name])
+        net[-1].weight.copy_(base["head.w"])
+        net[-1].bias.copy_(base["head.b"])
+
+
+def clone_step(net: nn.Sequential, ep: Episode) -> None:
+    """learn2learn-style second-order MAML: clone, adapt one step, query loss, backward per task."""
+    params = dict(net.named_parameters())
+    b = ep.support_x.shape[0]
+    for t in range(b):
+        support = F.cross_entropy(torch.func.functional_call(net, params, (ep.support_x[t],)), ep.support_y[t])
+        grads = torch.autograd.grad(support, list(params.values()), create_graph=True)
+        fast = {k: p - INNER_LR * g for (k, p), g in zip(params.items(), grads)}
+        query = F.cross_entropy(torch.func.functional_call(net, fast, (ep.query_x[t],)), ep.query_y[t])
+        (query / b).backward()
+
+
+def ours_step(model: MetaNet, ep: Episode, strategy: str) -> None:
+    loss, _ = meta_loss(model, ep, inner_steps=1, order="second", strategy=strategy)
+    loss.backward()
+
+
+def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
+    """The same meta-gradient with one backward per task (what the clone loop does for
+    memory): generate for the meta-batch, cut the graph at the generated weights, run each
+    task's adaptation and query loss and backward it alone, then backpropagate the
+    collected gradients of the generated weights into the generators. Library calls only;
+    a sketch of a trainer option, not used by ``metanet train``. (The KL and entropy terms
+    of ``meta_loss`` are zero here: no weight generator, fixed architecture.)"""
+    gen = model.generate(ep.support_x, ep.support_y, None, sample=False)
+    b = ep.support_x.shape[0]
+    grads: dict[str, list[torch.Tensor]] = {k: [] for k in gen.params}
+    for t in range(b):
+        leaves = {k: v[t : t + 1].detach().requires_grad_(True) for k, v in gen.params.items()}
+        one = Generated(gen.alpha[t : t + 1], None, leaves, gen.kl[t : t + 1], gen.embedding[t : t + 1], None)
+        alpha, adapted = model.adapt(one, ep.support_x[t : t + 1], ep.support_y[t : t + 1], 1, create_graph=True)
+        pred = model.predict(alpha, adapted, ep.query_x[t : t + 1])
+        (task_loss(model.kind, pred, ep.query_y[t : t + 1]).sum() / b).backward()
+        for k, v in leaves.items():
+            grads[k].append(v.grad)
+    torch.autograd.backward([gen.params[k] for k in grads], [torch.cat(grads[k]) for k in grads])
+
+
+@contextlib.contextmanager
+def reference_paths(model: MetaNet) -> Iterator[None]:
+    """The executor without its fast paths: conv stem, plain-ops batch norm."""
+    plan, bn = model.plan, X.batch_norm
+    model.plan = dataclasses.replace(plan, stem_im2col=False)
+    X.batch_norm = batch_norm_reference
+    try:
+        yield
+    finally:
+        model.plan, X.batch_norm = plan, bn
+
+
+def grads_of(params: list[torch.Tensor], step: Callable[[], None]) -> list[torch.Tensor]:
+    for p in params:
+        p.grad = None
+    step()
+    return [p.grad.detach().clone() for p in params]
+
+
+def check_agreement(model: MetaNet, net: nn.Sequential, tasks: int = 2) -> tuple[float, float]:
+    """Largest relative difference of the meta-gradients, in float64 on a few tasks: ours
+    vs the clone loop, and the per-task-backward variant vs ours."""
+    model, net = copy.deepcopy(model).double(), copy.deepcopy(net).double()
+    e = episode(tasks, seed=1)
+    e = Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y)
+    params = [model.weights.base[k.replace(".", "__")] for k in model.weights.names]
+    g_ours = dict(zip(model.weights.names, grads_of(params, lambda: ours_step(model, e, "loop"))))
+    g_clone = grads_of(list(net.parameters()), lambda: clone_step(net, e))
+    g_task = dict(zip(model.weights.names, grads_of(params, lambda: ours_per_task_step(model, e))))
+    order = ["stem.w"] + [f"cells.{i}.e0_1.conv_3x3.w" for i in range(3)] + ["head.w", "head.b"]
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    return max(rel(g_ours[n], c) for n, c in zip(order, g_clone)), max(rel(g_task[n], g_ours[n]) for n in order)
+
+
+def stem_paths(images: int, repeats: int) -> dict[str, dict[str, float]]:
+    """A 3x3 stem to 64 channels on 28x28 inputs: F.conv2d vs ops.conv2d_im2col, forward +
+    weight gradient (what the query side of a meta-step does), for 1 and 3 input channels."""
+    out = {}
+    for c_in in (1, 3):
+        g = torch.Generator().manual_seed(c_in)
+        x = torch.randn(images, c_in, SIZE, SIZE, generator=g)
+        w = torch.randn(64, c_in, 3, 3, generator=g, requires_grad=True)
+
+        def run(conv: Callable) -> Callable[[], None]:
+            def f() -> None:
+                y = conv(x, w, padding=1)
+                torch.autograd.grad(y, [w], grad_outputs=torch.ones_like(y))
+            return f
+
+        t = interleaved({"conv2d": run(F.conv2d), "im2col": run(conv2d_im2col)}, repeats)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        out[f"c_in={c_in}"] = {"conv2d_ms": round(1e3 * med["conv2d"], 2), "im2col_ms": round(1e3 * med["im2col"], 2), "speedup": round(med["conv2d"] / med["im2col"], 2)}
+    return out
+
+
+def peak_matmul_flops(n: int, repeats: int) -> float:
+    """FLOP/s of an ``n x n`` float32 matmul (median of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return fc.get_total_flops()
+
+
+def top_ops(step: Callable[[], None], k: int = 10) -> list[dict]:
+    from torch.profiler import profile
+
+    with profile(record_shapes=False) as prof:
+        step()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows) or 1.0
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in rows[:k]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="meta-batch 4, 2 repeats: under a minute")
+    ap.add_argument("--meta-batch", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--no-vmap", action="store_true", help="skip the vmap strategy (slow on CPU)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = args.meta_batch or (4 if args.quick else 32)
+    repeats = args.repeats or (2 if args.quick else 5)
+    torch.manual_seed(0)
+    space = load("conv4")
+    model = MetaNet(space, 0, ModelConfig(arch="fixed", weights="off", proto_head=False, inner_lr=INNER_LR, use_metadata=False))
+    net = conv4_module(space.task.outputs)
+    copy_weights(model, net)
+    ep = episode(tasks)
+
+    agree, agree_task = check_agreement(model, net)
+
+    def ours_reference() -> None:
+        with reference_paths(model):
+            ours_step(model, ep, "loop")
+
+    variants: dict[str, Callable[[], None]] = {
+        "ours_loop": lambda: ours_step(model, ep, "loop"),
+        "clone_loop": lambda: clone_step(net, ep),
+        "ours_loop_reference_paths": ours_reference,
+        "ours_loop_per_task_backward": lambda: ours_per_task_step(model, ep),
+    }
+    if not args.no_vmap:
+        variants["ours_vmap"] = lambda: ours_step(model, ep, "vmap")
+    times = interleaved(variants, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    flops = count_flops(lambda: ours_step(model, ep, "loop"))
+    clone_flops = count_flops(lambda: clone_step(net, ep))
+    peak = peak_matmul_flops(2048 if not args.quick else 1024, 5)
+    achieved = flops / med["ours_loop"]
+    out = {
+        "bench": "meta",
+        "quick": args.quick,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "network": "conv4",
+        "setting": f"{WAYS}-way {SHOTS}-shot, {QUERIES} queries, second order, 1 inner step",
+        "meta_batch": tasks,
+        "repeats": repeats,
+        "step_s": {k: round(v, 3) for k, v in med.items()},
+        "tasks_per_s": {k: round(tasks / v, 2) for k, v in med.items()},
+        "speedup_vs_clone": {k: round(med["clone_loop"] / v, 2) for k, v in med.items() if k != "clone_loop"},
+        "meta_grad_max_rel_diff_vs_clone": float(f"{agree:.2e}"),
+        "per_task_backward_max_rel_diff_vs_ours_loop": float(f"{agree_task:.2e}"),
+        "gflop_per_step": round(flops / 1e9, 2),
+        "clone_gflop_per_step": round(clone_flops / 1e9, 2),
+        "achieved_gflops": round(achieved / 1e9, 1),
+        "clone_achieved_gflops": round(clone_flops / med["clone_loop"] / 1e9, 1),
+        "peak_matmul_gflops": round(peak / 1e9, 1),
+        "fraction_of_peak": round(achieved / peak, 3),
+        "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15),
+        "top_ops": top_ops(lambda: ours_step(model, ep, "loop")),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Fast paths against their references: values, gradients and second-order gradients.
+
+- ``ops.batch_norm`` (custom autograd function) vs ``ops.batch_norm_reference`` (plain ops);
+- ``ops.conv2d_im2col`` (unfold + matmul) vs ``F.conv2d``, and the executor's im2col stem;
+- the fused path's cached constant kernels and stacked kernel contraction (the fused vs
+  unfused comparison of every space is in tests/test_executor.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from metanet import executor as X
+from metanet.ops import batch_norm, batch_norm_reference, conv2d_im2col
+from metanet.space import builtin_spaces, load
+
+DT = torch.float64
+
+
+def _grads(fn, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Value, first and second derivative (of a function of the first) of ``sum((fn(x) r)^2)``."""
+    x = x.clone().requires_grad_(True)
+    y = fn(x)
+    (g1,) = torch.autograd.grad((y * r).pow(2).sum(), x, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.pow(2).sum().sqrt(), x)
+    return y.detach(), g1.detach(), g2
+
+
+# ------------------------------------------------------------------------- batch norm
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 5, 5), (9, 4)], ids=["image", "vector"])
+def test_batch_norm_equals_reference_to_second_order(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=DT) * 3.0 + 1.5
+    r = torch.randn(shape, generator=g, dtype=DT)
+    for a, b in zip(_grads(batch_norm, x, r), _grads(batch_norm_reference, x, r)):
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
+    xr = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(batch_norm, (xr,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(batch_norm, (xr,), fast_mode=True)
+
+
+def test_batch_norm_third_order_and_no_grad_path() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2, 3, 3, generator=g, dtype=DT).requires_grad_(True)
+    r = torch.randn(5, 2, 3, 3, generator=g, dtype=DT)
+    out = []
+    for fn in (batch_norm, batch_norm_reference):
+        (g1,) = torch.autograd.grad((fn(x) * r).pow(2).sum(), x, create_graph=True)
+        (g2,) = torch.autograd.grad((g1 * r).pow(2).sum(), x, create_graph=True)
+        (g3,) = torch.autograd.grad((g2 * r).pow(2).sum(), x)
+        out.append(g3)
+    assert out[0].abs().sum() > 0
+    assert_close(out[0], out[1], rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        assert_close(batch_norm(x), batch_norm_reference(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["loop", "vmap"])
+def test_batch_norm_first_order_backward_equals_reference(batched: bool) -> None:
+    """A backward that is not differentiated again takes the native kernel's path."""
+    g = torch.Generator().manual_seed(7)
+    xs = (torch.randn(3, 6, 2, 4, 4, generator=g, dtype=DT) * 2.0 - 1.0).requires_grad_(True)
+    r = torch.randn(3, 6, 2, 4, 4, generator=g, dtype=DT)
+    got = []
+    for fn in (batch_norm, batch_norm_reference):
+        y = torch.func.vmap(fn)(xs) if batched else torch.stack([fn(x) for x in xs])
+        (gx,) = torch.autograd.grad((y * r).pow(2).sum(), xs)
+        got.append(gx)
+    assert_close(got[0], got[1], rtol=1e-10, atol=1e-10)
+
+
+def test_batch_norm_under_vmap_and_func_grad_equals_reference_loop() -> None:
+    """The inner loop's pattern: vmap over tasks of a function of torch.func.grad."""
+    g = torch.Generator().manual_seed(2)
+    xs = torch.randn(3, 4, 2, 3, 3, generator=g, dtype=DT)  # (B, N, C, H, W)
+    r = torch.randn(4, 2, 3, 3, generator=g, dtype=DT)
+
+    def second(bn):
+        inner = torch.func.grad(lambda x: (bn(x) * r).pow(2).sum())
+        return torch.func.grad(lambda x: (inner(x) * r).sum().cos())
+
+    got = torch.func.vmap(second(batch_norm))(xs)
+    ref = torch.stack([second(batch_norm_reference)(x) for x in xs])
+    assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- im2col
+
+
+@pytest.mark.parametrize("c_in,k,stride,padding", [(1, 3, 1, 1), (3, 3, 2, 1), (2, 5, 1, 2), (4, 1, 2, 0)])
+def test_conv2d_im2col_equals_conv2d_to_second_order(c_in: int, k: int, stride: int, padding: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, c_in, 6, 6, generator=g, dtype=DT)
+    w = torch.randn(3, c_in, k, k, generator=g, dtype=DT)
+    y_ref = F.conv2d(x, w, stride=stride, padding=padding)
+    r = torch.randn(y_ref.shape, generator=g, dtype=DT)
+    for wrt in ("x", "w"):
+        def fn(t, conv):
+            return conv(t, w, stride=stride, padding=padding) if wrt == "x" else conv(x, t, stride=stride, padding=padding)
+        arg = x if wrt == "x" else w
+        got = _grads(lambda t: fn(t, conv2d_im2col), arg, r)
+        ref = _grads(lambda t: fn(t, F.conv2d), arg, r)
+        for a, b in zip(got, ref):
+            assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradgradcheck(
+        lambda xx, ww: conv2d_im2col(xx, ww, stride=stride, padding=padding),
+        (x.clone().requires_grad_(True), w.clone().requires_grad_(True)),
+        fast_mode=True,
+    )
+
+
+def test_conv2d_im2col_under_vmap() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 1, 6, 6, generator=g, dtype=DT)  # (B, N, C, H, W)
+    w = torch.randn(2, 4, 1, 3, 3, generator=g, dtype=DT)  # per-task weights
+    got = torch.func.vmap(lambda xx, ww: conv2d_im2col(xx, ww, padding=1))(x, w)
+    assert_close(got, torch.stack([F.conv2d(x[b], w[b], padding=1) for b in range(2)]))
+
+
+def test_stem_im2col_is_chosen_for_few_input_channels() -> None:
+    for name in builtin_spaces():
+        plan = X.compile(load(name))
+        space = plan.space
+        expected = space.task.domain == "image" and space.task.input[0] * space.stem.kernel**2 <= X.IM2COL_MAX_FAN_IN
+        assert plan.stem_im2col == expected, name
+    assert X.compile(load("conv4")).stem_im2col  # the 1-channel Omniglot stem
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_im2col_stem_meta_gradient_equals_conv_stem(strategy: str) -> None:
+    """Second-order MAML meta-gradient (one inner step) with and without the im2col stem."""
+    fast = X.compile(load("tiny"))
+    slow = dataclasses.replace(fast, stem_im2col=False)
+    assert fast.stem_im2col
+    g = torch.Generator().manual_seed(5)
+    B = 2
+    alpha = torch.softmax(torch.randn((B, *fast.space.alpha_shape), generator=g, dtype=DT).masked_fill(~fast.space.alpha_mask, float("-inf")), -1)
+    base = {k: v.to(DT) for k, v in X.init_params(fast, g).items()}
+    xs, xq = torch.randn(B, 3, 1, 8, 8, generator=g, dtype=DT), torch.randn(B, 3, 1, 8, 8, generator=g, dtype=DT)
+    ys, yq = torch.randint(0, 3, (B, 3), generator=g), torch.randint(0, 3, (B, 3), generator=g)
+
+    def meta_grad(plan: X.Plan) -> list[torch.Tensor]:
+        p0 = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        p = {k: v.expand(B, *v.shape) for k, v in p0.items()}  # shared init, as MAML
+        loss = F.cross_entropy(X.run(plan, alpha, p, xs, strategy=strategy).flatten(0, 1), ys.flatten())
+        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+        fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
+        outer = F.cross_entropy(X.run(plan, alpha, fast_w, xq, strategy=strategy).flatten(0, 1), yq.flatten())
+        return list(torch.autograd.grad(outer, list(p0.values())))
+
+    got, ref = meta_grad(fast), meta_grad(slow)
+    assert got[0].abs().sum() > 0  # stem.w
+    for name, a, b in zip(base, got, ref):
+        assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------- fused path
+
+
+def test_constant_kernels_are_cached_per_dtype_and_carry_no_graph() -> None:
+    plan = X.compile(load("conv_omniglot"))
+    e = next(e for cp in plan.cells for e in cp.edges if len(e.merged) >= 3)
+    cp = next(cp for cp in plan.cells if e in cp.edges)
+    g = torch.Generator().manual_seed(6)
+    params = {k: v.requires_grad_(True) for k, v in X.init_params(plan, g).items()}
+    x = torch.randn(2, cp.spec.channels, 6, 6, generator=g)
+    for dtype in (torch.float32, DT):
+        p = {k: v.to(dtype) for k, v in params.items()}
+        w = torch.softmax(torch.randn(len(e.ops), generator=g, dtype=dtype), 0)
+        k1 = X._merged_kernel(e, w, p, cp.spec.channels, x.to(dtype))
+        k2 = X._merged_kernel(e, w, p, cp.spec.channels, x.to(dtype))
+        assert k1.dtype == dtype and k1.requires_grad
+        assert_close(k1, k2, rtol=0, atol=0)
+        expected = sum(w[e.ops[i].col] * F.pad(e.ops[i].kernel(p, cp.spec.channels, e.stride, x.to(dtype)), [(e.merged_size - e.ops[i].kernel_size) // 2] * 4) for i in e.merged)
+        assert_close(k1, expected)
+    cached = [v for v in X._CONST_KERNELS.values()]
+    assert cached and all(not v.requires_grad for v in cached)
