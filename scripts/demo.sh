@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_install.sh
+# The demo's networks are tiny: one intra-op thread is faster, and immune to oversubscription.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 M=.venv/bin/metanet
 RUN=${RUN:-runs/demo}
 STEPS=${STEPS:-600}
@@ -14,7 +16,7 @@ $M spaces list
 
 echo "== meta-training on multimodal regression ($STEPS steps) -> $RUN"
 $M train --space mlp_regression --tasks multimodal --steps "$STEPS" --val-every 200 \
-  --out "$RUN" --overwrite
+  --strategy vmap --out "$RUN" --overwrite
 
 echo "== evaluation on 200 fixed test tasks (MSE after 10 inner steps)"
 $M evaluate "$RUN" --episodes 200 --queries 100
