@@ -16,7 +16,7 @@ allocator. For darts_cnn it also reports where the time goes per op (forward + b
 each candidate op on its edge's input, summed over edges), since the planner merges
 nothing there.
 
-    python scripts/bench_fused.py            # about 3 minutes on 2 cores
+    python scripts/bench_fused.py            # about 5 minutes on 2 cores
     python scripts/bench_fused.py --quick    # under a minute
 """
 
@@ -187,11 +187,13 @@ def main() -> None:
     tasks, images = (4, 40) if quick else (16, 80)
     out: dict = {"bench": "fused", "quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats}
     out["edge"] = {"tasks": tasks, "images": images, "channels": 32, "size": 14, **edge_case(tasks, images, repeats)}
-    st, si = (2, 40) if quick else (8, 80)
-    for name in ("conv_omniglot", "darts_cnn"):
+    # (tasks, images, repeats): darts_cnn's naive supernet saves ~0.6 GB per task of 80
+    # images, so it runs fewer tasks (8 of them exhaust 23 GB).
+    sizes = {"conv_omniglot": (2, 40, repeats) if quick else (8, 80, repeats), "darts_cnn": (1, 40, 1) if quick else (2, 80, 3)}
+    for name, (st, si, reps) in sizes.items():
         plan = X.compile(load(name))
-        out[name] = {"tasks": st, "images": si, **supernet_case(plan, st, si, repeats)}
-    out["darts_cnn"]["naive_time_share_by_op"] = op_breakdown(X.compile(load("darts_cnn")), si, max(1, repeats // 2))
+        out[name] = {"tasks": st, "images": si, "repeats": reps, **supernet_case(plan, st, si, reps)}
+    out["darts_cnn"]["naive_time_share_by_op"] = op_breakdown(X.compile(load("darts_cnn")), sizes["darts_cnn"][1], 1 if quick else 3)
     print(json.dumps(out))
 
 
