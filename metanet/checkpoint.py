@@ -302,6 +302,16 @@ def _check_finite(t: Tensor, where: str, file: str) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _existing_file(path: str | os.PathLike[str], what: str, what_file: str) -> Path:
+    """``path`` as a Path; a one-line CheckpointError if it is missing or a folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path}: no such file (expected {what})")
+    if p.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected {what_file}")
+    return p
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
     """Save a nested state atomically; it will load with ``weights_only=True``.
 
@@ -340,12 +350,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             to load (refused by ``weights_only``), or a file that is not a metanet
             checkpoint of a version this code reads.
     """
-    file = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{file}: no such file (expected a metanet checkpoint)")
-    if p.is_dir():
-        raise CheckpointError(f"{file}: is a folder, expected a metanet checkpoint file")
+    file, p = str(path), _existing_file(path, "a metanet checkpoint", "a metanet checkpoint file")
     try:
         with warnings.catch_warnings():
             # a plain pickle of another protocol makes torch warn before refusing it
@@ -509,12 +514,7 @@ def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
     Raises:
         CheckpointError: no such file, or a file that is not valid safetensors.
     """
-    file = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{file}: no such file (expected a safetensors weights file)")
-    if p.is_dir():
-        raise CheckpointError(f"{file}: is a folder, expected a safetensors weights file")
+    file, p = str(path), _existing_file(path, "a safetensors weights file", "a safetensors weights file")
     try:
         data = p.read_bytes()
         tensors = safetensors.torch.load(data)

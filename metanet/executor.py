@@ -214,7 +214,7 @@ def compile(space: SearchSpace) -> Plan:
                 prefix = f"cells.{ci}.e{src}_{dst}.{choice.label}"
                 names = tuple(
                     (t, add(f"{prefix}.{t}", shape, init))
-                    for t, (shape, init) in choice_shapes(choice.name, c, stride, kw).items()
+                    for t, (shape, init) in get_op(choice.name).shapes(c, stride, **kw).items()
                 )
                 ksize = get_op(choice.name).kernel_size(stride, **kw) if image else None
                 calls.append(OpCall(col, choice.label, get_op(choice.name), tuple(sorted(kw.items())), names, ksize))
@@ -231,11 +231,6 @@ def compile(space: SearchSpace) -> Plan:
     assert len(names) == len(set(names)), "duplicate slot names"
     fan_in = c_in * stem.kernel * stem.kernel
     return Plan(space, tuple(cells), tuple(slots), stem_im2col=image and fan_in <= IM2COL_MAX_FAN_IN)
-
-
-def choice_shapes(name: str, c: int, stride: int, kwargs: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Weight shapes and inits of op ``name`` on an edge of ``c`` channels."""
-    return get_op(name).shapes(c, stride, **kwargs)
 
 
 def init_params(plan: Plan, generator: torch.Generator | None = None, names: list[str] | None = None) -> dict[str, Tensor]:

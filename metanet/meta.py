@@ -123,14 +123,23 @@ class MetaNet(nn.Module):
         """Inner-loop step size of slot ``name``."""
         return self.lrs[safe_name(name)] if self.lrs is not None else self.config.inner_lr
 
-    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop") -> Generated:
-        """Run both generators on a meta-batch of support sets."""
+    def step_size(self, name: str) -> Tensor | float:
+        """``lr(name)`` as a constant: what adapting a generated network uses."""
+        lr = self.lr(name)
+        return lr.detach() if isinstance(lr, Tensor) else lr
+
+    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop", proto_head: bool = True) -> Generated:
+        """Run both generators on a meta-batch of support sets.
+
+        ``proto_head=False`` skips the supernet's prototype head (for callers that build the
+        head from a discrete network's own features instead).
+        """
         if not self.config.use_metadata:
             metadata = None
         e = self.encoder(support_x, support_y, metadata)
         alpha, logits = self.arch(e, temperature, gumbel, hard, generator)
         params, kl, z = self.weights(e, alpha, sample=sample, generator=generator)
-        if self.proto:
+        if self.proto and proto_head:
             feats = run(self.plan, alpha, params, support_x, fused=self.config.fused, strategy=strategy, features=True)
             params["head.w"], params["head.b"] = self.proto_head(feats, support_y)
         return Generated(alpha, logits, params, kl, e, z)
@@ -253,7 +262,7 @@ class TaskNetwork:
 def generate_networks(model: MetaNet, episode, *, sample: bool = False) -> list[TaskNetwork]:
     """Generate each task's discrete network (architecture by the space's rule + weights)."""
     with torch.no_grad():
-        gen = model.generate(episode.support_x, episode.support_y, episode.metadata, sample=sample)
+        gen = model.generate(episode.support_x, episode.support_y, episode.metadata, sample=sample, proto_head=False)
     out = []
     for b in range(gen.alpha.shape[0]):
         g = discretise(model.space, gen.alpha[b])
@@ -272,8 +281,7 @@ def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y
 
     Returns the query metric (accuracy or MSE) and the adapted weights.
     """
-    lr = lambda k: model.lr(k).detach() if isinstance(model.lr(k), Tensor) else model.lr(k)  # noqa: E731
-    params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, lr, model.kind)
+    params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, model.step_size, model.kind)
     with torch.no_grad():
         pred = forward_genotype(model.plan, net.genotype, params, query_x)
     return float(task_metric(model.kind, pred[None], query_y[None])[0]), params

@@ -421,11 +421,6 @@ def _weight(model: MetaNet) -> Tensor:
     return next(model.parameters())
 
 
-def _inner_lr(model: MetaNet):
-    # as meta.evaluate_task: learned Meta-SGD step sizes are constants here
-    return lambda k: model.lr(k).detach() if isinstance(model.lr(k), Tensor) else model.lr(k)  # noqa: E731
-
-
 # ---------------------------------------------------------------------------- generate
 
 
@@ -478,7 +473,7 @@ def _generate(model: MetaNet, x: Tensor, y: Tensor, meta: Tensor | None, adapt_s
         adapt_ms = 0.0
         if adapt_steps:
             start = time.perf_counter()
-            params = adapt_discrete(model.plan, net.genotype, net.params, x[b], y[b], adapt_steps, _inner_lr(model), model.kind)
+            params = adapt_discrete(model.plan, net.genotype, net.params, x[b], y[b], adapt_steps, model.step_size, model.kind)
             with torch.no_grad():
                 for name, value in params.items():
                     getattr(module, safe_name(name)).copy_(value)

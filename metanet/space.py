@@ -425,7 +425,3 @@ def builtin_path(name: str) -> Path:
     """Path of a built-in space's YAML file."""
     return SPACES_DIR / f"{name}.yaml"
 
-
-def param_count(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Total number of scalars in a {name: shape} mapping."""
-    return sum(math.prod(s) for s in shapes.values())

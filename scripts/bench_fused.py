@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from _bench import interleaved  # scripts/_bench.py
+
 from metanet import executor as X
 from metanet.space import load, loads
 
@@ -44,17 +46,16 @@ head: {op: global_pool_linear}
 """
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, alternating them ``repeats`` times (after a warm-up)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+def _ratios(t: dict[str, float], mem: dict[str, int]) -> dict[str, float]:
+    """Times (s) and saved-activation bytes of the naive and fused paths, as reported figures."""
+    return {
+        "naive_ms": round(1e3 * t["naive"], 1),
+        "fused_ms": round(1e3 * t["fused"], 1),
+        "speedup": round(t["naive"] / t["fused"], 2),
+        "naive_act_mb": round(mem["naive"] / 2**20, 1),
+        "fused_act_mb": round(mem["fused"] / 2**20, 1),
+        "memory_ratio": round(mem["naive"] / mem["fused"], 2),
+    }
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
@@ -101,12 +102,7 @@ def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int) -> dict:
     mem = {k: saved_bytes(lambda f=f: forward(f), [*leaves, x]) for k, f in (("naive", False), ("fused", True))}
     merged = sum(len(e.merged) for cp in plan.cells for e in cp.edges)
     return {
-        "naive_ms": round(1e3 * t["naive"], 1),
-        "fused_ms": round(1e3 * t["fused"], 1),
-        "speedup": round(t["naive"] / t["fused"], 2),
-        "naive_act_mb": round(mem["naive"] / 2**20, 1),
-        "fused_act_mb": round(mem["fused"] / 2**20, 1),
-        "memory_ratio": round(mem["naive"] / mem["fused"], 2),
+        **_ratios(t, mem),
         "merged_ops": merged,
         "edges": sum(len(cp.edges) for cp in plan.cells),
     }
@@ -135,14 +131,7 @@ def edge_case(tasks: int, images: int, repeats: int) -> dict:
     t = interleaved({"naive": lambda: step(False), "fused": lambda: step(True)}, repeats)
     # The edge's input counts: in a network it is an activation (the shared pre-activation).
     mem = {k: saved_bytes(lambda f=f: forward(f), leaves) for k, f in (("naive", False), ("fused", True))}
-    return {
-        "naive_ms": round(1e3 * t["naive"], 1),
-        "fused_ms": round(1e3 * t["fused"], 1),
-        "speedup": round(t["naive"] / t["fused"], 2),
-        "naive_act_mb": round(mem["naive"] / 2**20, 1),
-        "fused_act_mb": round(mem["fused"] / 2**20, 1),
-        "memory_ratio": round(mem["naive"] / mem["fused"], 2),
-    }
+    return _ratios(t, mem)
 
 
 def op_breakdown(plan: X.Plan, images: int, repeats: int) -> dict[str, float]:

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _bench import interleaved  # scripts/_bench.py
+
 import metanet.executor as X
 from metanet.meta import Generated, MetaNet, ModelConfig, meta_loss, task_loss
 from metanet.ops import batch_norm_reference, conv2d_im2col
@@ -49,19 +51,6 @@ from metanet.tasks import Episode
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
 INNER_LR = 0.4
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each function per repeat, alternating them (after one warm-up call each)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return times
 
 
 def episode(tasks: int, seed: int = 0) -> Episode:
@@ -186,8 +175,7 @@ def stem_paths(images: int, repeats: int) -> dict[str, dict[str, float]]:
                 torch.autograd.grad(y, [w], grad_outputs=torch.ones_like(y))
             return f
 
-        t = interleaved({"conv2d": run(F.conv2d), "im2col": run(conv2d_im2col)}, repeats)
-        med = {k: statistics.median(v) for k, v in t.items()}
+        med = interleaved({"conv2d": run(F.conv2d), "im2col": run(conv2d_im2col)}, repeats)
         out[f"c_in={c_in}"] = {"conv2d_ms": round(1e3 * med["conv2d"], 2), "im2col_ms": round(1e3 * med["im2col"], 2), "speedup": round(med["conv2d"] / med["im2col"], 2)}
     return out
 
@@ -255,8 +243,7 @@ def main() -> None:
     }
     if not args.no_vmap:
         variants["ours_vmap"] = lambda: ours_step(model, ep, "vmap")
-    times = interleaved(variants, repeats)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved(variants, repeats)
 
     flops = count_flops(lambda: ours_step(model, ep, "loop"))
     clone_flops = count_flops(lambda: clone_step(net, ep))
