@@ -16,6 +16,7 @@ touching only the weights of its kept edges.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -136,11 +137,30 @@ class Plan:
             for j, ip in enumerate(cp.inputs):
                 if j in srcs:
                     used |= {n for n in (ip.weight, ip.bias) if n}
-            by_edge = {(e.src, e.dst): e for e in cp.edges}
-            for s, d, label in cell:
-                call = next(c for c in by_edge[(s, d)].ops if c.label == label)
+        for cell_calls, _ in self.resolve(genotype):
+            for _, call in cell_calls:
                 used |= {n for _, n in call.params}
         return [s.name for s in self.slots if s.name in used]
+
+    def resolve(self, genotype: Genotype) -> tuple[tuple[tuple[tuple[EdgePlan, OpCall], ...], frozenset[int]], ...]:
+        """Per cell: the genotype's kept ``(edge, op call)`` pairs and its live nodes.
+
+        Worked out once per genotype and cached on the plan, so running or fine-tuning a
+        discrete network does not re-walk the cell graphs at every step.
+        """
+        cached = self._resolved.get(genotype)
+        if cached is None:
+            cells = []
+            for cp, kept in zip(self.cells, genotype.cells):
+                by_edge = {(e.src, e.dst): e for e in cp.edges}
+                calls = tuple((by_edge[(s, d)], next(c for c in by_edge[(s, d)].ops if c.label == label)) for s, d, label in kept)
+                cells.append((calls, frozenset(live_nodes(cp.spec, kept))))
+            cached = self._resolved[genotype] = tuple(cells)
+        return cached
+
+    @cached_property
+    def _resolved(self) -> dict[Genotype, tuple]:
+        return {}
 
 
 # ----------------------------------------------------------------------------- compile
@@ -405,17 +425,9 @@ def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool
 
 def forward_genotype(plan: Plan, genotype: Genotype, params: Params, x: Tensor, *, features: bool = False) -> Tensor:
     """Run the discrete network ``genotype`` for one task; only its weights are read."""
-    per_cell: list[list[tuple[EdgePlan, EdgeFn]]] = []
-    lives = []
-    for cp, kept in zip(plan.cells, genotype.cells):
-        by_edge = {(e.src, e.dst): e for e in cp.edges}
-        items = []
-        for s, d, label in kept:
-            e = by_edge[(s, d)]
-            call = next(c for c in e.ops if c.label == label)
-            items.append((e, _discrete_edge(call, params)))
-        per_cell.append(items)
-        lives.append(live_nodes(cp.spec, kept))
+    resolved = plan.resolve(genotype)
+    per_cell = [[(e, _discrete_edge(call, params)) for e, call in calls] for calls, _ in resolved]
+    lives = [live for _, live in resolved]
     return _network(plan, params, x, per_cell.__getitem__, lives.__getitem__, features)
 
 
