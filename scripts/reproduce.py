@@ -104,6 +104,7 @@ class Table:
     train: dict[str, Any]  # TrainConfig fields shared by every row
     strategy: str  # default task-execution strategy (DESIGN: loop is faster for conv4 on CPU)
     per_family: bool = False
+    search_train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for the searchable-space rows only
 
     @property
     def metric(self) -> str:
@@ -117,7 +118,10 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           {"tasks": "multimodal", "queries": 10, "meta_batch": 25, "inner_steps": 1, "eval_inner_steps": 10, "inner_lr": 0.01}, "auto",
           per_family=True),
     Table("omniglot", "Omniglot few-shot classification", "classification", "conv4", "conv_omniglot", (0, 1, 10),
-          {"tasks": "omniglot", "queries": 5, "meta_batch": 16, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4}, "loop"),
+          {"tasks": "omniglot", "queries": 5, "meta_batch": 16, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4}, "loop",
+          # the searchable rows train the straight-through argmax architecture (the discrete network they are scored
+          # with: no discretisation gap) with the prototype head, at the inner lr that suits that head
+          search_train={"hard": True, "inner_lr": 0.1}),
 )}  # fmt: skip
 TABLE_ORDER = tuple(TABLES)
 
@@ -478,7 +482,9 @@ def eval_steps_for(table: str, args: argparse.Namespace) -> list[int]:
 
 def make_config(table: Table, setting: Setting, method: Method, seed: int, args: argparse.Namespace) -> TrainConfig:
     """The trainer configuration of one row and seed."""
-    fields = dict(table.train)
+    fields = dict(table.train, **(table.search_train if method.search else {}))
+    if args.meta_batch:
+        fields["meta_batch"] = args.meta_batch
     fields.update(
         space=table.search_space if method.search else table.fixed_space,
         shots=setting.shots,
@@ -615,7 +621,7 @@ def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str,
     }  # fmt: skip
 
 
-_FORWARDED = ("minutes", "steps", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "eval_split", "strategy")
+_FORWARDED = ("minutes", "steps", "meta_batch", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "eval_split", "strategy")
 
 
 def row_command(table: str, setting: str, method: str, args: argparse.Namespace) -> str:
@@ -861,7 +867,10 @@ def write_markdown(path: Path, data: dict[str, Any], figures_rel: str) -> None:
         "- A cell is the mean over seeds of the per-seed mean over the test tasks, ± the half-width of a 95% confidence "
         "interval over all test tasks pooled across seeds (1.96 sd / sqrt(n)). That interval does not contain seed-to-seed "
         "variation; `results/results.json` gives the per-seed means and their sd (`seed_sd`). Best value per column in bold.",
-        "- Regression inner steps use lr 0.01 (Meta-SGD: its learned step sizes); Omniglot inner steps use lr 0.4.",
+        "- Inner-loop learning rates (Meta-SGD: its learned step sizes): "
+        + "; ".join(f"{t.title}: {t.train['inner_lr']}" + (f" ({t.search_train['inner_lr']} for the searchable-space rows)" if "inner_lr" in t.search_train else "") for t in TABLES.values()) + ".",
+        "- Settings that only the searchable-space rows use: "
+        + ("; ".join(f"{t.title}: " + ", ".join(f"{k}={v}" for k, v in t.search_train.items()) for t in TABLES.values() if t.search_train) or "none") + ".",
         "",
         "Methods (`TrainConfig` overrides on top of each table's shared settings):",
         "",
@@ -1000,6 +1009,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ways", nargs="+", type=int, help="omniglot ways (default: 5 20)")
     p.add_argument("--minutes", type=float, default=1.0, help="wall-clock meta-training budget per method and seed (default: 1)")
     p.add_argument("--steps", type=int, help="a budget in meta-steps instead of minutes")
+    p.add_argument("--meta-batch", type=int, help="tasks per meta-step for every row (default: the table's: 25 regression, 16 omniglot)")
     p.add_argument("--seeds", type=int, help="seeds per method (default: 3 for regression, 1 for omniglot)")
     p.add_argument("--test-tasks", type=int, help="test tasks per setting (default: 600)")
     p.add_argument("--test-queries", type=int, help="query points per test task (default: 100; omniglot: 5 per class)")
@@ -1033,7 +1043,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if m not in METHODS:
             close = difflib.get_close_matches(m, list(METHODS), n=1)
             p.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    for name in ("minutes", "steps", "seeds", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "jobs"):
+    for name in ("minutes", "steps", "meta_batch", "seeds", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "jobs"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
