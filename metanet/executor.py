@@ -111,6 +111,16 @@ class CellPlan:
     spec: CellSpec
     inputs: tuple[InputPlan, ...]
     edges: tuple[EdgePlan, ...]
+    # Fused path: edges (by ``EdgePlan.index``) whose merged convolutions run as ONE
+    # convolution, their kernels stacked along the output channels (same source node,
+    # stride and kernel size). Every group has at least two edges; the others run alone.
+    groups: tuple[tuple[int, ...], ...] = ()
+
+    @cached_property
+    def group_of(self) -> dict[int, tuple[EdgePlan, ...]]:
+        """``EdgePlan.index`` -> the edges of its group (for the edges in a group)."""
+        by_index = {e.index: e for e in self.edges}
+        return {i: tuple(by_index[j] for j in g) for g in self.groups for i in g}
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,20 @@ def _merge_choice(calls: tuple[OpCall, ...], c: int, stride: int) -> tuple[tuple
     return tuple(sorted(merged)), size, tuple(i for i in live if i not in merged)
 
 
+def _source_groups(edges: list[EdgePlan]) -> tuple[tuple[int, ...], ...]:
+    """Edges whose merged kernels can share one convolution: same source, stride and size.
+
+    One convolution with ``m * c`` output channels instead of ``m`` with ``c`` each: one pass
+    over the input, larger matrix products, and in the backward one input gradient instead
+    of ``m`` summed ones. The result is the same up to float rounding.
+    """
+    by_key: dict[tuple[int, int, int], list[int]] = {}
+    for e in edges:
+        if e.merged:
+            by_key.setdefault((e.src, e.stride, e.merged_size), []).append(e.index)
+    return tuple(tuple(g) for g in by_key.values() if len(g) > 1)
+
+
 def compile(space: SearchSpace) -> Plan:
     """Compile ``space`` into a Plan: weight slots, input preprocessing, edges, fusion."""
     image = space.task.domain == "image"
@@ -241,7 +265,7 @@ def compile(space: SearchSpace) -> Plan:
             calls_t = tuple(calls)
             merged, size, separate = _merge_choice(calls_t, c, stride) if image else ((), 0, tuple(i for i, cl in enumerate(calls_t) if cl.op.name != "zero"))
             edges.append(EdgePlan(index[(src, dst)], src, dst, stride, calls_t, merged, size, separate))
-        cells.append(CellPlan(spec, tuple(inputs), tuple(edges)))
+        cells.append(CellPlan(spec, tuple(inputs), tuple(edges), _source_groups(edges)))
         scale = ref_scale * (2 if spec.reduction else 1)
         states.append((spec.out_channels, scale))
     c_last = states[-1][0]
@@ -384,15 +408,32 @@ def _merged_kernel(e: EdgePlan, w: Tensor, params: Params, c: int, like: Tensor)
     return kernel
 
 
+# Fused path: run the merged convolutions of an edge group as one (``CellPlan.groups``).
+# A switch for benchmarks and tests (False: one convolution per edge, the same maths).
+GROUP_EDGES = True
+
+
 def _soft_edge(alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
+    grouped: dict[int, Tensor] = {}  # EdgePlan.index -> its part of a group's output, until used
+
+    def merged_conv(cp: CellPlan, e: EdgePlan, x: Tensor) -> Tensor:
+        c = cp.spec.channels
+        group = cp.group_of.get(e.index) if GROUP_EDGES else None
+        if group is None:
+            return F.conv2d(x, _merged_kernel(e, alpha[e.index], params, c, x), stride=e.stride, padding=e.merged_size // 2)
+        if e.index not in grouped:  # the group's first edge: run the whole group's convolution
+            kernel = torch.cat([_merged_kernel(f, alpha[f.index], params, c, x) for f in group])  # (m*c, c, k, k)
+            y = F.conv2d(x, kernel, stride=e.stride, padding=e.merged_size // 2)
+            grouped.update({f.index: part for f, part in zip(group, y.split(c, dim=1))})
+        return grouped.pop(e.index)
+
     def edge(cp: CellPlan, e: EdgePlan, x: Tensor) -> Tensor:
         c, w = cp.spec.channels, alpha[e.index]  # (ops,)
         if not fused:
             return _add([w[call.col] * call(x, params, c, e.stride) for call in e.ops])
         terms = []
         if e.merged:
-            kernel = _merged_kernel(e, w, params, c, x)
-            terms.append(F.conv2d(x, kernel, stride=e.stride, padding=e.merged_size // 2))
+            terms.append(merged_conv(cp, e, x))
         for i in e.separate:
             call = e.ops[i]
             terms.append(w[call.col] * call(x, params, c, e.stride))

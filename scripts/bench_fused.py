@@ -7,7 +7,9 @@ repeats, the median is reported with the ratio.
   14x14), 16 tasks x 80 images run as the executor runs them (a loop over tasks),
   forward + backward to alpha and the weights.
 - ``conv_omniglot`` and ``darts_cnn``: the whole supernet, forward + backward, tasks of
-  5-way 1-shot + 15 queries (80 images), a loop over tasks.
+  5-way 1-shot + 15 queries (80 images), a loop over tasks. Where the plan has edge
+  groups (merged edges leaving one node, run as one convolution), ``fused_per_edge`` is
+  the fused path with one convolution per edge, timed in the same interleaving.
 
 Activation memory is the bytes of the distinct storages that autograd saves for the
 backward (``torch.autograd.graph.saved_tensors_hooks``), not counting the weights and
@@ -98,14 +100,30 @@ def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int) -> dict:
         y = forward(fused)
         torch.autograd.grad(y.pow(2).mean(), leaves, allow_unused=True)
 
-    t = interleaved({"naive": lambda: step(False), "fused": lambda: step(True)}, repeats)
+    def per_edge() -> None:  # fused, but one convolution per edge (no edge groups)
+        X.GROUP_EDGES = False
+        try:
+            step(True)
+        finally:
+            X.GROUP_EDGES = True
+
+    variants = {"naive": lambda: step(False), "fused": lambda: step(True)}
+    groups = sum(len(cp.groups) for cp in plan.cells)
+    if groups:
+        variants["fused_per_edge"] = per_edge
+    t = interleaved(variants, repeats)
     mem = {k: saved_bytes(lambda f=f: forward(f), [*leaves, x]) for k, f in (("naive", False), ("fused", True))}
     merged = sum(len(e.merged) for cp in plan.cells for e in cp.edges)
-    return {
+    out = {
         **_ratios(t, mem),
         "merged_ops": merged,
         "edges": sum(len(cp.edges) for cp in plan.cells),
+        "edge_groups": groups,
     }
+    if groups:  # what running each group of edges as one convolution gives, side by side
+        out["fused_per_edge_ms"] = round(1e3 * t["fused_per_edge"], 1)
+        out["speedup_of_edge_groups"] = round(t["fused_per_edge"] / t["fused"], 2)
+    return out
 
 
 def edge_case(tasks: int, images: int, repeats: int) -> dict:

@@ -182,3 +182,67 @@ def test_constant_kernels_are_cached_per_dtype_and_carry_no_graph() -> None:
         assert_close(k1, expected)
     cached = [v for v in X._CONST_KERNELS.values()]
     assert cached and all(not v.requires_grad for v in cached)
+
+
+def test_edge_groups_share_a_source_stride_and_kernel_size() -> None:
+    plan = X.compile(load("conv_omniglot"))
+    normal = [cp for cp in plan.cells if not cp.spec.reduction]
+    assert normal and all(cp.groups for cp in normal)
+    for cp in plan.cells:
+        by_index = {e.index: e for e in cp.edges}
+        for group in cp.groups:
+            edges = [by_index[i] for i in group]
+            assert len(edges) >= 2 and all(e.merged for e in edges)
+            assert len({(e.src, e.stride, e.merged_size) for e in edges}) == 1
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_grouped_edge_convolutions_meta_gradient_equals_per_edge(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Second-order meta-gradient with the edge groups run as one convolution, and per edge."""
+    plan = X.compile(load("conv_omniglot"))
+    g = torch.Generator().manual_seed(7)
+    B = 2
+    logits = torch.randn((B, *plan.space.alpha_shape), generator=g, dtype=DT).masked_fill(~plan.space.alpha_mask, float("-inf"))
+    base = {k: v.to(DT) for k, v in X.init_params(plan, g).items()}
+    xs, xq = torch.randn(B, 3, 1, 12, 12, generator=g, dtype=DT), torch.randn(B, 4, 1, 12, 12, generator=g, dtype=DT)
+    ys, yq = torch.randint(0, 5, (B, 3), generator=g), torch.randint(0, 5, (B, 4), generator=g)
+
+    def meta_grad(grouped: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(X, "GROUP_EDGES", grouped)
+        lg = logits.clone().requires_grad_(True)
+        alpha = torch.softmax(lg, -1)
+        p0 = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        p = {k: v.expand(B, *v.shape) for k, v in p0.items()}
+        loss = F.cross_entropy(X.run(plan, alpha, p, xs, fused=True, strategy=strategy).flatten(0, 1), ys.flatten())
+        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+        fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
+        outer = F.cross_entropy(X.run(plan, alpha, fast_w, xq, fused=True, strategy=strategy).flatten(0, 1), yq.flatten())
+        return list(torch.autograd.grad(outer, [lg, *p0.values()]))
+
+    got, ref = meta_grad(True), meta_grad(False)
+    assert got[0].abs().sum() > 0
+    for name, a, b in zip(["alpha logits", *base], got, ref):
+        assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_grouped_edges_run_fewer_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = X.compile(load("conv_omniglot"))
+    g = torch.Generator().manual_seed(8)
+    alpha = torch.softmax(torch.randn(plan.space.alpha_shape, generator=g).masked_fill(~plan.space.alpha_mask, float("-inf")), -1)
+    params, x = X.init_params(plan, g), torch.randn(3, 1, 12, 12, generator=g)
+    calls, conv = [], F.conv2d
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return conv(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", counting)
+    outs = {}
+    for grouped in (False, True):
+        monkeypatch.setattr(X, "GROUP_EDGES", grouped)
+        calls.clear()
+        outs[grouped] = X.forward(plan, alpha, params, x, fused=True)
+        outs[(grouped, "n")] = len(calls)
+    saved = sum(len(grp) - 1 for cp in plan.cells for grp in cp.groups)
+    assert saved > 0 and outs[(True, "n")] == outs[(False, "n")] - saved
+    assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)
