@@ -223,7 +223,9 @@ def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second
         pred = model.predict(alpha, adapted, episode.query_x, strategy)
         objective = task_loss(model.kind, pred, episode.query_y).mean()
     query = task_loss(model.kind, pred.detach(), episode.query_y).mean()
-    ent = model.arch.entropy(gen.alpha).mean() if gen.logits is not None else gen.kl.new_zeros(())
+    # Entropy of the tempered softmax of the logits, not of gen.alpha: with --hard (or a hard
+    # Gumbel sample) gen.alpha is one-hot in value, whose entropy is 0 whatever the logits.
+    ent = model.arch.entropy(torch.softmax(gen.logits / temperature, -1)).mean() if gen.logits is not None else gen.kl.new_zeros(())
     loss = objective + beta * gen.kl.mean() + entropy_weight * ent
     metrics = {
         "loss": float(loss.detach()),

@@ -144,3 +144,21 @@ def test_training_reduces_sinusoid_error_and_resume_is_exact(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     rows = [l for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
     assert len(rows) == 2
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_entropy_term_is_the_entropy_of_the_soft_logits(hard):
+    """The entropy term regularises the logits' softmax, also when the alpha used is one-hot."""
+    model = _tiny_model()
+    ep = _image_episode()
+    tau = 0.7
+    _, m = meta_loss(model, ep, inner_steps=1, hard=hard, temperature=tau, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        probs = torch.softmax(model.arch.logits(model.encoder(ep.support_x, ep.support_y, None)) / tau, -1)
+    mask = model.arch.mask
+    expected = -(probs * probs.clamp_min(1e-30).log()).where(mask, torch.zeros(())).sum(-1).mean()
+    assert m["entropy"] > 0.1 and m["entropy"] == pytest.approx(float(expected), rel=1e-9)
+    # the loss carries entropy_weight times that entropy
+    loss, _ = meta_loss(model, ep, inner_steps=1, hard=hard, entropy_weight=1.0, beta=0.0, temperature=tau, generator=torch.Generator().manual_seed(1))
+    loss_no, _ = meta_loss(model, ep, inner_steps=1, hard=hard, entropy_weight=0.0, beta=0.0, temperature=tau, generator=torch.Generator().manual_seed(1))
+    assert float(loss - loss_no) == pytest.approx(m["entropy"], rel=1e-9)
