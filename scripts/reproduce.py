@@ -77,6 +77,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("protonet", "prototypical network: conv4 features, prototype head, no inner steps",
            {"arch": "fixed", "weights": "off", "proto_head": True, "inner_steps": 0, "eval_inner_steps": 0},
            search=False, tables=("omniglot",)),
+    Method("protomaml", "Proto-MAML: MAML on conv4 with the prototype head metanet uses (inner lr 0.1)",
+           {"arch": "fixed", "weights": "off", "proto_head": True, "inner_lr": 0.1}, search=False, tables=("omniglot",)),
     Method("metanas", "MetaNAS-style: one meta-learned soft architecture for all tasks, learned init",
            {"arch": "shared", "weights": "off"}),
     Method("metanet", "metanet: task-conditional architecture + VAE weight generator", {}),

@@ -24,7 +24,7 @@ ABLATIONS = ["metanet-no-archgen", "metanet-no-weightgen", "metanet-first-order"
 EXPECTED = {
     "sinusoid": (["5-shot", "10-shot", "20-shot"], BASELINES + ["metanet"] + ABLATIONS),
     "multimodal": (["5-shot"], BASELINES + ["metanet"] + ABLATIONS + ["metanet-no-metadata"]),
-    "omniglot": (["2-way 1-shot", "2-way 2-shot", "3-way 1-shot", "3-way 2-shot"], BASELINES + ["protonet", "metanet"] + ABLATIONS),
+    "omniglot": (["2-way 1-shot", "2-way 2-shot", "3-way 1-shot", "3-way 2-shot"], BASELINES + ["protonet", "protomaml", "metanet"] + ABLATIONS),
 }
 
 
