@@ -163,8 +163,11 @@ class Plan:
             cells = []
             for cp, kept in zip(self.cells, genotype.cells):
                 by_edge = {(e.src, e.dst): e for e in cp.edges}
-                calls = tuple((by_edge[(s, d)], next(c for c in by_edge[(s, d)].ops if c.label == label)) for s, d, label in kept)
-                cells.append((calls, frozenset(live_nodes(cp.spec, kept))))
+                call_of = {(s, d, label): next(c for c in by_edge[(s, d)].ops if c.label == label) for s, d, label in kept}
+                live = live_nodes(cp.spec, kept)
+                kept = _without_empty_sources(cp.spec, kept, lambda k: call_of[k].op.zero_to_zero)
+                calls = tuple((by_edge[k[:2]], call_of[k]) for k in kept)
+                cells.append((calls, frozenset(live)))
             cached = self._resolved[genotype] = tuple(cells)
         return cached
 
@@ -174,6 +177,23 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- compile
+
+
+def _without_empty_sources(spec: CellSpec, kept: tuple[tuple[int, int, str], ...], zero_to_zero: Callable[[tuple[int, int, str]], bool]) -> tuple[tuple[int, int, str], ...]:
+    """``kept`` without the ``zero_to_zero`` edges leaving an intermediate node with no input.
+
+    Such a node outputs zeros, and a ``zero_to_zero`` op (every built-in image op: no
+    biases, and the per-task batch norm of zeros is zero) maps them to zeros, so the edge
+    adds nothing: running it is exact but wasted work and weights. Repeated, since
+    dropping edges can leave another node without inputs.
+    """
+    kept = tuple(kept)
+    while True:
+        fed = {d for _, d, _ in kept}
+        out = tuple(k for k in kept if k[0] < spec.inputs or k[0] in fed or not zero_to_zero(k))
+        if len(out) == len(kept):
+            return out
+        kept = out
 
 
 def _merge_choice(calls: tuple[OpCall, ...], c: int, stride: int) -> tuple[tuple[int, ...], int, tuple[int, ...]]:

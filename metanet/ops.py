@@ -57,6 +57,9 @@ class OpDef:
         cost: multiply-adds per output position (per pixel or per row) as a function of
             ``c`` and the hyper-parameters; the fused planner compares these.
         doc: one line shown by ``metanet spaces show``.
+        zero_to_zero: the op maps an all-zero input to zeros whatever its weights (no
+            bias, no constant). A discrete network then skips the op on the out-edges of
+            a node with no inputs (``executor.Plan.resolve``); False is always safe.
     """
 
     name: str
@@ -67,6 +70,7 @@ class OpDef:
     kernel: Callable[..., Tensor | None] | None = None
     cost: Callable[..., float] = lambda c, **_: 0.0
     doc: str = ""
+    zero_to_zero: bool = False
 
     def kernel_size(self, stride: int, **hyper: Any) -> int | None:
         """Side of the dense linear-form kernel, or None if the op has no linear form."""
@@ -95,6 +99,7 @@ def register_op(
     kernel_size: Callable[..., int | None] | None = None,
     cost: Callable[..., float] | None = None,
     doc: str = "",
+    zero_to_zero: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator registering ``fn`` under the exact YAML string ``name``."""
 
@@ -112,6 +117,7 @@ def register_op(
             kernel=kernel,
             cost=cost or (lambda c, **_: 0.0),
             doc=doc,
+            zero_to_zero=zero_to_zero,
         )
         if kernel_size is not None:
             _KERNEL_SIZE[name] = kernel_size
@@ -292,6 +298,7 @@ def _zero_fn(x: Tensor, params: Params, *, c: int, stride: int) -> Tensor:
 register_op(
     "zero",
     domain="any",
+    zero_to_zero=True,
     shapes=lambda c, stride: {},
     kernel=lambda params, *, c, stride, like: None,  # the fused path simply drops it
     kernel_size=lambda stride: 1,
@@ -316,6 +323,7 @@ def _skip_kernel(params: Params, *, c: int, stride: int, like: Tensor) -> Tensor
 @register_op(
     "skip",
     domain="any",
+    zero_to_zero=True,
     shapes=_skip_shapes,
     kernel=_skip_kernel,
     kernel_size=lambda stride: 1 if stride == 1 else 3,
@@ -341,6 +349,7 @@ def _conv(kernel: int, dilation: int = 1, doc: str = "") -> None:
     register_op(
         name,
         domain="image",
+        zero_to_zero=True,
         shapes=lambda c, stride, kernel, dilation: {"w": ((c, c, kernel, kernel), "fan_in")},
         defaults={"kernel": kernel, "dilation": dilation},
         kernel=lambda params, *, c, stride, like, kernel, dilation: _dilate(params["w"], dilation),
@@ -369,6 +378,7 @@ def _dw_pw(kernel: int, dilation: int, name: str, doc: str) -> None:
     register_op(
         name,
         domain="image",
+        zero_to_zero=True,
         shapes=lambda c, stride, kernel, dilation: {
             "dw": ((c, 1, kernel, kernel), "fan_in"),
             "pw": ((c, c, 1, 1), "fan_in"),
@@ -398,6 +408,7 @@ def _sep_conv(kernel: int) -> None:
     register_op(
         f"sep_conv_{kernel}x{kernel}",
         domain="image",
+        zero_to_zero=True,
         shapes=lambda c, stride, kernel: {
             "dw1": ((c, 1, kernel, kernel), "fan_in"),
             "pw1": ((c, c, 1, 1), "fan_in"),
@@ -417,6 +428,7 @@ for _k in (3, 5):
 @register_op(
     "avg_pool_3x3",
     domain="image",
+    zero_to_zero=True,
     shapes=lambda c, stride: {},
     # count_include_pad=True makes it a constant depthwise kernel, hence linear.
     kernel=lambda params, *, c, stride, like: _eye_kernel(c, 3, like, fill=1.0 / 9.0),
@@ -431,6 +443,7 @@ def _avg_pool(x: Tensor, params: Params, *, c: int, stride: int) -> Tensor:
 @register_op(
     "max_pool_3x3",
     domain="image",
+    zero_to_zero=True,
     shapes=lambda c, stride: {},
     cost=lambda c, stride=1: float(9 * c),
     doc="3x3 max pooling",

@@ -280,3 +280,24 @@ def test_genotype_network_vmap_equals_loop(name: str) -> None:
         batched = torch.func.vmap(lambda p, xb: X.forward_genotype(plan, geno, p, xb))(params, x)
         looped = torch.stack([X.forward_genotype(plan, geno, {k: v[b] for k, v in params.items()}, x[b]) for b in range(2)])
         assert_close(batched, looped)
+
+
+def test_out_edges_of_a_node_without_inputs_are_skipped_exactly() -> None:
+    """A node with no kept input outputs zeros; its zero-to-zero out-edges are not run."""
+    plan = X.compile(load("conv_omniglot"))
+    space = plan.space
+    ci = next(i for i, c in enumerate(space.cells) if c.nodes == 3)
+    cells = [tuple((s, d, c.ops[1].label) for s, d in c.edges()) for c in space.cells]
+    # node 1 loses its only input (0 -> 1); 1 -> 2 and 1 -> 3 stay, and node 2 is fed by 1 only
+    cells[ci] = ((0, 3, "conv_3x3"), (1, 2, "conv_3x3"), (1, 3, "avg_pool_3x3"), (2, 3, "skip"))
+    geno = Genotype(space.name, tuple(cells))
+    geno.validate(space)
+    (calls, live) = plan.resolve(geno)[ci]
+    assert [(e.src, e.dst) for e, _ in calls] == [(0, 3)]  # 1 has no input; then 2 has none
+    names = plan.slot_names(geno)
+    assert f"cells.{ci}.e0_3.conv_3x3.w" in names and f"cells.{ci}.e1_2.conv_3x3.w" not in names
+    g = torch.Generator().manual_seed(9)
+    params = {k: v.to(DT) for k, v in X.init_params(plan, g).items()}
+    x = torch.randn(4, 1, 12, 12, generator=g, dtype=DT)
+    expected = X.forward(plan, geno.to_alpha(space).to(DT), params, x)  # the one-hot supernet runs every edge
+    assert_close(X.forward_genotype(plan, geno, {k: params[k] for k in names}, x), expected)
