@@ -17,8 +17,9 @@ build the discrete network, adapt it k steps on the support set, score the query
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -289,16 +290,31 @@ def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y
     return float(task_metric(model.kind, pred[None], query_y[None])[0]), params
 
 
-def evaluate(model: MetaNet, episodes, steps: int) -> dict[str, float]:
-    """Mean query metric over episodes with a 95% confidence interval, via ``evaluate_task``."""
-    scores: list[float] = []
+def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
+    """Mean query metric over episodes with a 95% confidence interval, via ``evaluate_task``.
+
+    ``steps`` an int: ``{"mean", "ci95", "n"}`` after that many inner steps. A sequence of
+    step counts: ``{k: {"mean", "ci95", "n"}}``, from one pass per task that adapts on
+    from one count to the next (SGD steps are sequential, so each entry equals what
+    ``evaluate(model, episodes, k)`` gives) instead of one pass per count.
+    """
+    ks = [steps] if isinstance(steps, int) else sorted(set(steps))
+    scores: dict[int, list[float]] = {k: [] for k in ks}
     was_training = model.training
     model.eval()
     for ep in episodes:
         for b, net in enumerate(generate_networks(model, ep)):
-            score, _ = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], steps)
-            scores.append(score)
+            done = 0
+            for k in ks:
+                score, params = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], k - done)
+                net, done = dataclasses.replace(net, params=params), k
+                scores[k].append(score)
     model.train(was_training)
+    out = {k: _summary(v) for k, v in scores.items()}
+    return out[steps] if isinstance(steps, int) else out
+
+
+def _summary(scores: list[float]) -> dict[str, float]:
     t = torch.tensor(scores, dtype=torch.float64)
     ci = 1.96 * t.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
     return {"mean": t.mean().item(), "ci95": ci, "n": len(scores)}

@@ -39,8 +39,7 @@ from typing import Any
 import torch
 
 from metanet.export import draw_population_png, op_frequency
-from metanet.executor import forward_genotype
-from metanet.meta import MetaNet, adapt_discrete, evaluate, generate_networks, meta_loss, task_metric
+from metanet.meta import MetaNet, evaluate, generate_networks, meta_loss
 from metanet.network import generate_batch
 from metanet.tasks import TASKS, Episode, Omniglot, default_data_root
 from metanet.trainer import TrainConfig, load_run, train
@@ -327,15 +326,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         present = torch.cat([ep.metadata for ep in episodes]).bincount(minlength=len(dist.families))  # (F,) tasks per family
         empty = {"mean": math.nan, "ci95": math.nan, "n": 0}
         families = {
-            name: {str(k): evaluate(model, FamilyEpisodes(episodes, f), k) if present[f] else dict(empty) for k in steps}
+            name: {str(k): v for k, v in evaluate(model, FamilyEpisodes(episodes, f), steps).items()} if present[f] else {str(k): dict(empty) for k in steps}
             for f, name in enumerate(dist.families)
         }
         result["families"] = families
         result["scores"] = {str(k): pool([families[name][str(k)] for name in families]) for k in steps}
     else:
-        result["scores"] = {str(k): evaluate(model, episodes, k) for k in steps}
+        result["scores"] = {str(k): v for k, v in evaluate(model, episodes, steps).items()}
     limit = max(1, math.ceil(job["curve_tasks"] / test["batch"]))
-    result["curve"] = adaptation_curve(model, TestEpisodes(dist, test["n"], test["batch"], test["seed"], limit=limit), job["curve_steps"])
+    curve = evaluate(model, TestEpisodes(dist, test["n"], test["batch"], test["seed"], limit=limit), range(job["curve_steps"] + 1))
+    result["curve"] = [curve[k]["mean"] for k in sorted(curve)]
     result["curve_tasks"] = min(test["n"], limit * test["batch"])
     result["cost"] = _cost(model, next(iter(episodes)), job["cost_tasks"], job["curve_steps"], job["cost_repeats"])
     if cfg.arch != "fixed":
@@ -346,31 +346,6 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(_to_json(result), indent=1, allow_nan=False))
     return result
-
-
-def adaptation_curve(model: MetaNet, episodes: Any, steps: int) -> list[float]:
-    """Mean query metric after 0, 1, ..., ``steps`` inner steps, in one pass per task.
-
-    ``meta.evaluate_task``'s path (generate, discretise, ``adapt_discrete`` with the model's
-    step sizes, score the query set) taken one step at a time: ``evaluate(model, episodes,
-    k)`` gives entry k, but calling it for every k would redo the first steps 11 times.
-    """
-    lr = lambda k: model.lr(k).detach() if isinstance(model.lr(k), torch.Tensor) else model.lr(k)  # noqa: E731
-    totals, n = [0.0] * (steps + 1), 0
-    was_training = model.training
-    model.eval()
-    for ep in episodes:
-        for b, net in enumerate(generate_networks(model, ep)):
-            params = net.params
-            for k in range(steps + 1):
-                if k:
-                    params = adapt_discrete(model.plan, net.genotype, params, ep.support_x[b], ep.support_y[b], 1, lr, model.kind)
-                with torch.no_grad():
-                    pred = forward_genotype(model.plan, net.genotype, params, ep.query_x[b])
-                totals[k] += float(task_metric(model.kind, pred[None], ep.query_y[b][None])[0])
-            n += 1
-    model.train(was_training)
-    return [t / n for t in totals]
 
 
 def _cost(model: MetaNet, ep: Episode, tasks: int, steps: int, repeats: int) -> dict[str, float]:

@@ -300,7 +300,7 @@ def test_rerun_of_one_table_reuses_runs_and_keeps_the_others(rp, smoke):
 
 
 @pytest.mark.slow
-def test_adaptation_curve_is_evaluate_at_every_step(rp, smoke):
+def test_curve_and_multi_step_evaluate_equal_evaluate_at_every_step(rp, smoke):
     from metanet.trainer import load_run
 
     _, data = smoke
@@ -308,7 +308,11 @@ def test_adaptation_curve_is_evaluate_at_every_step(rp, smoke):
     model, _ = load_run(seed["run_dir"], "last")
     test = seed["test"]
     episodes = rp.TestEpisodes(Multimodal(shots=5, queries=test["queries"]), test["n"], test["batch"], test["seed"], limit=1)
-    curve = rp.adaptation_curve(model, episodes, 3)
+    multi = evaluate(model, episodes, [3, 0, 1, 2])  # one pass per task, adapting on
+    assert sorted(multi) == [0, 1, 2, 3]
     for k in range(4):
-        assert curve[k] == pytest.approx(evaluate(model, episodes, k)["mean"], rel=1e-6)
-    assert seed["curve"] == pytest.approx(curve[:3], rel=1e-6)  # what the run recorded (smoke: 0..2 steps)
+        single = evaluate(model, episodes, k)
+        assert multi[k]["n"] == single["n"] and multi[k]["mean"] == pytest.approx(single["mean"], rel=1e-6)
+        assert multi[k]["ci95"] == pytest.approx(single["ci95"], rel=1e-5)
+    curve = [multi[k]["mean"] for k in range(3)]
+    assert seed["curve"] == pytest.approx(curve, rel=1e-6)  # what the run recorded (smoke: 0..2 steps)
