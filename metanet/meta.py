@@ -315,6 +315,7 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
 
 
 def _summary(scores: list[float]) -> dict[str, float]:
+    """Mean, 95% CI half-width and count; ``nonfinite`` counts diverged tasks (inf/NaN metric)."""
     t = torch.tensor(scores, dtype=torch.float64)
     ci = 1.96 * t.std().item() / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
-    return {"mean": t.mean().item(), "ci95": ci, "n": len(scores)}
+    return {"mean": t.mean().item(), "ci95": ci, "n": len(scores), "nonfinite": int((~torch.isfinite(t)).sum())}

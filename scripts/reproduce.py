@@ -164,15 +164,18 @@ def pool(stats: Sequence[dict[str, float]]) -> dict[str, float]:
     """
     stats = [s for s in stats if s["n"] > 0]
     n = sum(int(s["n"]) for s in stats)
+    nonfinite = sum(int(s.get("nonfinite") or 0) for s in stats)
     if n == 0:
-        return {"mean": math.nan, "ci95": math.nan, "n": 0}
+        return {"mean": math.nan, "ci95": math.nan, "n": 0, "nonfinite": 0}
+    if nonfinite:
+        return {"mean": math.nan, "ci95": math.nan, "n": n, "nonfinite": nonfinite}
     mean = sum(s["mean"] * s["n"] for s in stats) / n
     ss = 0.0
     for s in stats:
         sd = s["ci95"] * math.sqrt(s["n"]) / 1.96 if s["n"] > 1 else 0.0
         ss += (s["n"] - 1) * sd**2 + s["n"] * (s["mean"] - mean) ** 2
     ci = 1.96 * math.sqrt(ss / (n - 1)) / math.sqrt(n) if n > 1 else math.nan
-    return {"mean": mean, "ci95": ci, "n": n}
+    return {"mean": mean, "ci95": ci, "n": n, "nonfinite": 0}
 
 
 def aggregate_seeds(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -184,7 +187,7 @@ def aggregate_seeds(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
     means = [s["mean"] for s in per_seed]
     pooled = pool(per_seed)
     sd = float(torch.tensor(means, dtype=torch.float64).std()) if len(means) > 1 else math.nan
-    return {"mean": sum(means) / len(means), "ci95": pooled["ci95"], "n": pooled["n"], "seeds": len(means), "seed_sd": sd}
+    return {"mean": sum(means) / len(means), "ci95": pooled["ci95"], "n": pooled["n"], "seeds": len(means), "seed_sd": sd, "nonfinite": pooled["nonfinite"]}
 
 
 def verdict(metric: str, ours: dict[str, float], base: dict[str, float], ours_name: str = "metanet", base_name: str = "MAML") -> str:
@@ -198,8 +201,9 @@ def verdict(metric: str, ours: dict[str, float], base: dict[str, float], ours_na
     if ours.get("n") == 0 or base.get("n") == 0:
         return f"cannot compare {ours_name} with {base_name}: no test tasks"
     if not (math.isfinite(a) and math.isfinite(b)):
-        bad = [n for n, v in ((ours_name, a), (base_name, b)) if not math.isfinite(v)]
-        return f"cannot compare {ours_name} with {base_name}: {' and '.join(bad)} {'has' if len(bad) == 1 else 'have'} a non-finite {metric}"
+        bad = [(n, s) for n, s in ((ours_name, ours), (base_name, base)) if not math.isfinite(s["mean"])]
+        what = " and ".join(f"{n} diverged on {s['nonfinite']} of {s['n']} test tasks" if s.get("nonfinite") else f"{n} has a non-finite {metric}" for n, s in bad)
+        return f"cannot compare {ours_name} with {base_name}: {what}"
     lower_is_better = metric == "MSE"
     if metric == "MSE":
         value = f"({a:.4g} vs {b:.4g})"
@@ -301,20 +305,27 @@ def _test_dist(test: dict[str, Any]) -> Any:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one (table, setting, method, seed), evaluate it on the test tasks, return figures.
 
-    With ``job["reuse"]`` a finished run whose saved job equals this one is not redone.
+    With ``job["reuse"]`` a finished run whose saved job equals this one is not redone;
+    with ``job["reuse"] == "training"`` its training is kept and the evaluation redone.
     """
     run_dir = Path(job["run_dir"])
     cached = run_dir / "result.json"
     spec = {k: v for k, v in job.items() if k != "reuse"}
+    saved = None
     if job["reuse"] and cached.is_file():
         saved = _from_json(json.loads(cached.read_text()))
-        if saved.get("job") == spec:
+        if saved.get("job") != spec:
+            saved = None
+        elif job["reuse"] != "training":
             saved["reused"] = True
             return saved
     cfg = TrainConfig(**job["cfg"])
-    t0 = time.perf_counter()
-    summary = train(cfg, run_dir)
-    train_wall = time.perf_counter() - t0
+    if saved is not None:
+        summary, train_wall = saved["train"], saved["train_wall_s"]
+    else:
+        t0 = time.perf_counter()
+        summary = train(cfg, run_dir)
+        train_wall = time.perf_counter() - t0
     model, _ = load_run(run_dir, "last")  # validation runs only after the budget: last = final
     test = job["test"]
     dist = _test_dist(test)
@@ -504,7 +515,7 @@ def plan_jobs(args: argparse.Namespace, tables: Sequence[str], runs: Path, figur
                         "per_family": table.per_family, "curve_tasks": 2 if args.smoke else args.curve_tasks,
                         "curve_steps": 2 if args.smoke else CURVE_STEPS, "cost_tasks": 1 if args.smoke else 10, "cost_repeats": 0 if args.smoke else 2,
                         "population_png": str(png) if png else None,
-                        "run_dir": str(runs / table_name / setting.slug / method.name / f"seed{seed}"), "reuse": args.reuse,
+                        "run_dir": str(runs / table_name / setting.slug / method.name / f"seed{seed}"), "reuse": "training" if args.reevaluate else args.reuse,
                     })  # fmt: skip
     return jobs
 
@@ -655,7 +666,8 @@ def _fmt(stat: dict[str, float], metric: str) -> str:
     if stat["n"] == 0:
         return "no test tasks"
     if not math.isfinite(m):
-        return "diverged (non-finite)"
+        nf = stat.get("nonfinite")
+        return f"diverged on {nf} of {stat['n']} tasks" if nf else "diverged (non-finite)"
     if metric == "accuracy":
         return f"{100 * m:.2f}% ± {100 * ci:.2f}" if math.isfinite(ci) else f"{100 * m:.2f}%"
     return f"{m:.4g} ± {ci:.2g}" if math.isfinite(ci) else f"{m:.4g}"
@@ -999,6 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="folder for the run directories (default: runs/reproduce for docs/, else OUT/runs)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each (use at most the number of idle cores)")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs whose job is unchanged (re-render without retraining)")
+    p.add_argument("--reevaluate", action="store_true", help="like --reuse, but evaluate the reused runs again (after a change to the evaluation)")
     p.add_argument("--smoke", action="store_true", help="every row at a tiny budget (2 steps, 1 seed, a few test tasks): tests the pipeline")
     return p
 

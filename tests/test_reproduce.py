@@ -80,6 +80,19 @@ def test_verdict_non_finite_and_empty(rp):
     assert rp.verdict("MSE", stat(math.nan), stat(0.5)) == "cannot compare metanet with MAML: metanet has a non-finite MSE"
     assert rp.verdict("MSE", stat(0.5), stat(math.inf)) == "cannot compare metanet with MAML: MAML has a non-finite MSE"
     assert rp.verdict("MSE", stat(math.nan, n=0), stat(0.5)) == "cannot compare metanet with MAML: no test tasks"
+    diverged = {**stat(math.nan, n=600), "nonfinite": 3}
+    assert rp.verdict("MSE", stat(0.5), diverged) == "cannot compare metanet with MAML: MAML diverged on 3 of 600 test tasks"
+    assert rp._fmt(diverged, "MSE") == "diverged on 3 of 600 tasks"
+
+
+def test_pool_counts_diverged_tasks(rp):
+    ok = summary(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    bad = summary(torch.tensor([0.1, math.inf, math.nan, 0.2], dtype=torch.float64))
+    assert bad["nonfinite"] == 2
+    pooled = rp.pool([ok, bad])
+    assert math.isnan(pooled["mean"]) and (pooled["n"], pooled["nonfinite"]) == (7, 2)
+    agg = rp.aggregate_seeds([ok, bad])
+    assert math.isnan(agg["mean"]) and agg["nonfinite"] == 2
 
 
 def test_summary_counts_wins_and_losses(rp):
@@ -101,8 +114,9 @@ def test_summary_counts_wins_and_losses(rp):
 
 def summary(t: torch.Tensor) -> dict:
     """What metanet.meta.evaluate reports for these scores."""
-    ci = 1.96 * t.std().item() / math.sqrt(len(t)) if len(t) > 1 else math.nan
-    return {"mean": t.mean().item(), "ci95": ci, "n": len(t)}
+    from metanet.meta import _summary
+
+    return _summary(t.tolist())
 
 
 def test_pool_equals_the_statistics_of_all_scores_together(rp):
