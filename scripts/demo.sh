@@ -15,7 +15,7 @@ echo "== ready search spaces"
 $M spaces list
 
 echo "== meta-training on multimodal regression ($STEPS steps) -> $RUN"
-$M train --space mlp_regression --tasks multimodal --steps "$STEPS" --val-every 200 \
+$M train --space mlp_regression --tasks multimodal --steps "$STEPS" --val-every 200 --hard \
   --strategy vmap --out "$RUN" --overwrite
 
 echo "== evaluation on 200 fixed test tasks (MSE after 10 inner steps)"
