@@ -933,7 +933,7 @@ def plot_table(name: str, t: dict[str, Any], figures: Path) -> list[Path]:
     for ax, setting in zip(axes[0], settings):
         for method, row in t["rows"][setting].items():
             for i, seed in enumerate(row["per_seed"]):
-                pts = [(r["time"], r["query_loss"]) for r in _read_metrics(seed["run_dir"]) if "query_loss" in r and math.isfinite(r["query_loss"])]
+                pts = [(r["time"], r["query_loss"]) for r in _read_metrics(seed["run_dir"]) if r.get("query_loss") is not None and math.isfinite(r["query_loss"])]  # null: non-finite
                 if not pts:
                     continue
                 times, losses = zip(*pts)
