@@ -960,6 +960,12 @@ def plot_table(name: str, t: dict[str, Any], figures: Path) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log_y:
             ax.set_yscale("log")
+            # A diverging curve (MSE to 1e28) would flatten every other one: clip the axis
+            # at 10x the worst MSE before adaptation; what leaves the top diverged.
+            starts = [r["curve"][0] for r in t["rows"][setting].values() if r["curve"] and math.isfinite(r["curve"][0])]
+            if starts:
+                ax.set_ylim(top=10 * max(starts))
+                ax.text(0.99, 0.98, "off the top: diverging", transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.4")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"{t['title']}: {metric} vs adaptation steps (mean over seeds)")
