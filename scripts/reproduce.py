@@ -780,6 +780,11 @@ def _verdicts(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[str]
         return out + [f"- cannot compare: {' and '.join(failed)} failed in every seed.", ""]
     for k in ks:
         out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows['maml']['aggregate'][k])}.")
+    baselines = [m for m, r in rows.items() if not m.startswith("metanet") and m != "maml" and r["per_seed"]]
+    for k in ks:  # the strongest other baseline of each column, not only MAML
+        best = _best({m: rows[m] for m in baselines}, k, metric, lambda r: r["aggregate"]) if baselines else None
+        if best is not None:
+            out.append(f"- against the best other baseline, {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows[best]['aggregate'][k], base_name=best)}.")
     fams = rows["metanet"].get("families")
     if fams and rows["maml"].get("families"):
         k = ks[-1]

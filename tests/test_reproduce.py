@@ -330,3 +330,14 @@ def test_curve_and_multi_step_evaluate_equal_evaluate_at_every_step(rp, smoke):
         assert multi[k]["ci95"] == pytest.approx(single["ci95"], rel=1e-5)
     curve = [multi[k]["mean"] for k in range(3)]
     assert seed["curve"] == pytest.approx(curve, rel=1e-6)  # what the run recorded (smoke: 0..2 steps)
+
+
+def test_verdicts_name_the_strongest_other_baseline(rp):
+    def row(mean):
+        return {"aggregate": {"1": stat(mean, ci=0.01)}, "per_seed": [{}]}
+
+    rows = {"maml": row(0.50), "protonet": row(0.90), "reptile": row(0.60), "metanet": row(0.85), "metanet-first-order": row(0.95)}
+    lines = rp._verdicts(rows, ["1"], "accuracy")
+    assert any("metanet is 35.00 points higher accuracy than MAML" in line for line in lines)
+    best = [line for line in lines if "best other baseline" in line]
+    assert best == ["- against the best other baseline, accuracy after 1 step: metanet does not beat protonet: 5.00 points lower accuracy (85.00% vs 90.00%)."]
