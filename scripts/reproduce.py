@@ -321,6 +321,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         saved = _from_json(json.loads(cached.read_text()))
         if saved.get("job") != spec:
             saved = None
+        elif "error" in saved:  # a run that failed stays failed: --reuse must not retrain it until it passes
+            return {"error": saved["error"], "reused": True}
         elif job["reuse"] != "training":
             saved["reused"] = True
             return saved
@@ -530,7 +532,12 @@ def _run_job_safely(job: dict[str, Any]) -> dict[str, Any]:
     try:
         return run_job(job)
     except Exception as e:  # noqa: BLE001 - any failure of one run is reported in its row
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        run_dir = Path(job["run_dir"])
+        if run_dir.is_dir():  # recorded, so that --reuse reports the failure instead of retraining
+            spec = {k: v for k, v in job.items() if k != "reuse"}
+            (run_dir / "result.json").write_text(json.dumps(_to_json({"job": spec, "error": error}), indent=1, allow_nan=False))
+        return {"error": error}
 
 
 def run_jobs(jobs: list[dict[str, Any]], n_workers: int) -> list[dict[str, Any]]:

@@ -341,3 +341,19 @@ def test_verdicts_name_the_strongest_other_baseline(rp):
     assert any("metanet is 35.00 points higher accuracy than MAML" in line for line in lines)
     best = [line for line in lines if "best other baseline" in line]
     assert best == ["- against the best other baseline, accuracy after 1 step: metanet does not beat protonet: 5.00 points lower accuracy (85.00% vs 90.00%)."]
+
+
+def test_a_failed_run_stays_failed_under_reuse(rp, tmp_path, monkeypatch):
+    job = {"run_dir": str(tmp_path / "run"), "reuse": True, "cfg": {"seed": 0}}
+    (tmp_path / "run").mkdir()
+    calls = []
+
+    def failing(j):
+        calls.append(j)
+        raise FloatingPointError("10 non-finite losses in a row\nmore")
+
+    monkeypatch.setattr(rp, "train", lambda *a, **k: failing(None))
+    assert rp._run_job_safely(job) == {"error": "FloatingPointError: 10 non-finite losses in a row"}
+    assert len(calls) == 1
+    again = rp._run_job_safely(job)  # reused: the failure, not a new training
+    assert again == {"error": "FloatingPointError: 10 non-finite losses in a row", "reused": True} and len(calls) == 1
