@@ -266,14 +266,19 @@ def test_smoke_json_pngs_and_population(smoke):
     assert sum(f["1"]["n"] for f in fams.values()) == mm["test"]["n"]
 
 
+def _seed_model(data: dict, table: str, setting: str, method: str) -> tuple[dict, object]:
+    """Seed 0's saved figures of a smoke row, and its final model."""
+    from metanet.trainer import load_run
+
+    seed = data["tables"][table]["rows"][setting][method]["per_seed"][0]
+    return seed, load_run(seed["run_dir"], "last")[0]
+
+
 @pytest.mark.slow
 def test_smoke_scores_are_metanet_evaluate_on_the_fixed_test_tasks(rp, smoke):
     # Re-evaluate one saved run by hand: the table cell must be exactly evaluate's mean.
-    from metanet.trainer import load_run
-
-    out, data = smoke
-    seed = data["tables"]["sinusoid"]["rows"]["10-shot"]["maml"]["per_seed"][0]
-    model, _ = load_run(seed["run_dir"], "last")
+    _, data = smoke
+    seed, model = _seed_model(data, "sinusoid", "10-shot", "maml")
     test = seed["test"]
     episodes = fixed_episodes(Sinusoid(shots=10, queries=test["queries"]), test["n"], test["batch"], test["seed"])
     assert evaluate(model, episodes, 1)["mean"] == pytest.approx(seed["scores"]["1"]["mean"], rel=1e-6)
@@ -315,11 +320,8 @@ def test_rerun_of_one_table_reuses_runs_and_keeps_the_others(rp, smoke):
 
 @pytest.mark.slow
 def test_curve_and_multi_step_evaluate_equal_evaluate_at_every_step(rp, smoke):
-    from metanet.trainer import load_run
-
     _, data = smoke
-    seed = data["tables"]["multimodal"]["rows"]["5-shot"]["metanet"]["per_seed"][0]
-    model, _ = load_run(seed["run_dir"], "last")
+    seed, model = _seed_model(data, "multimodal", "5-shot", "metanet")
     test = seed["test"]
     episodes = rp.TestEpisodes(Multimodal(shots=5, queries=test["queries"]), test["n"], test["batch"], test["seed"], limit=1)
     multi = evaluate(model, episodes, [3, 0, 1, 2])  # one pass per task, adapting on
