@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import Genotype, live_nodes
-from .ops import OpDef, activation, batch_norm, conv2d_im2col, get_op, init_tensor
+from .ops import OpDef, activation, batch_norm, conv2d_im2col, get_op, init_tensor, relu_conv2d
 from .space import CellSpec, SearchSpace
 
 __all__ = [
@@ -329,20 +329,42 @@ def _head(plan: Plan, params: Params, x: Tensor, features: bool = False) -> Tens
     return F.linear(x, params["head.w"], params["head.b"])  # (N, outputs)
 
 
-def _cell_input(plan: Plan, cp: CellPlan, ip: InputPlan, params: Params, x: Tensor) -> Tensor:
+def _cell_input(plan: Plan, cp: CellPlan, ip: InputPlan, params: Params, x: Tensor, fused: bool) -> Tensor:
     if ip.weight is None:
         return x
+    if plan.image and fused and cp.spec.preact == "relu":
+        return _norm(plan, relu_conv2d(x, params[ip.weight], stride=ip.stride))
     act = activation(cp.spec.preact)
     if plan.image:
         return _norm(plan, F.conv2d(act(x), params[ip.weight], stride=ip.stride))
     return F.linear(act(x), params[ip.weight], params[ip.bias])
 
 
-EdgeFn = Callable[[CellPlan, EdgePlan, Tensor], Tensor]
+class _Source:
+    """A node's value and its pre-activation, computed once, when an edge first asks."""
+
+    __slots__ = ("value", "_act", "_pre")
+
+    def __init__(self, value: Tensor, act: Callable[[Tensor], Tensor]) -> None:
+        self.value, self._act, self._pre = value, act, None
+
+    @property
+    def pre(self) -> Tensor:
+        if self._pre is None:
+            self._pre = self._act(self.value)
+        return self._pre
 
 
-def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], list[tuple[EdgePlan, EdgeFn]]], cell_live: Callable[[int], set[int]], features: bool) -> Tensor:
-    """Stem, cells and head; ``cell_edges(i)`` gives the edges to run in cell i."""
+EdgeFn = Callable[[CellPlan, EdgePlan, _Source], Tensor]
+
+
+def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], list[tuple[EdgePlan, EdgeFn]]], cell_live: Callable[[int], set[int]], features: bool, fused: bool = False) -> Tensor:
+    """Stem, cells and head; ``cell_edges(i)`` gives the edges to run in cell i.
+
+    Edges receive their source as a ``_Source``: plain ops read its shared pre-activation
+    (computed once per source node), the fused path's convolutions take the node value
+    and apply a ReLU pre-activation themselves (``ops.relu_conv2d``, which keeps less
+    for the backward). ``fused`` also routes the cell-input projections through it."""
     states = [_stem(plan, params, x)]
     for ci, cp in enumerate(plan.cells):
         spec = cp.spec
@@ -351,9 +373,9 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
         nodes: dict[int, Tensor] = {}
         for j, ip in enumerate(cp.inputs):
             if j in used:
-                nodes[j] = _cell_input(plan, cp, ip, params, states[ip.state])
+                nodes[j] = _cell_input(plan, cp, ip, params, states[ip.state], fused)
         act = activation(spec.preact)
-        pre: dict[int, Tensor] = {}  # the shared pre-activation, computed once per source
+        sources: dict[int, _Source] = {}
         live = cell_live(ci)
         for dst in range(spec.inputs, spec.inputs + spec.nodes):
             if dst not in live:
@@ -361,9 +383,9 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
             terms = []
             for e, fn in edges:
                 if e.dst == dst:
-                    if e.src not in pre:
-                        pre[e.src] = act(nodes[e.src])
-                    terms.append(fn(cp, e, pre[e.src]))
+                    if e.src not in sources:
+                        sources[e.src] = _Source(nodes[e.src], act)
+                    terms.append(fn(cp, e, sources[e.src]))
             if terms:
                 nodes[dst] = _norm(plan, _add(terms))
             else:  # every input dropped: the node outputs zeros, exactly as in the supernet
@@ -436,29 +458,34 @@ GROUP_EDGES = True
 def _soft_edge(alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
     grouped: dict[int, Tensor] = {}  # EdgePlan.index -> its part of a group's output, until used
 
-    def merged_conv(cp: CellPlan, e: EdgePlan, x: Tensor) -> Tensor:
+    def conv(cp: CellPlan, src: _Source, kernel: Tensor, e: EdgePlan) -> Tensor:
+        if cp.spec.preact == "relu":  # keeps the node value only, not also its ReLU
+            return relu_conv2d(src.value, kernel, stride=e.stride, padding=e.merged_size // 2)
+        return F.conv2d(src.pre, kernel, stride=e.stride, padding=e.merged_size // 2)
+
+    def merged_conv(cp: CellPlan, e: EdgePlan, src: _Source) -> Tensor:
         c = cp.spec.channels
         group = cp.group_of.get(e.index) if GROUP_EDGES else None
         if group is None:
-            return F.conv2d(x, _merged_kernel(e, alpha[e.index], params, c, x), stride=e.stride, padding=e.merged_size // 2)
+            return conv(cp, src, _merged_kernel(e, alpha[e.index], params, c, src.value), e)
         if e.index not in grouped:  # the group's first edge: run the whole group's convolution
-            kernel = torch.cat([_merged_kernel(f, alpha[f.index], params, c, x) for f in group])  # (m*c, c, k, k)
-            y = F.conv2d(x, kernel, stride=e.stride, padding=e.merged_size // 2)
+            kernel = torch.cat([_merged_kernel(f, alpha[f.index], params, c, src.value) for f in group])  # (m*c, c, k, k)
+            y = conv(cp, src, kernel, e)
             grouped.update({f.index: part for f, part in zip(group, y.split(c, dim=1))})
         return grouped.pop(e.index)
 
-    def edge(cp: CellPlan, e: EdgePlan, x: Tensor) -> Tensor:
+    def edge(cp: CellPlan, e: EdgePlan, src: _Source) -> Tensor:
         c, w = cp.spec.channels, alpha[e.index]  # (ops,)
         if not fused:
-            return _add([w[call.col] * call(x, params, c, e.stride) for call in e.ops])
+            return _add([w[call.col] * call(src.pre, params, c, e.stride) for call in e.ops])
         terms = []
         if e.merged:
-            terms.append(merged_conv(cp, e, x))
+            terms.append(merged_conv(cp, e, src))
         for i in e.separate:
             call = e.ops[i]
-            terms.append(w[call.col] * call(x, params, c, e.stride))
+            terms.append(w[call.col] * call(src.pre, params, c, e.stride))
         if not terms:  # only zero candidates
-            return e.ops[0](x, params, c, e.stride)
+            return e.ops[0](src.pre, params, c, e.stride)
         return _add(terms)
 
     return edge
@@ -481,7 +508,7 @@ def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool
     edge = _soft_edge(alpha, params, fused)
     all_edges = [[(e, edge) for e in cp.edges] for cp in plan.cells]
     all_nodes = [set(range(cp.spec.inputs, cp.spec.inputs + cp.spec.nodes)) for cp in plan.cells]
-    return _network(plan, params, x, all_edges.__getitem__, all_nodes.__getitem__, features)
+    return _network(plan, params, x, all_edges.__getitem__, all_nodes.__getitem__, features, fused)
 
 
 def forward_genotype(plan: Plan, genotype: Genotype, params: Params, x: Tensor, *, features: bool = False) -> Tensor:
@@ -493,7 +520,7 @@ def forward_genotype(plan: Plan, genotype: Genotype, params: Params, x: Tensor, 
 
 
 def _discrete_edge(call: OpCall, params: Params) -> EdgeFn:
-    return lambda cp, e, x: call(x, params, cp.spec.channels, e.stride)
+    return lambda cp, e, src: call(src.pre, params, cp.spec.channels, e.stride)
 
 
 def run(

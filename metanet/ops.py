@@ -31,6 +31,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_reference",
     "conv2d_im2col",
+    "relu_conv2d",
     "activation",
     "ACTIVATIONS",
     "suggest",
@@ -239,6 +240,49 @@ def conv2d_im2col(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Te
     # runs at a few GFLOP/s; per-image products need no copies (3-4x faster fwd + bwd).
     out = torch.bmm(w.reshape(c_out, -1).expand(n, -1, -1), cols)  # (N, C_out, Ho*Wo)
     return out.view(n, c_out, ho, wo)
+
+
+class _ReluConv2d(torch.autograd.Function):
+    """``conv2d(relu(y), w)`` that saves ``y``, not ``relu(y)``, for the backward.
+
+    In a norm-then-ReLU network the norm already keeps its output ``y`` for its own
+    backward; ``F.conv2d(F.relu(y), w)`` keeps a second full-size tensor, ``relu(y)``,
+    for the weight gradient and the ReLU's mask. Here the backward recomputes ``relu(y)``
+    (one elementwise pass) and takes the mask from ``y``, so the pair keeps one tensor
+    per node instead of two. The backward is ``aten.convolution_backward`` and
+    ``threshold_backward``, both differentiable and vmappable, so second-order MAML
+    through it is exact and it works under ``torch.func.grad`` and ``vmap``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y: Tensor, w: Tensor, stride: int, padding: int) -> Tensor:
+        return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        y, w, ctx.stride, ctx.padding = inputs
+        ctx.save_for_backward(y, w)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        y, w = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[:2]
+        s, p = ctx.stride, ctx.padding
+        gy, gw, _ = torch.ops.aten.convolution_backward(g, F.relu(y), w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, [need_y, need_w, False])
+        if gy is not None:
+            gy = torch.ops.aten.threshold_backward(gy, y, 0.0)  # the ReLU's mask, from y
+        return gy, gw, None, None
+
+
+def relu_conv2d(y: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """``F.conv2d(F.relu(y), w, stride=stride, padding=padding)``, keeping only ``y`` for the
+    backward (see ``_ReluConv2d``): the fused executor's edge convolution. Equal to the
+    plain ops in value and in first and second derivatives (tests/test_perf_paths.py)."""
+    if not torch.is_grad_enabled():
+        return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
+    return _ReluConv2d.apply(y, w, stride, padding)
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {

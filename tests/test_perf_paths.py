@@ -2,6 +2,7 @@
 
 - ``ops.batch_norm`` (custom autograd function) vs ``ops.batch_norm_reference`` (plain ops);
 - ``ops.conv2d_im2col`` (unfold + matmul) vs ``F.conv2d``, and the executor's im2col stem;
+- ``ops.relu_conv2d`` (keeps its input, not its ReLU, for the backward) vs ``F.conv2d(F.relu(.))``;
 - the fused path's cached constant kernels and stacked kernel contraction (the fused vs
   unfused comparison of every space is in tests/test_executor.py).
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from metanet import executor as X
-from metanet.ops import batch_norm, batch_norm_reference, conv2d_im2col
+from metanet.ops import batch_norm, batch_norm_reference, conv2d_im2col, relu_conv2d
 from metanet.space import builtin_spaces, load
 
 DT = torch.float64
@@ -159,6 +160,71 @@ def test_im2col_stem_meta_gradient_equals_conv_stem(strategy: str) -> None:
     assert got[0].abs().sum() > 0  # stem.w
     for name, a, b in zip(base, got, ref):
         assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------- relu + conv
+
+
+def _relu_conv_ref(y: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
+def test_relu_conv2d_equals_plain_ops_to_second_order(k: int, stride: int, padding: int) -> None:
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(2, 3, 7, 7, generator=g, dtype=DT)
+    w = torch.randn(4, 3, k, k, generator=g, dtype=DT)
+    r = torch.randn(_relu_conv_ref(y, w, stride, padding).shape, generator=g, dtype=DT)
+    for wrt in ("y", "w"):
+        def fn(t, conv):
+            return conv(t, w, stride, padding) if wrt == "y" else conv(y, t, stride, padding)
+        arg = y if wrt == "y" else w
+        for a, b in zip(_grads(lambda t: fn(t, relu_conv2d), arg, r), _grads(lambda t: fn(t, _relu_conv_ref), arg, r)):
+            assert_close(a, b, rtol=1e-10, atol=1e-10)
+    args = (y.clone().requires_grad_(True), w.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda a, b: relu_conv2d(a, b, stride, padding), args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: relu_conv2d(a, b, stride, padding), args, fast_mode=True)
+
+
+def test_relu_conv2d_under_vmap_and_func_grad_equals_reference_loop() -> None:
+    """The inner loop's pattern: per-task weights, vmap of a second-order torch.func.grad."""
+    g = torch.Generator().manual_seed(10)
+    ys = torch.randn(3, 2, 3, 6, 6, generator=g, dtype=DT)  # (B, N, C, H, W)
+    ws = torch.randn(3, 4, 3, 3, 3, generator=g, dtype=DT)
+
+    def second(conv):
+        inner = torch.func.grad(lambda w, y: conv(y, w, 2, 1).pow(2).sum())
+        return torch.func.grad(lambda w, y: (w - 0.1 * inner(w, y)).pow(2).sum().sqrt())
+
+    got = torch.func.vmap(second(relu_conv2d))(ws, ys)
+    ref = torch.stack([second(_relu_conv_ref)(w, y) for w, y in zip(ws, ys)])
+    assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_relu_conv2d_after_a_norm_keeps_one_tensor_per_node() -> None:
+    """Norm then ReLU then conv: the plain ops keep the norm's output and the ReLU's output;
+    with ``relu_conv2d`` the norm's output is all (plus the weights)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 16, 14, 14, generator=g, requires_grad=True)
+    w = torch.randn(16, 16, 3, 3, generator=g, requires_grad=True)
+    act, wb = x.numel() * 4, w.numel() * 4
+    plain = _saved_bytes(lambda: _relu_conv_ref(batch_norm(x), w, 1, 1))
+    ours = _saved_bytes(lambda: relu_conv2d(batch_norm(x), w, 1, 1))
+    assert plain >= 2 * act + wb
+    assert ours < act + wb + 16 * 4 * 2  # y, w, and the norm's per-channel r
 
 
 # ------------------------------------------------------------------------- fused path
