@@ -130,7 +130,7 @@ def _train_config(args: argparse.Namespace):
         over["order"] = "first"
     if args.reptile:
         over["order"] = "reptile"
-    for flag in ("meta_sgd", "adapt_alpha", "gumbel", "hard"):
+    for flag in ("meta_sgd", "adapt_alpha", "gumbel", "hard", "compile"):
         if getattr(args, flag):
             over[flag] = True
     if args.no_metadata:
@@ -584,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-metadata", action="store_true", help="withhold task metadata")
     tr.add_argument("--no-fused", action="store_true", help="run mixed ops unfused (reference path)")
     tr.add_argument("--strategy", choices=("auto", "loop", "vmap"))
+    tr.add_argument("--compile", action="store_true", help="torch.compile the meta-step; kept only if its meta-gradients match eager on the first step (compiling takes tens of seconds)")
     tr.add_argument("--beta", type=_nonneg_float, help="KL weight")
     tr.add_argument("--entropy-weight", dest="entropy_weight", type=_finite_float)
     tr.add_argument("--temperature", type=_positive_float)

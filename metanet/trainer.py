@@ -22,15 +22,18 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed
+from .compile import checked_compile
 from .meta import ORDERS, MetaNet, ModelConfig, evaluate, meta_loss
 from .space import SearchSpace, load, loads
 from .tasks import Episode, TaskDistribution, fixed_episodes, make_tasks
@@ -68,6 +71,7 @@ class TrainConfig:
     gumbel: bool = False
     hard: bool = False
     strategy: str = "auto"  # auto | loop | vmap
+    compile: bool = False  # torch.compile the meta-step, kept only if it matches eager on the first step
     meta_lr: float = 1e-3
     clip: float = 10.0
     schedule: str = "cosine"  # cosine | constant
@@ -124,7 +128,7 @@ _POS_INT = ("ways", "shots", "queries", "meta_batch", "val_every", "val_tasks", 
 _NONNEG_INT = ("inner_steps", "eval_inner_steps", "seed")
 _POS_FLOAT = ("temperature", "final_temperature", "meta_lr", "clip", "inner_lr")
 _NONNEG_FLOAT = ("beta",)
-_BOOL = ("rotations", "gumbel", "hard", "meta_sgd", "adapt_alpha", "use_metadata", "fused", "proto_head")
+_BOOL = ("rotations", "gumbel", "hard", "meta_sgd", "adapt_alpha", "use_metadata", "fused", "proto_head", "compile")
 _CHOICES = {
     "order": ORDERS,
     "strategy": ("auto", "loop", "vmap"),
@@ -265,6 +269,57 @@ def _lr_factor(cfg: TrainConfig, progress: float) -> float:
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
+
+
+StepFn = Callable[..., tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]]
+
+
+def _step_function(model: MetaNet, part: slice, noise: torch.Generator, params: list[Tensor], step_kw: dict[str, Any]) -> StepFn:
+    """One meta-step as a pure function of its data: ``(loss, meta-gradients, metrics)``.
+
+    ``step(support_x, support_y, query_x, query_y, metadata, temperature, noise_state)``;
+    with ``noise_state`` given, the VAE and Gumbel noise generator is first set to it, so
+    that two calls (eager and compiled, in ``checked_compile``) draw the same noise. It
+    updates nothing else: the trainer assigns the gradients and steps the optimizer.
+    """
+
+    def step(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, md: Tensor | None, temperature: float, noise_state: Tensor | None = None) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
+        if noise_state is not None:
+            noise.set_state(noise_state)
+        loss, m = distributed.shard_loss(model, Episode(sx, sy, qx, qy, md), part, noise, temperature=temperature, **step_kw)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss, grads, m
+
+    return step
+
+
+def _compiled_step(step: StepFn, episode: Episode, temperature: float, noise: torch.Generator) -> tuple[StepFn, dict[str, Any]]:
+    """``torch.compile`` the meta-step if it gives eager's meta-gradients on ``episode``.
+
+    Runs the eager and the compiled step once each on the run's first meta-batch, from the
+    same noise state (which is restored afterwards, so the run draws what an eager run
+    draws). Compilation takes tens of seconds on 2 CPU cores. Returns the step to use and
+    what the check found (logged, and kept in the run's result).
+    """
+    state = noise.get_state()
+    # meta_loss reads its metrics as Python numbers, a deliberate graph break that dynamo
+    # reports with a multi-line warning while it traces; nothing for a user to act on.
+    quiet = logging.getLogger("torch._dynamo.variables.tensor")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        checked = checked_compile(step, (*_episode_args(episode), temperature, state))
+    finally:
+        quiet.setLevel(level)
+        noise.set_state(state)
+    info = {"compiled": checked.compiled, "compile_s": round(checked.compile_s, 1), "eager_s": round(checked.eager_s, 3), "max_rel_error": checked.max_rel_error if math.isfinite(checked.max_rel_error) else None}
+    if not checked.compiled:
+        info["reason"] = checked.reason
+    return checked.fn, info
+
+
+def _episode_args(ep: Episode) -> tuple[Tensor | None, ...]:
+    return ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.metadata
 
 
 # --------------------------------------------------------------------------- the run
@@ -424,6 +479,8 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
     elapsed_t = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=state["strategy"])
+    step = _step_function(model, part, noise, params, step_kw)
+    compile_info: dict[str, Any] | None = None
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
@@ -452,11 +509,13 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
                 group["lr"] = cfg.meta_lr * _lr_factor(cfg, p)
             tau = _temperature(cfg, p)
             episode = dist_.sample(cfg.meta_batch, gen).to(ctx.device)
-            loss, m = distributed.shard_loss(model, episode, part, noise, temperature=tau, **step_kw)
-            opt.zero_grad(set_to_none=True)
+            if cfg.compile and compile_info is None:  # on this process's first step
+                step, compile_info = _compiled_step(step, episode, tau, noise)
+                write({"step": state["step"], "compile": compile_info})
+            loss, grads, m = step(*_episode_args(episode), tau)
+            for p_, g in zip(params, grads):
+                p_.grad = g
             finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
             if ctx.distributed:
                 finite, m = ctx.all_reduce_step(params, finite, m)
             if finite:
@@ -501,6 +560,8 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
     if best is not None and space.task.kind != "classification":
         best = -best
     result = {"step": state["step"], "best_val": best, "strategy": state["strategy"], "nonfinite": state["nonfinite"], "elapsed": state["elapsed"]}
+    if compile_info is not None:
+        result["compile"] = compile_info
     return ctx.broadcast_object(result)  # rank 0's figures everywhere (and no rank leaves early)
 
 

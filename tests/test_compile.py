@@ -145,3 +145,67 @@ def test_compile_network_rejects_a_non_module() -> None:
     with pytest.raises(TypeError) as ei:
         compile_network(42)
     assert str(ei.value) == "compile_network expects an nn.Module or a GeneratedNetwork, got int"
+
+
+# ------------------------------------------------------------ metanet train --compile
+
+
+def _losses(run) -> list[float]:
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _compile_cfg(**kw):
+    from metanet.trainer import TrainConfig
+
+    # VAE weights: the step draws noise, so the check must not shift the run's random stream.
+    base = dict(space="mlp_regression", tasks="sinusoid", steps=6, meta_batch=3, val_every=3, val_tasks=3, log_every=1, strategy="vmap", dim=8, latent=4, seed=5)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("compiler", ["identity", "broken"])
+def test_train_compile_check_leaves_the_run_identical_to_eager(compiler: str, tmp_path, monkeypatch) -> None:
+    """The first-step check draws the step's noise twice and restores it: with a compiler
+    that returns the eager step (accepted) or raises (rejected, eager fallback), the run's
+    losses are exactly those of a run without --compile."""
+    import functools
+
+    from metanet import trainer
+
+    def broken(f):
+        def g(*args):
+            raise RuntimeError("inductor exploded")
+        return g
+
+    fake = (lambda f: f) if compiler == "identity" else broken
+    monkeypatch.setattr(trainer, "checked_compile", functools.partial(checked_compile, compiler=fake))
+    eager = trainer.train(_compile_cfg(), tmp_path / "eager")
+    checked = trainer.train(_compile_cfg(compile=True), tmp_path / "checked")
+    assert "compile" not in eager
+    assert checked["compile"]["compiled"] is (compiler == "identity")
+    if compiler == "broken":
+        assert "inductor exploded" in checked["compile"]["reason"]
+    assert _losses(tmp_path / "checked") == _losses(tmp_path / "eager")
+    assert checked["best_val"] == eager["best_val"]
+
+
+@pytest.mark.slow
+def test_cli_train_compile_uses_the_compiled_step_and_follows_eager(tmp_path) -> None:
+    """A real torch.compile of the second-order VAE meta-step through the CLI: accepted by the
+    check, and its losses follow the eager run's to float tolerance."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["--space", "mlp_regression", "--tasks", "sinusoid", "--steps", "6", "--meta-batch", "3", "--val-every", "3", "--val-tasks", "3", "--log-every", "1", "--strategy", "vmap", "--seed", "5", "--quiet"]
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = subprocess.run([sys.executable, "-m", "metanet", "train", *args, *extra, "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    info = runs["compiled"]["compile"]
+    assert info["compiled"], info
+    assert info["max_rel_error"] < 1e-4
+    assert_close(torch.tensor(_losses(tmp_path / "compiled")), torch.tensor(_losses(tmp_path / "eager")), rtol=1e-3, atol=1e-5)
