@@ -20,7 +20,9 @@ Timings alternate the variants, several repeats, median. FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode`` on the per-task loop (convolutions and
 matmuls only; it over-counts grouped convolutions, hence not on the vmap path); the peak is
 a large float32 matmul measured in the same run. ``top_ops`` is torch.profiler's
-key_averages of one ``ours_loop`` step, by self CPU time.
+key_averages of one ``ours_loop`` step, by self CPU time. ``minor_page_faults_per_step``
+counts the fresh pages each variant maps per step (glibc returns large freed blocks to
+the system, so memory that is not reused is faulted in again).
 
     python scripts/bench_meta.py            # about 3 minutes on 2 cores
     python scripts/bench_meta.py --quick    # under a minute (meta-batch 4)
@@ -192,6 +194,17 @@ def peak_matmul_flops(n: int, repeats: int) -> float:
     return 2 * n**3 / statistics.median(ts)
 
 
+def minor_faults(step: Callable[[], None]) -> int:
+    """Minor page faults of one call of ``step`` (after a warm-up call): fresh pages that
+    the allocator had to map, i.e. memory the step could not reuse."""
+    import resource
+
+    step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def count_flops(step: Callable[[], None]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -269,6 +282,7 @@ def main() -> None:
         "clone_achieved_gflops": round(clone_flops / med["clone_loop"] / 1e9, 1),
         "peak_matmul_gflops": round(peak / 1e9, 1),
         "fraction_of_peak": round(achieved / peak, 3),
+        "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward")},
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15),
         "top_ops": top_ops(lambda: ours_step(model, ep, "loop")),
     }
