@@ -49,6 +49,7 @@ import metanet.executor as X
 from metanet.meta import Generated, MetaNet, ModelConfig, meta_loss, task_loss
 from metanet.ops import batch_norm_reference, conv2d_im2col
 from metanet.space import load
+from metanet.trainer import reuse_freed_memory
 from metanet.tasks import Episode
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
@@ -230,7 +231,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-vmap", action="store_true", help="skip the vmap strategy (slow on CPU)")
+    ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
     args = ap.parse_args()
+    reused = reuse_freed_memory() if args.reuse_freed_memory else False
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = args.meta_batch or (4 if args.quick else 32)
@@ -271,6 +274,7 @@ def main() -> None:
         "setting": f"{WAYS}-way {SHOTS}-shot, {QUERIES} queries, second order, 1 inner step",
         "meta_batch": tasks,
         "repeats": repeats,
+        "reuse_freed_memory": reused,
         "step_s": {k: round(v, 3) for k, v in med.items()},
         "tasks_per_s": {k: round(tasks / v, 2) for k, v in med.items()},
         "speedup_vs_clone": {k: round(med["clone_loop"] / v, 2) for k, v in med.items() if k != "clone_loop"},

@@ -209,3 +209,4 @@ def test_cli_train_compile_uses_the_compiled_step_and_follows_eager(tmp_path) ->
     assert info["compiled"], info
     assert info["max_rel_error"] < 1e-4
     assert_close(torch.tensor(_losses(tmp_path / "compiled")), torch.tensor(_losses(tmp_path / "eager")), rtol=1e-3, atol=1e-5)
+

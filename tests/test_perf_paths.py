@@ -3,6 +3,7 @@
 - ``ops.batch_norm`` (custom autograd function) vs ``ops.batch_norm_reference`` (plain ops);
 - ``ops.conv2d_im2col`` (unfold + matmul) vs ``F.conv2d``, and the executor's im2col stem;
 - ``ops.relu_conv2d`` (keeps its input, not its ReLU, for the backward) vs ``F.conv2d(F.relu(.))``;
+- ``trainer.reuse_freed_memory`` (glibc keeps freed activations) against glibc's defaults;
 - the fused path's cached constant kernels and stacked kernel contraction (the fused vs
   unfused comparison of every space is in tests/test_executor.py).
 """
@@ -312,3 +313,38 @@ def test_grouped_edges_run_fewer_convolutions(monkeypatch: pytest.MonkeyPatch) -
     saved = sum(len(grp) - 1 for cp in plan.cells for grp in cp.groups)
     assert saved > 0 and outs[(True, "n")] == outs[(False, "n")] - saved
     assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- allocator setting
+
+_FAULTS = r"""
+import resource, sys, torch
+from metanet.trainer import reuse_freed_memory
+tuned = reuse_freed_memory() if sys.argv[1] == "tuned" else None
+def step():  # what a meta-step does: many large activations alive at once, then all freed
+    xs = [torch.ones(4 * 2**20) for _ in range(12)]  # 12 x 16 MiB, written
+    del xs
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt")
+def test_reuse_freed_memory_stops_refaulting_a_steps_activations() -> None:
+    """With glibc's defaults, memory freed at the end of a step is returned to the system and
+    faulted in again at the next; after ``reuse_freed_memory`` (which ``train`` calls) it is reused."""
+    import subprocess
+    import sys
+
+    out = {}
+    for mode in ("default", "tuned"):
+        r = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-1000:]
+        out[mode] = r.stdout.split()
+    assert out["tuned"][0] == "True"
+    pages = 3 * 12 * 4 * 2**20 * 4 // 4096  # every page of three steps
+    assert int(out["default"][1]) > pages // 2
+    assert int(out["tuned"][1]) < pages // 100
