@@ -332,8 +332,8 @@ def _head(plan: Plan, params: Params, x: Tensor, features: bool = False) -> Tens
 def _cell_input(plan: Plan, cp: CellPlan, ip: InputPlan, params: Params, x: Tensor, fused: bool) -> Tensor:
     if ip.weight is None:
         return x
-    if plan.image and fused and cp.spec.preact == "relu":
-        return _norm(plan, relu_conv2d(x, params[ip.weight], stride=ip.stride))
+    if plan.image and fused:
+        return _norm(plan, _Source(x, cp.spec.preact).conv(params[ip.weight], ip.stride, 0))
     act = activation(cp.spec.preact)
     if plan.image:
         return _norm(plan, F.conv2d(act(x), params[ip.weight], stride=ip.stride))
@@ -341,18 +341,26 @@ def _cell_input(plan: Plan, cp: CellPlan, ip: InputPlan, params: Params, x: Tens
 
 
 class _Source:
-    """A node's value and its pre-activation, computed once, when an edge first asks."""
+    """A node's value and its pre-activation (the cell's ``preact``), computed once, when an
+    edge first asks."""
 
-    __slots__ = ("value", "_act", "_pre")
+    __slots__ = ("value", "_preact", "_pre")
 
-    def __init__(self, value: Tensor, act: Callable[[Tensor], Tensor]) -> None:
-        self.value, self._act, self._pre = value, act, None
+    def __init__(self, value: Tensor, preact: str) -> None:
+        self.value, self._preact, self._pre = value, preact, None
 
     @property
     def pre(self) -> Tensor:
         if self._pre is None:
-            self._pre = self._act(self.value)
+            self._pre = activation(self._preact)(self.value)
         return self._pre
+
+    def conv(self, kernel: Tensor, stride: int, padding: int) -> Tensor:
+        """``conv2d(pre, kernel)``; after a ReLU, ``ops.relu_conv2d`` on the value, which
+        keeps only the value (saved by the norm anyway) for the backward, not its ReLU."""
+        if self._preact == "relu":
+            return relu_conv2d(self.value, kernel, stride=stride, padding=padding)
+        return F.conv2d(self.pre, kernel, stride=stride, padding=padding)
 
 
 EdgeFn = Callable[[CellPlan, EdgePlan, _Source], Tensor]
@@ -374,7 +382,6 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
         for j, ip in enumerate(cp.inputs):
             if j in used:
                 nodes[j] = _cell_input(plan, cp, ip, params, states[ip.state], fused)
-        act = activation(spec.preact)
         sources: dict[int, _Source] = {}
         live = cell_live(ci)
         for dst in range(spec.inputs, spec.inputs + spec.nodes):
@@ -384,7 +391,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
             for e, fn in edges:
                 if e.dst == dst:
                     if e.src not in sources:
-                        sources[e.src] = _Source(nodes[e.src], act)
+                        sources[e.src] = _Source(nodes[e.src], spec.preact)
                     terms.append(fn(cp, e, sources[e.src]))
             if terms:
                 nodes[dst] = _norm(plan, _add(terms))
@@ -458,19 +465,14 @@ GROUP_EDGES = True
 def _soft_edge(alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
     grouped: dict[int, Tensor] = {}  # EdgePlan.index -> its part of a group's output, until used
 
-    def conv(cp: CellPlan, src: _Source, kernel: Tensor, e: EdgePlan) -> Tensor:
-        if cp.spec.preact == "relu":  # keeps the node value only, not also its ReLU
-            return relu_conv2d(src.value, kernel, stride=e.stride, padding=e.merged_size // 2)
-        return F.conv2d(src.pre, kernel, stride=e.stride, padding=e.merged_size // 2)
-
     def merged_conv(cp: CellPlan, e: EdgePlan, src: _Source) -> Tensor:
         c = cp.spec.channels
         group = cp.group_of.get(e.index) if GROUP_EDGES else None
         if group is None:
-            return conv(cp, src, _merged_kernel(e, alpha[e.index], params, c, src.value), e)
+            return src.conv(_merged_kernel(e, alpha[e.index], params, c, src.value), e.stride, e.merged_size // 2)
         if e.index not in grouped:  # the group's first edge: run the whole group's convolution
             kernel = torch.cat([_merged_kernel(f, alpha[f.index], params, c, src.value) for f in group])  # (m*c, c, k, k)
-            y = conv(cp, src, kernel, e)
+            y = src.conv(kernel, e.stride, e.merged_size // 2)
             grouped.update({f.index: part for f, part in zip(group, y.split(c, dim=1))})
         return grouped.pop(e.index)
 

@@ -143,7 +143,7 @@ def edge_case(tasks: int, images: int, repeats: int) -> dict:
         outs = []
         for b in range(tasks):
             p = {k: v[b] for k, v in per_task.items()}
-            outs.append(X._soft_edge(alpha[b], p, fused)(cp, e, X._Source(x[b], torch.relu)))
+            outs.append(X._soft_edge(alpha[b], p, fused)(cp, e, X._Source(x[b], "relu")))
         return torch.stack(outs)
 
     def step(fused: bool) -> None:
