@@ -318,9 +318,12 @@ def test_grouped_edges_run_fewer_convolutions(monkeypatch: pytest.MonkeyPatch) -
 # ------------------------------------------------------------------- allocator setting
 
 _FAULTS = r"""
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from metanet.trainer import reuse_freed_memory
-tuned = reuse_freed_memory() if sys.argv[1] == "tuned" else None
+if sys.argv[1] == "mmap":  # glibc's behaviour above its mmap threshold, pinned (the default threshold moves)
+    tuned = ctypes.CDLL("libc.so.6").mallopt(-3, 2**20) and None
+else:
+    tuned = reuse_freed_memory()
 def step():  # what a meta-step does: many large activations alive at once, then all freed
     xs = [torch.ones(4 * 2**20) for _ in range(12)]  # 12 x 16 MiB, written
     del xs
@@ -334,17 +337,19 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt")
 def test_reuse_freed_memory_stops_refaulting_a_steps_activations() -> None:
-    """With glibc's defaults, memory freed at the end of a step is returned to the system and
-    faulted in again at the next; after ``reuse_freed_memory`` (which ``train`` calls) it is reused."""
+    """Blocks that glibc serves by mmap are returned to the system when freed and faulted in
+    again at the next step (pinned here with a 1 MiB threshold: glibc's default threshold
+    moves with the allocation history, so how often a real step hits it varies; bench_meta
+    counts it); after ``reuse_freed_memory`` (which ``train`` calls) they are reused."""
     import subprocess
     import sys
 
     out = {}
-    for mode in ("default", "tuned"):
+    for mode in ("mmap", "tuned"):
         r = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-1000:]
         out[mode] = r.stdout.split()
     assert out["tuned"][0] == "True"
     pages = 3 * 12 * 4 * 2**20 * 4 // 4096  # every page of three steps
-    assert int(out["default"][1]) > pages // 2
-    assert int(out["tuned"][1]) < pages // 100
+    assert int(out["mmap"][1]) > pages // 2
+    assert int(out["tuned"][1]) < pages // 10  # 0, or one block's 4096 pages in some runs
