@@ -137,6 +137,8 @@ def _train_config(args: argparse.Namespace):
         over["use_metadata"] = False
     if args.no_fused:
         over["fused"] = False
+    if args.no_proto_head:
+        over["proto_head"] = False
     if args.minutes is not None and args.steps is None:
         over["steps"] = None
     if args.tasks == "omniglot":
@@ -583,8 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--weights", choices=("vae", "off"))
     tr.add_argument("--no-metadata", action="store_true", help="withhold task metadata")
     tr.add_argument("--no-fused", action="store_true", help="run mixed ops unfused (reference path)")
+    tr.add_argument("--no-proto-head", action="store_true", help="classification: learn the head's initial weights instead of taking them from class prototypes (plain MAML)")
     tr.add_argument("--strategy", choices=("auto", "loop", "vmap"))
     tr.add_argument("--compile", action="store_true", help="torch.compile the meta-step; kept only if its meta-gradients match eager on the first step (compiling takes tens of seconds)")
+    tr.add_argument("--precision", choices=("fp32", "bf16"), help="arithmetic of the meta-step's forward: fp32 (default) or bf16 mixed precision (autocast; fast where the CPU has AMX/AVX512-BF16 or on a GPU)")
     tr.add_argument("--beta", type=_nonneg_float, help="KL weight")
     tr.add_argument("--entropy-weight", dest="entropy_weight", type=_finite_float)
     tr.add_argument("--temperature", type=_positive_float)

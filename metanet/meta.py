@@ -17,6 +17,7 @@ build the discrete network, adapt it k steps on the support set, score the query
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -41,9 +42,12 @@ __all__ = [
     "evaluate_task",
     "meta_loss",
     "ORDERS",
+    "PRECISIONS",
+    "precision",
 ]
 
 ORDERS = ("second", "first", "reptile")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,23 @@ class Generated:
     kl: Tensor  # (B,)
     embedding: Tensor  # (B, dim)
     latent: Tensor | None  # (B, latent)
+
+
+def precision(name: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The arithmetic of a meta-step's forward pass: ``fp32``, or ``bf16`` mixed precision.
+
+    ``bf16`` is ``torch.autocast`` on ``device``'s type: convolutions and matrix products
+    (the support and query passes, and the inner loop's gradient, which is computed inside
+    the forward) run in bfloat16, while the weights, their gradients, the optimizer and
+    the losses stay float32. Call the outer backward outside the context, as autocast
+    asks. It pays where the device has bfloat16 matrix units (AMX or AVX512-BF16 on a
+    CPU, tensor cores on a GPU); it changes the numbers, so it is a choice, never a default.
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def task_loss(kind: str, pred: Tensor, y: Tensor) -> Tensor:

@@ -282,6 +282,13 @@ def relu_conv2d(y: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tens
     plain ops in value and in first and second derivatives (tests/test_perf_paths.py)."""
     if not torch.is_grad_enabled():
         return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
+    device = y.device.type
+    if torch.is_autocast_enabled(device):
+        # What autocast does to a convolution, done before the Function so that the saved
+        # tensors (and so the backward's convolution) share one dtype; the casts stay on
+        # the tape, so the gradients reach the float32 weights as float32.
+        dtype = torch.get_autocast_dtype(device)
+        y, w = y.to(dtype), w.to(dtype)
     return _ReluConv2d.apply(y, w, stride, padding)
 
 

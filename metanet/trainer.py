@@ -34,7 +34,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from . import distributed
 from .compile import checked_compile
-from .meta import ORDERS, MetaNet, ModelConfig, evaluate, meta_loss
+from .meta import ORDERS, PRECISIONS, MetaNet, ModelConfig, evaluate, meta_loss, precision
 from .space import SearchSpace, load, loads
 from .tasks import Episode, TaskDistribution, fixed_episodes, make_tasks
 
@@ -72,6 +72,7 @@ class TrainConfig:
     hard: bool = False
     strategy: str = "auto"  # auto | loop | vmap
     compile: bool = False  # torch.compile the meta-step, kept only if it matches eager on the first step
+    precision: str = "fp32"  # fp32 | bf16 (mixed precision of the meta-step's forward; see meta.precision)
     meta_lr: float = 1e-3
     clip: float = 10.0
     schedule: str = "cosine"  # cosine | constant
@@ -135,6 +136,7 @@ _CHOICES = {
     "schedule": ("cosine", "constant"),
     "arch": ("conditional", "shared", "fixed"),
     "weights": ("vae", "off"),
+    "precision": PRECISIONS,
 }
 
 
@@ -248,7 +250,8 @@ def calibrate_strategy(model: MetaNet, episode: Episode, cfg: TrainConfig, repea
         best = math.inf
         for _ in range(repeats):
             t = time.perf_counter()
-            loss, _ = meta_loss(model, episode, inner_steps=cfg.inner_steps, order=cfg.order, strategy=strategy)
+            with precision(cfg.precision, episode.support_x.device):
+                loss, _ = meta_loss(model, episode, inner_steps=cfg.inner_steps, order=cfg.order, strategy=strategy)
             torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
             best = min(best, time.perf_counter() - t)
         times[strategy] = best
@@ -298,19 +301,22 @@ class NonFiniteError(RuntimeError):
 StepFn = Callable[..., tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]]
 
 
-def _step_function(model: MetaNet, part: slice, noise: torch.Generator, params: list[Tensor], step_kw: dict[str, Any]) -> StepFn:
+def _step_function(model: MetaNet, part: slice, noise: torch.Generator, params: list[Tensor], step_kw: dict[str, Any], arithmetic: str = "fp32") -> StepFn:
     """One meta-step as a pure function of its data: ``(loss, meta-gradients, metrics)``.
 
     ``step(support_x, support_y, query_x, query_y, metadata, temperature, noise_state)``;
     with ``noise_state`` given, the VAE and Gumbel noise generator is first set to it, so
     that two calls (eager and compiled, in ``checked_compile``) draw the same noise. It
     updates nothing else: the trainer assigns the gradients and steps the optimizer.
+    ``arithmetic`` is the forward pass's precision (``meta.precision``); the meta-gradients
+    are taken outside it, and are float32 like the weights.
     """
 
     def step(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, md: Tensor | None, temperature: float, noise_state: Tensor | None = None) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
         if noise_state is not None:
             noise.set_state(noise_state)
-        loss, m = distributed.shard_loss(model, Episode(sx, sy, qx, qy, md), part, noise, temperature=temperature, **step_kw)
+        with precision(arithmetic, sx.device):
+            loss, m = distributed.shard_loss(model, Episode(sx, sy, qx, qy, md), part, noise, temperature=temperature, **step_kw)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss, grads, m
 
@@ -504,7 +510,7 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
     elapsed_t = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=state["strategy"])
-    step = _step_function(model, part, noise, params, step_kw)
+    step = _step_function(model, part, noise, params, step_kw, cfg.precision)
     compile_info: dict[str, Any] | None = None
     bar = None
     if progress and ctx.is_main:

@@ -11,7 +11,12 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
   (conv stem instead of im2col, the plain-ops batch norm): what they gain, side by side;
 - ``clone_loop``: what learn2learn's ``MAML.clone()`` + ``adapt`` does, in plain PyTorch:
   an ``nn.Module`` conv4, per task ``torch.autograd.grad(create_graph=True)`` on the
-  support loss, the query loss of the adapted weights, backward per task.
+  support loss, the query loss of the adapted weights, backward per task;
+- ``ours_loop_bf16`` / ``clone_loop_bf16``: the same two steps with the forward in bf16
+  mixed precision (``metanet train --precision bf16``: ``torch.autocast``; weights,
+  gradients and losses stay float32). Their FLOP/s are also given against a bf16 matmul
+  peak measured in the same run. Whether bf16 keeps the accuracy is
+  ``scripts/bench_precision.py``'s question, not this one's.
 
 All run the same tasks from the same initial weights; the JSON reports the largest
 relative difference of their meta-gradients (float64, 2 tasks) as a check that they
@@ -46,7 +51,7 @@ from torch import nn
 from _bench import interleaved  # scripts/_bench.py
 
 import metanet.executor as X
-from metanet.meta import Generated, MetaNet, ModelConfig, meta_loss, task_loss
+from metanet.meta import Generated, MetaNet, ModelConfig, meta_loss, precision, task_loss
 from metanet.ops import batch_norm_reference, conv2d_im2col
 from metanet.space import load
 from metanet.trainer import reuse_freed_memory
@@ -103,9 +108,16 @@ def clone_step(net: nn.Sequential, ep: Episode) -> None:
         (query / b).backward()
 
 
-def ours_step(model: MetaNet, ep: Episode, strategy: str) -> None:
-    loss, _ = meta_loss(model, ep, inner_steps=1, order="second", strategy=strategy)
+def ours_step(model: MetaNet, ep: Episode, strategy: str, arithmetic: str = "fp32") -> None:
+    with precision(arithmetic, ep.support_x.device):
+        loss, _ = meta_loss(model, ep, inner_steps=1, order="second", strategy=strategy)
     loss.backward()
+
+
+def clone_step_bf16(net: nn.Sequential, ep: Episode) -> None:
+    """``clone_step`` under the autocast a learn2learn user would wrap it in."""
+    with torch.autocast(ep.support_x.device.type, dtype=torch.bfloat16):
+        clone_step(net, ep)
 
 
 def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
@@ -183,9 +195,9 @@ def stem_paths(images: int, repeats: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def peak_matmul_flops(n: int, repeats: int) -> float:
-    """FLOP/s of an ``n x n`` float32 matmul (median of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def peak_matmul_flops(n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an ``n x n`` matmul in ``dtype`` (median of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     ts = []
     for _ in range(repeats):
@@ -256,6 +268,8 @@ def main() -> None:
         "clone_loop": lambda: clone_step(net, ep),
         "ours_loop_reference_paths": ours_reference,
         "ours_loop_per_task_backward": lambda: ours_per_task_step(model, ep),
+        "ours_loop_bf16": lambda: ours_step(model, ep, "loop", "bf16"),
+        "clone_loop_bf16": lambda: clone_step_bf16(net, ep),
     }
     if not args.no_vmap:
         variants["ours_vmap"] = lambda: ours_step(model, ep, "vmap")
@@ -264,12 +278,14 @@ def main() -> None:
     flops = count_flops(lambda: ours_step(model, ep, "loop"))
     clone_flops = count_flops(lambda: clone_step(net, ep))
     peak = peak_matmul_flops(2048 if not args.quick else 1024, 5)
+    peak_bf16 = peak_matmul_flops(2048 if not args.quick else 1024, 5, torch.bfloat16)
     achieved = flops / med["ours_loop"]
     out = {
         "bench": "meta",
         "quick": args.quick,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "network": "conv4",
         "setting": f"{WAYS}-way {SHOTS}-shot, {QUERIES} queries, second order, 1 inner step",
         "meta_batch": tasks,
@@ -286,6 +302,10 @@ def main() -> None:
         "clone_achieved_gflops": round(clone_flops / med["clone_loop"] / 1e9, 1),
         "peak_matmul_gflops": round(peak / 1e9, 1),
         "fraction_of_peak": round(achieved / peak, 3),
+        "bf16_speedup_vs_clone_bf16": round(med["clone_loop_bf16"] / med["ours_loop_bf16"], 2),
+        "achieved_gflops_bf16": round(flops / med["ours_loop_bf16"] / 1e9, 1),
+        "peak_matmul_gflops_bf16": round(peak_bf16 / 1e9, 1),
+        "fraction_of_bf16_peak": round(flops / med["ours_loop_bf16"] / peak_bf16, 3),
         "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward")},
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15),
         "top_ops": top_ops(lambda: ours_step(model, ep, "loop")),
