@@ -81,3 +81,37 @@ def test_bf16_training_learns_and_records_its_precision(tmp_path) -> None:
     assert runs["bf16"]["best_val"] < 1.5 * runs["fp32"]["best_val"]
     assert sum(losses["bf16"][-2:]) < sum(losses["bf16"][:2])
     assert "precision: bf16" in (tmp_path / "bf16" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first-order", "second-order"])
+def test_bf16_batch_norm_backward_stays_in_bf16_and_matches_float32(create_graph: bool) -> None:
+    """Under bf16 the norm's backward (ours, and the native kernel on the query side) runs in
+    bf16 with no full-size float32 intermediate, and agrees with the float32 backward to
+    bf16 precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from metanet.ops import batch_norm
+
+    g = torch.Generator().manual_seed(3)
+    x32 = torch.randn(6, 8, 5, 5, generator=g)
+    gy32 = torch.randn(6, 8, 5, 5, generator=g)
+    x16 = x32.bfloat16().requires_grad_()
+    y16 = batch_norm(x16)
+
+    class FullSizeFloat32(TorchDispatchMode):
+        seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == x32.numel():
+                    self.seen.append(str(func))
+            return out
+
+    with FullSizeFloat32() as mode:
+        (gx16,) = torch.autograd.grad(y16, x16, gy32.bfloat16(), create_graph=create_graph)
+    assert gx16.dtype == torch.bfloat16
+    assert mode.seen == []
+    x = x32.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(batch_norm(x), x, gy32)
+    torch.testing.assert_close(gx16.float(), gx, rtol=5e-2, atol=5e-2 * float(gx.abs().max()))
