@@ -548,7 +548,17 @@ def run(
     """
     if strategy == "vmap":
         fn = lambda a, p, xb: forward(plan, a, p, xb, fused=fused, features=features)  # noqa: E731
-        return torch.func.vmap(fn)(alpha, dict(params), x)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return torch.func.vmap(fn)(alpha, dict(params), x)
+        # Autocast does not reach the ops inside vmap's batching rules (a float32 weight
+        # would meet a bf16 activation there), so under autocast the network runs wholly
+        # in autocast's dtype, cast once here; the casts stay on the tape, and the
+        # gradients reach the float32 weights as float32.
+        dtype = torch.get_autocast_dtype(device)
+        low = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+        with torch.autocast(device, enabled=False):
+            return torch.func.vmap(fn)(low(alpha), {k: low(v) for k, v in params.items()}, low(x))
     if strategy != "loop":
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     # unbind, not v[b]: the backward of B selects allocates B zero-filled (B, *shape)

@@ -115,3 +115,28 @@ def test_bf16_batch_norm_backward_stays_in_bf16_and_matches_float32(create_graph
     x = x32.clone().requires_grad_()
     (gx,) = torch.autograd.grad(batch_norm(x), x, gy32)
     torch.testing.assert_close(gx16.float(), gx, rtol=5e-2, atol=5e-2 * float(gx.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["tiny", "mlp_regression"])
+def test_bf16_vmap_equals_bf16_loop(name: str) -> None:
+    """Autocast does not reach inside vmap, so the vmapped network is cast to bf16 as a
+    whole; it must give the loop's bf16 meta-gradient (to bf16 precision), not fail on
+    mixed dtypes or silently run in float32."""
+    torch.manual_seed(0)
+    model = MetaNet(spaces.load(name), 0, ModelConfig(dim=8, latent=4, inner_lr=0.1, weights="off"))
+    if name == "tiny":
+        ep = _episode(model.space.task.outputs, model.space.task.input[-1], seed=1)
+    else:
+        g = torch.Generator().manual_seed(1)
+        ep = Episode(torch.randn(4, 5, 1, generator=g), torch.randn(4, 5, 1, generator=g), torch.randn(4, 10, 1, generator=g), torch.randn(4, 10, 1, generator=g))
+
+    def grads(strategy: str, arithmetic: str) -> torch.Tensor:
+        with precision(arithmetic, "cpu"):
+            loss, _ = meta_loss(model, ep, inner_steps=1, order="second", strategy=strategy)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None])
+
+    loop16, vmap16, loop32 = grads("loop", "bf16"), grads("vmap", "bf16"), grads("loop", "fp32")
+    assert vmap16.dtype == torch.float32
+    assert float((vmap16 - loop32).norm() / loop32.norm()) > 1e-4  # bf16 really ran under vmap
+    assert float((vmap16 - loop16).norm() / loop16.norm()) < 0.1
