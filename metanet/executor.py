@@ -551,10 +551,12 @@ def run(
         device = x.device.type
         if not torch.is_autocast_enabled(device):
             return torch.func.vmap(fn)(alpha, dict(params), x)
-        # Autocast does not reach the ops inside vmap's batching rules (a float32 weight
-        # would meet a bf16 activation there), so under autocast the network runs wholly
-        # in autocast's dtype, cast once here; the casts stay on the tape, and the
-        # gradients reach the float32 weights as float32.
+        # Autocast is unreliable inside vmap's batching rules (PyTorch issues 105442 and
+        # 192617: dtypes that differ from the unbatched op; here once a conv2d that met a
+        # float32 weight and a bf16 activation, not reproducible on demand). So under
+        # autocast the vmapped network runs wholly in autocast's dtype, cast once here,
+        # with autocast off inside; the casts stay on the tape, so the gradients reach
+        # the float32 weights as float32.
         dtype = torch.get_autocast_dtype(device)
         low = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
         with torch.autocast(device, enabled=False):
