@@ -24,8 +24,11 @@ compute the same thing.
 Timings alternate the variants, several repeats, median. FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode`` on the per-task loop (convolutions and
 matmuls only; it over-counts grouped convolutions, hence not on the vmap path); the peak is
-a large float32 matmul measured in the same run. ``top_ops`` is torch.profiler's
-key_averages of one ``ours_loop`` step, by self CPU time. ``minor_page_faults_per_step``
+a large matmul measured in the same run. ``profile_fp32`` / ``profile_bf16`` are
+torch.profiler's key_averages of one ``ours_loop`` step, by self CPU time, with the share
+of the step spent in the kernels that do the multiply-adds (convolutions and the stem's
+matmuls) and the FLOP/s those kernels reach: what the whole step would reach if nothing
+else took time. ``minor_page_faults_per_step``
 counts the fresh pages each variant maps per step (glibc returns large freed blocks to
 the system, so memory that is not reused is faulted in again).
 
@@ -226,14 +229,24 @@ def count_flops(step: Callable[[], None]) -> int:
     return fc.get_total_flops()
 
 
-def top_ops(step: Callable[[], None], k: int = 10) -> list[dict]:
+# The kernels that do the step's multiply-adds: convolutions, forward and backward, and the
+# im2col stem's batched matmuls.
+PRODUCT_KERNELS = ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::bmm", "aten::mm", "aten::addmm")
+
+
+def profile_step(step: Callable[[], None], k: int = 10) -> tuple[list[dict], float, float]:
+    """torch.profiler's ops of one step by self CPU time: the top ``k``, the total seconds,
+    and the seconds spent in ``PRODUCT_KERNELS`` (what FLOP/s of the products alone is
+    measured on: the bound on the whole step's FLOP/s if everything else were free)."""
     from torch.profiler import profile
 
     with profile(record_shapes=False) as prof:
         step()
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in rows) or 1.0
-    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in rows[:k]]
+    products = sum(e.self_cpu_time_total for e in rows if e.key in PRODUCT_KERNELS)
+    top = [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in rows[:k]]
+    return top, total / 1e6, products / 1e6
 
 
 def main() -> None:
@@ -308,8 +321,15 @@ def main() -> None:
         "fraction_of_bf16_peak": round(flops / med["ours_loop_bf16"] / peak_bf16, 3),
         "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward")},
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15),
-        "top_ops": top_ops(lambda: ours_step(model, ep, "loop")),
     }
+    for name, arithmetic, top_peak in (("fp32", "fp32", peak), ("bf16", "bf16", peak_bf16)):
+        top, total_s, products_s = profile_step(lambda: ours_step(model, ep, "loop", arithmetic))
+        out[f"profile_{name}"] = {
+            "top_ops": top,
+            "product_kernels_share": round(products_s / total_s, 3),
+            "product_kernels_gflops": round(flops / products_s / 1e9, 1),
+            "product_kernels_fraction_of_peak": round(flops / products_s / top_peak, 3),
+        }
     print(json.dumps(out))
 
 
