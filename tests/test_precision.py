@@ -141,3 +141,31 @@ def test_bf16_vmap_equals_bf16_loop(name: str) -> None:
     assert vmap16.dtype == torch.float32
     assert float((vmap16 - loop32).norm() / loop32.norm()) > 1e-4  # bf16 really ran under vmap
     assert float((vmap16 - loop16).norm() / loop16.norm()) < 0.1
+
+
+def test_cli_trains_plain_maml_in_bf16_on_omniglot_files(tmp_path, capsys) -> None:
+    """``--no-proto-head --precision bf16`` through the CLI: the run records both, and its
+    checkpoint is a MAML model with a learned head (no prototype scale)."""
+    import json
+
+    import numpy as np
+
+    from metanet.cli import main
+    from metanet.tasks import DEFAULT_VAL_ALPHABETS
+    from metanet.trainer import load_run
+
+    root = tmp_path / "omni"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(root / "images_background.npz", images=rng.random((3 + len(DEFAULT_VAL_ALPHABETS), 20, 28, 28)) > 0.3)
+    spans = [{"alphabet": "Latin", "first_id": 1, "last_id": 3}] + [{"alphabet": a, "first_id": 4 + i, "last_id": 4 + i} for i, a in enumerate(DEFAULT_VAL_ALPHABETS)]
+    (root / "alphabets_background.json").write_text(json.dumps({"background": spans}))
+    out = tmp_path / "run"
+    argv = ["train", "--tasks", "omniglot", "--data-root", str(root), "--space", "conv4", "--arch", "fixed", "--weights", "off", "--no-proto-head", "--precision", "bf16", "--ways", "3", "--queries", "2", "--meta-batch", "2", "--steps", "3", "--val-every", "3", "--val-tasks", "2", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 3 and result["nonfinite"] == 0
+    cfg_text = (out / "config.yaml").read_text()
+    assert "precision: bf16" in cfg_text and "proto_head: false" in cfg_text
+    model, cfg = load_run(out)
+    assert cfg.precision == "bf16" and not model.proto and model.proto_scale is None
