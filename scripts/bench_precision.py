@@ -1,20 +1,27 @@
 """bf16 mixed precision vs float32 meta-training: speed, and accuracy at the same steps.
 
-Prints ONE JSON line. Trains MAML's conv4 network (``search_spaces/conv4.yaml``, second
-order, 1 inner step at lr 0.4, 5-way 1-shot Omniglot with 15 queries per class) twice from
-the same seed for the same number of meta-steps, once with ``--precision fp32`` and once
-with ``--precision bf16``. Both runs train at the same time, one thread each, so each has
-one of the machine's cores. Each is then scored by ``metanet evaluate`` on the same 600
-fixed episodes of the held-out validation alphabets (split ``val``), in float32: the
-discrete network and its adaptation are float32 whatever the training precision.
+Prints ONE JSON line. Trains one method on 5-way 1-shot Omniglot (15 queries per class,
+second order, 1 inner step) twice from the same seed for the same number of meta-steps,
+once with ``--precision fp32`` and once with ``--precision bf16``:
+
+- ``--method maml`` (default): MAML's conv4 network (``search_spaces/conv4.yaml``, inner
+  lr 0.4, learned head);
+- ``--method metanet``: metanet on ``conv_omniglot`` (task-conditioned architecture
+  trained hard, VAE weights, prototype head, fused mixed ops; inner lr 0.1).
+
+Both runs train at the same time, one thread each, so each has one of the machine's
+cores (until the faster one finishes: the speed ratio then understates it). Each is then
+scored by ``metanet evaluate`` on the same fixed episodes of the held-out validation
+alphabets (split ``val``), in float32: the discrete network and its adaptation are
+float32 whatever the training precision.
 
 Reported per precision: seconds per meta-step and tasks per second over the whole run
-(validation excluded), the accuracy after 1 inner step with its 95% interval, and the
-best validation accuracy during training; then the speed ratio and the accuracy
-difference. Needs the Omniglot background set (``../shared/data/omniglot`` or
-``METANET_DATA_ROOT``).
+(validation excluded), the test accuracy after 1 inner step with its 95% interval, and the
+validation accuracies during training; then the speed ratio and the accuracy difference.
+Needs the Omniglot background set (``../shared/data/omniglot`` or ``METANET_DATA_ROOT``).
 
-    python scripts/bench_precision.py                 # 400 steps, about 15 minutes on 2 cores
+    python scripts/bench_precision.py                 # 500 steps, about 17 minutes on 2 cores
+    python scripts/bench_precision.py --method metanet --steps 300 --meta-batch 8
     python scripts/bench_precision.py --quick         # 20 steps, 100 episodes: a smoke run
 """
 
@@ -31,12 +38,20 @@ from pathlib import Path
 PRECISIONS = ("fp32", "bf16")
 
 
-def train_command(out: Path, precision: str, steps: int, meta_batch: int, val_every: int, seed: int) -> list[str]:
+# What each method trains: MAML's conv4 (fixed architecture, learned init and head), or
+# metanet itself (conv_omniglot: task-conditioned architecture trained hard, VAE weights,
+# prototype head, fused mixed ops), with the settings of the README's Omniglot runs.
+METHODS = {
+    "maml": ["--space", "conv4", "--arch", "fixed", "--weights", "off", "--no-proto-head", "--inner-lr", "0.4"],
+    "metanet": ["--space", "conv_omniglot", "--hard", "--inner-lr", "0.1"],
+}
+
+
+def train_command(method: str, out: Path, precision: str, steps: int, meta_batch: int, val_every: int, seed: int) -> list[str]:
     return [
-        sys.executable, "-m", "metanet", "train", "--tasks", "omniglot", "--space", "conv4",
-        "--arch", "fixed", "--weights", "off", "--no-proto-head", "--ways", "5", "--shots", "1",
+        sys.executable, "-m", "metanet", "train", "--tasks", "omniglot", *METHODS[method], "--ways", "5", "--shots", "1",
         "--queries", "15", "--meta-batch", str(meta_batch), "--inner-steps", "1", "--eval-inner-steps", "1",
-        "--inner-lr", "0.4", "--steps", str(steps), "--val-every", str(val_every), "--val-tasks", "100",
+        "--steps", str(steps), "--val-every", str(val_every), "--val-tasks", "100",
         "--strategy", "loop", "--precision", precision, "--seed", str(seed), "--quiet", "--out", str(out),
     ]  # fmt: skip
 
@@ -52,19 +67,20 @@ def metrics(run: Path) -> tuple[float, list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="20 steps, 100 test episodes")
+    ap.add_argument("--method", choices=sorted(METHODS), default="maml")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--meta-batch", type=int, default=16)
     ap.add_argument("--episodes", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="keep the two runs here (default: a temporary folder)")
     args = ap.parse_args()
-    steps = args.steps or (20 if args.quick else 400)
+    steps = args.steps or (20 if args.quick else 500)
     episodes = args.episodes or (100 if args.quick else 600)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
-        runs = {p: root / f"conv4_{p}" for p in PRECISIONS}
-        procs = {p: subprocess.Popen(train_command(runs[p], p, steps, args.meta_batch, max(steps // 4, 1), args.seed), env=env, stdout=subprocess.PIPE, text=True) for p in PRECISIONS}
+        runs = {p: root / f"{args.method}_{p}" for p in PRECISIONS}
+        procs = {p: subprocess.Popen(train_command(args.method, runs[p], p, steps, args.meta_batch, max(steps // 4, 1), args.seed), env=env, stdout=subprocess.PIPE, text=True) for p in PRECISIONS}
         for p, proc in procs.items():
             out, _ = proc.communicate()
             if proc.returncode != 0:
@@ -73,7 +89,7 @@ def main() -> None:
         for p in PRECISIONS:  # one at a time, both threads
             res = subprocess.run([sys.executable, "-m", "metanet", "evaluate", str(runs[p]), "--episodes", str(episodes), "--inner-steps", "1", "--seed", "1234"], check=True, stdout=subprocess.PIPE, text=True)
             scores[p] = json.loads(res.stdout.strip().splitlines()[-1])
-        result: dict = {"bench": "precision", "quick": args.quick, "network": "conv4", "setting": "Omniglot 5-way 1-shot, 15 queries, second order, 1 inner step", "steps": steps, "meta_batch": args.meta_batch, "threads_per_run": 1, "test_episodes": episodes}
+        result: dict = {"bench": "precision", "quick": args.quick, "method": args.method, "space": METHODS[args.method][1], "seed": args.seed, "setting": "Omniglot 5-way 1-shot, 15 queries, second order, 1 inner step", "steps": steps, "meta_batch": args.meta_batch, "threads_per_run": 1, "test_episodes": episodes}
         for p in PRECISIONS:
             seconds, vals = metrics(runs[p])
             result[p] = {
