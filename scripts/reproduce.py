@@ -312,6 +312,18 @@ def _job_spec(job: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in job.items() if k != "reuse"}
 
 
+def _with_new_defaults(saved_job: Any, spec: dict[str, Any]) -> Any:
+    """A saved job as it reads today: the config keys of ``spec`` that the saved job lacks
+    (fields ``TrainConfig`` gained after the run, e.g. ``precision``) take their defaults,
+    which are the behaviour the run had; so a new field does not make ``--reuse`` retrain
+    every finished run."""
+    if not (isinstance(saved_job, dict) and isinstance(saved_job.get("cfg"), dict) and isinstance(spec.get("cfg"), dict)):
+        return saved_job
+    defaults = dataclasses.asdict(TrainConfig())
+    added = {k: defaults[k] for k in spec["cfg"] if k not in saved_job["cfg"] and k in defaults}
+    return dict(saved_job, cfg={**added, **saved_job["cfg"]})
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one (table, setting, method, seed), evaluate it on the test tasks, return figures.
 
@@ -324,7 +336,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     saved = None
     if job["reuse"] and cached.is_file():
         saved = _from_json(json.loads(cached.read_text()))
-        if saved.get("job") != spec:
+        if _with_new_defaults(saved.get("job"), spec) != spec:
             saved = None
         elif "error" in saved:  # a run that failed stays failed: --reuse must not retrain it until it passes
             return {"error": saved["error"], "reused": True}
@@ -485,6 +497,8 @@ def make_config(table: Table, setting: Setting, method: Method, seed: int, args:
     fields = dict(table.train, **(table.search_train if method.search else {}))
     if args.meta_batch:
         fields["meta_batch"] = args.meta_batch
+    if args.precision != "fp32":
+        fields["precision"] = args.precision
     fields.update(
         space=table.search_space if method.search else table.fixed_space,
         shots=setting.shots,
@@ -625,7 +639,7 @@ def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str,
     }  # fmt: skip
 
 
-_FORWARDED = ("minutes", "steps", "meta_batch", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "eval_split", "strategy")
+_FORWARDED = ("minutes", "steps", "meta_batch", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "eval_split", "strategy", "precision")
 
 
 def row_command(table: str, setting: str, method: str, args: argparse.Namespace) -> str:
@@ -1035,6 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="val", choices=("val", "evaluation"), help="omniglot test split: val (alphabets held out of the background set) or evaluation (needs images_evaluation)")
     p.add_argument("--data-root", help="omniglot folder (default: metanet.tasks.default_data_root())")
     p.add_argument("--strategy", choices=("auto", "loop", "vmap"), help="task execution (default: auto for regression, loop for omniglot)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="arithmetic of every row's meta-training (metanet train --precision; default fp32)")
     p.add_argument("--out", help="output folder for RESULTS.md and results/ (default: docs/; --smoke: a new temp folder)")
     p.add_argument("--runs", help="folder for the run directories (default: runs/reproduce for docs/, else OUT/runs)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each (use at most the number of idle cores)")

@@ -359,3 +359,31 @@ def test_a_failed_run_stays_failed_under_reuse(rp, tmp_path, monkeypatch):
     assert len(calls) == 1
     again = rp._run_job_safely(job)  # reused: the failure, not a new training
     assert again == {"error": "FloatingPointError: 10 non-finite losses in a row", "reused": True} and len(calls) == 1
+
+
+def test_reuse_reads_runs_saved_before_a_config_field_existed(rp, tmp_path, monkeypatch):
+    """A run saved before TrainConfig had ``precision`` ran in float32: ``--reuse`` takes it
+    for an fp32 job without retraining, and retrains it for a bf16 job."""
+    import dataclasses
+
+    monkeypatch.setattr(rp, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    cfg = dataclasses.asdict(rp.TrainConfig(seed=0))
+    job = {"run_dir": str(tmp_path / "run"), "reuse": True, "cfg": cfg}
+    (tmp_path / "run").mkdir()
+    old_cfg = {k: v for k, v in cfg.items() if k != "precision"}
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"job": {"run_dir": job["run_dir"], "cfg": old_cfg}, "scores": {}}))
+    assert rp.run_job(job)["reused"] is True
+    bf16 = dict(job, cfg=dict(cfg, precision="bf16"))
+    with pytest.raises(AssertionError, match="retrained"):
+        rp.run_job(bf16)
+
+
+def test_precision_reaches_every_row_and_its_command(rp):
+    args = rp.parse_args(["--table", "sinusoid", "--methods", "maml", "--shots", "5", "--precision", "bf16"])
+    table = rp.TABLES["sinusoid"]
+    setting = rp.settings_for("sinusoid", args)[0]
+    assert rp.make_config(table, setting, rp.METHODS["maml"], 0, args).precision == "bf16"
+    assert "--precision bf16" in rp.row_command("sinusoid", setting.label, "maml", args)
+    default = rp.parse_args(["--table", "sinusoid", "--methods", "maml", "--shots", "5"])
+    assert rp.make_config(table, setting, rp.METHODS["maml"], 0, default).precision == "fp32"
+    assert "--precision" not in rp.row_command("sinusoid", setting.label, "maml", default)
