@@ -1,6 +1,7 @@
 """bf16 mixed precision of the meta-step against float32 and float64 references."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def test_bf16_training_learns_and_records_its_precision(tmp_path) -> None:
     arithmetic changed) but it learns as well; config.yaml says which it was."""
     base = dict(space="mlp_regression", tasks="sinusoid", steps=60, meta_batch=8, val_every=60, val_tasks=16, log_every=10, strategy="loop", seed=1)
     runs = {p: train(TrainConfig(precision=p, **base), tmp_path / p) for p in ("fp32", "bf16")}
-    losses = {p: [r["query_loss"] for r in map(__import__("json").loads, (tmp_path / p / "metrics.jsonl").read_text().splitlines()) if "query_loss" in r] for p in runs}
+    rows = {p: [json.loads(line) for line in (tmp_path / p / "metrics.jsonl").read_text().splitlines()] for p in runs}
+    losses = {p: [r["query_loss"] for r in rows[p] if "query_loss" in r] for p in runs}
     assert losses["fp32"] != losses["bf16"]
     assert runs["bf16"]["best_val"] < 1.5 * runs["fp32"]["best_val"]
     assert sum(losses["bf16"][-2:]) < sum(losses["bf16"][:2])
@@ -99,7 +101,9 @@ def test_bf16_batch_norm_backward_stays_in_bf16_and_matches_float32(create_graph
     y16 = batch_norm(x16)
 
     class FullSizeFloat32(TorchDispatchMode):
-        seen: list[str] = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -146,8 +150,6 @@ def test_bf16_vmap_equals_bf16_loop(name: str) -> None:
 def test_cli_trains_plain_maml_in_bf16_on_omniglot_files(tmp_path, capsys) -> None:
     """``--no-proto-head --precision bf16`` through the CLI: the run records both, and its
     checkpoint is a MAML model with a learned head (no prototype scale)."""
-    import json
-
     import numpy as np
 
     from metanet.cli import main
