@@ -110,6 +110,7 @@ def _train_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
         "unknown flag": (["--stpes", "3"], ["unrecognized arguments: --stpes 3"]),
         "bad strategy": (["--strategy", "fast"], ["argument --strategy: invalid choice: 'fast'"]),
         "bad precision": (["--precision", "fp16"], ["argument --precision: invalid choice: 'fp16'"]),
+        "compile with bf16": (["--compile", "--precision", "bf16"], ["compile needs precision fp32, got 'bf16'", "use --compile or --precision bf16, not both"]),
         "two orders": (["--first-order", "--reptile"], ["--first-order and --reptile exclude each other"]),
         "fixed arch without one": (["--arch", "fixed"], ["space 'mlp_regression': a fixed architecture needs a genotype, or a space with one op per cell"]),
         "no data folder": (["--tasks", "omniglot", "--data-root", str(tmp_path / "nowhere")], ["does not exist or is not a folder"]),
