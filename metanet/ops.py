@@ -31,6 +31,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_reference",
     "conv2d_im2col",
+    "conv2d_im2col_batch_norm",
     "relu_conv2d",
     "activation",
     "ACTIVATIONS",
@@ -242,6 +243,48 @@ def conv2d_im2col(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Te
     return out.view(n, c_out, ho, wo)
 
 
+def conv2d_im2col_batch_norm(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, eps: float = 1e-5, channels_last: bool = False) -> Tensor:
+    """``batch_norm(conv2d(x, w))`` with the norm folded into the convolution's weights.
+
+    The output's channel ``c`` is ``w_c . p`` over the input patches ``p``, so its batch
+    statistics follow from the patches' own: mean ``w_c . mu`` and variance
+    ``w_c^T Sigma w_c``, with ``mu`` and ``Sigma`` (``C_in k^2`` square) taken over the
+    batch and positions. The normalised output is then ``(w_c / sigma_c) . (p - mu)``: one
+    matrix product on centred patches. For a few-channel stem (``Sigma`` is 9 x 9 for a
+    1-channel 3x3 stem) this replaces the norm's passes over the full-size output, forward
+    and backward, by work on the much smaller patch tensor; the derivatives, of any order,
+    are those of the plain ops, exactly. The statistics are float32 (or float64) even
+    under autocast; the product runs in the input's (autocast's) dtype.
+
+    Args:
+        x: ``(N, C_in, H, W)``.
+        w: ``(C_out, C_in, k, k)``, no bias (a norm without affine terms follows).
+        channels_last: return the output in channels-last memory order, at no cost (the
+            product is computed as ``(N, H*W, C_out)``): the same values, for a strided
+            convolution that runs faster on a channels-last input (executor.Plan).
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        # round the operands as autocast would round the product's, before the statistics,
+        # so that this equals the vmapped network (cast to bf16 as a whole, executor.run)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    n, _, h, wd = x.shape
+    c_out, _, kh, kw = w.shape
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, C_in*k*k, Ho*Wo)
+    stats = torch.promote_types(cols.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        cols = cols.to(stats)
+        cols = cols - cols.mean((0, 2), keepdim=True)
+        cov = torch.bmm(cols, cols.transpose(1, 2)).sum(0) / (n * ho * wo)  # (K, K)
+        wm = w.reshape(c_out, -1).to(stats)
+        wm = wm * torch.rsqrt(((wm @ cov) * wm).sum(1, keepdim=True) + eps)
+    wm, cols = wm.to(x.dtype).expand(n, -1, -1), cols.to(x.dtype)
+    if channels_last:
+        return torch.bmm(cols.transpose(1, 2), wm.transpose(1, 2)).view(n, ho, wo, c_out).permute(0, 3, 1, 2)
+    return torch.bmm(wm, cols).view(n, c_out, ho, wo)  # as in conv2d_im2col
+
+
 class _ReluConv2d(torch.autograd.Function):
     """``conv2d(relu(y), w)`` that saves ``y``, not ``relu(y)``, for the backward.
 
@@ -258,7 +301,9 @@ class _ReluConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(y: Tensor, w: Tensor, stride: int, padding: int) -> Tensor:
-        return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
+        # contiguous: NCHW out for a channels-last ``y`` too (the executor's stem); the
+        # backward then takes g in NCHW and gives gy in y's order, as measured fastest
+        return F.conv2d(F.relu(y), w, stride=stride, padding=padding).contiguous()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -281,7 +326,7 @@ def relu_conv2d(y: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tens
     backward (see ``_ReluConv2d``): the fused executor's edge convolution. Equal to the
     plain ops in value and in first and second derivatives (tests/test_perf_paths.py)."""
     if not torch.is_grad_enabled():
-        return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
+        return F.conv2d(F.relu(y), w, stride=stride, padding=padding).contiguous()
     device = y.device.type
     if torch.is_autocast_enabled(device):
         # What autocast does to a convolution, done before the Function so that the saved
@@ -395,7 +440,8 @@ def _conv(kernel: int, dilation: int = 1, doc: str = "") -> None:
 
     def fn(x: Tensor, params: Params, *, c: int, stride: int, kernel: int, dilation: int) -> Tensor:
         pad = dilation * (kernel - 1) // 2
-        return F.conv2d(x, params["w"], stride=stride, padding=pad, dilation=dilation)
+        # contiguous: a channels-last input (the executor's stem) gives an NCHW output
+        return F.conv2d(x, params["w"], stride=stride, padding=pad, dilation=dilation).contiguous()
 
     register_op(
         name,

@@ -83,11 +83,13 @@ def test_fused_equals_unfused(name: str) -> None:
 
 
 def _vmap_cases() -> list:
-    """Every space unfused; fused too where some edge merges ops (else it is the same path)."""
+    """Every space unfused; fused too where some edge merges ops or the stem hands over
+    channels-last (else it is the same path)."""
     out = []
     for name in SPACES:
         out.append(pytest.param(name, False, id=f"{name}-unfused"))
-        if any(e.merged for cp in _plan(name).cells for e in cp.edges):
+        plan = _plan(name)
+        if plan.stem_channels_last or any(e.merged for cp in plan.cells for e in cp.edges):
             out.append(pytest.param(name, True, id=f"{name}-fused"))
     return out
 

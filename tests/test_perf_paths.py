@@ -2,6 +2,8 @@
 
 - ``ops.batch_norm`` (custom autograd function) vs ``ops.batch_norm_reference`` (plain ops);
 - ``ops.conv2d_im2col`` (unfold + matmul) vs ``F.conv2d``, and the executor's im2col stem;
+- ``ops.conv2d_im2col_batch_norm`` (the norm folded into the stem's weights) vs
+  ``batch_norm_reference(F.conv2d(.))``;
 - ``ops.relu_conv2d`` (keeps its input, not its ReLU, for the backward) vs ``F.conv2d(F.relu(.))``;
 - ``trainer.reuse_freed_memory`` (glibc keeps freed activations) against glibc's defaults;
 - the fused path's cached constant kernels and stacked kernel contraction (the fused vs
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from metanet import executor as X
-from metanet.ops import batch_norm, batch_norm_reference, conv2d_im2col, relu_conv2d
+from metanet.ops import batch_norm, batch_norm_reference, conv2d_im2col, conv2d_im2col_batch_norm, relu_conv2d
 from metanet.space import builtin_spaces, load
 
 DT = torch.float64
@@ -124,6 +126,129 @@ def test_conv2d_im2col_under_vmap() -> None:
     w = torch.randn(2, 4, 1, 3, 3, generator=g, dtype=DT)  # per-task weights
     got = torch.func.vmap(lambda xx, ww: conv2d_im2col(xx, ww, padding=1))(x, w)
     assert_close(got, torch.stack([F.conv2d(x[b], w[b], padding=1) for b in range(2)]))
+
+
+@pytest.mark.parametrize("c_in,k,stride,padding", [(1, 3, 1, 1), (3, 3, 2, 1), (2, 5, 1, 2)])
+def test_conv2d_im2col_batch_norm_equals_conv_then_norm_to_second_order(c_in: int, k: int, stride: int, padding: int) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(4, c_in, 7, 7, generator=g, dtype=DT) + 0.5  # a mean far from 0, as images have
+    w = torch.randn(5, c_in, k, k, generator=g, dtype=DT)
+    r = torch.randn(batch_norm_reference(F.conv2d(x, w, stride=stride, padding=padding)).shape, generator=g, dtype=DT)
+    for wrt in ("x", "w"):
+        def fn(t, folded):
+            xx, ww = (t, w) if wrt == "x" else (x, t)
+            if folded:
+                return conv2d_im2col_batch_norm(xx, ww, stride=stride, padding=padding)
+            return batch_norm_reference(F.conv2d(xx, ww, stride=stride, padding=padding))
+        arg = x if wrt == "x" else w
+        for a, b in zip(_grads(lambda t: fn(t, True), arg, r), _grads(lambda t: fn(t, False), arg, r)):
+            assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+    assert torch.autograd.gradgradcheck(
+        lambda xx, ww: conv2d_im2col_batch_norm(xx, ww, stride=stride, padding=padding),
+        (x.clone().requires_grad_(True), w.clone().requires_grad_(True)),
+        fast_mode=True,
+    )
+
+
+def test_conv2d_im2col_batch_norm_under_vmap_and_autocast() -> None:
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(3, 5, 1, 8, 8, generator=g)  # (B, N, C, H, W): per-task statistics
+    w = torch.randn(3, 16, 1, 3, 3, generator=g)
+    ref = torch.stack([batch_norm_reference(F.conv2d(x[b], w[b], padding=1)) for b in range(3)])
+    assert_close(torch.func.vmap(lambda xx, ww: conv2d_im2col_batch_norm(xx, ww, padding=1))(x, w), ref, rtol=1e-4, atol=1e-4)
+    # bf16: the product in bf16, the statistics in float32, gradients float32 for float32 leaves
+    wl = w[0].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv2d_im2col_batch_norm(x[0], wl, padding=1)
+    assert y.dtype == torch.bfloat16
+    assert_close(y.float(), ref[0], rtol=0, atol=0.05)
+    (gw,) = torch.autograd.grad(y.float().pow(2).sum(), wl)
+    assert gw.dtype == torch.float32 and bool(torch.isfinite(gw).all())
+
+
+def test_executor_stem_runs_no_norm_over_its_output() -> None:
+    """conv4's 1-channel stem takes the folded path: no batch-norm kernel sees a tensor of
+    the stem's output size (the cells' norms run on the smaller strided outputs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    plan = X.compile(load("conv4"))
+    params = {k: v.requires_grad_(True).expand(1, *v.shape) for k, v in X.init_params(plan, torch.Generator().manual_seed(0)).items()}
+    alpha = torch.ones((1, *plan.space.alpha_shape)).masked_fill(~plan.space.alpha_mask, 0.0)
+    x = torch.rand(1, 6, 1, 28, 28)
+    stem_numel = 6 * plan.space.stem.channels * 28 * 28
+
+    class Norms(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "batch_norm" in str(func):
+                self.sizes.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    with Norms() as seen:
+        X.run(plan, alpha, params, x, strategy="loop").sum().backward()
+    assert seen.sizes and stem_numel not in seen.sizes
+    with Norms() as seen:
+        X.run(dataclasses.replace(plan, stem_im2col=False), alpha, params, x, strategy="loop").sum().backward()
+    assert stem_numel in seen.sizes  # the reference path norms the stem output
+
+
+_CONV4_WITH = """
+name: conv4_variant
+task: {{kind: classification, input: [1, 28, 28], outputs: 5}}
+norm: batch
+stem: {{op: conv_3x3, channels: 64}}
+cell: {{nodes: 1, inputs: 1, preact: relu, output: last, ops: [{ops}]}}
+cells:
+  - {{type: reduction, channels: 64}}
+head: {{op: global_pool_linear}}
+"""
+
+
+@pytest.mark.parametrize(
+    "ops,expected",
+    [("conv_3x3", True), ("conv_3x3, conv_5x5", True), ("skip, conv_1x1, conv_3x3", True),
+     ("conv_1x1", False), ("max_pool_3x3, conv_3x3", False), ("zero, conv_1x1", False), ("zero, conv_3x3", True)],
+)  # fmt: skip
+def test_stem_channels_last_only_where_every_consumer_is_a_wide_conv(ops: str, expected: bool) -> None:
+    from metanet.space import loads
+
+    assert X.compile(loads(_CONV4_WITH.format(ops=ops))).stem_channels_last == expected
+    assert X.compile(load("conv4")).stem_channels_last and X.compile(load("conv_omniglot")).stem_channels_last
+    assert not X.compile(load("darts_cnn")).stem_channels_last  # a 1x1 projection reads the stem
+
+
+def test_channels_last_stays_between_the_stem_and_its_convolutions() -> None:
+    """Fused conv4: the stem hands its output over channels-last, every convolution's
+    result is made NCHW again, so only the first convolution reads a channels-last input
+    (forward and backward) and every other one reads NCHW."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    plan = X.compile(load("conv4"))
+    params = {k: v.requires_grad_(True).expand(1, *v.shape) for k, v in X.init_params(plan, torch.Generator().manual_seed(0)).items()}
+    alpha = torch.ones((1, *plan.space.alpha_shape)).masked_fill(~plan.space.alpha_mask, 0.0)
+
+    class Layouts(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inputs: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+                x = args[1] if func is torch.ops.aten.convolution_backward.default else args[0]
+                nchw, cl = x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
+                self.inputs.append("nchw" if nchw else "cl" if cl else "strided")
+            return func(*args, **(kwargs or {}))
+
+    with Layouts() as seen:
+        X.run(plan, alpha, params, torch.rand(1, 6, 1, 28, 28), fused=True).sum().backward()
+    assert seen.inputs[0] == "cl" and seen.inputs.count("cl") == 2  # the first conv, forward and backward
+    assert seen.inputs.count("nchw") == len(seen.inputs) - 2 and len(seen.inputs) == 6
+    with Layouts() as seen:
+        X.run(plan, alpha, params, torch.rand(1, 6, 1, 28, 28), fused=False).sum().backward()
+    assert set(seen.inputs) == {"nchw"}
 
 
 def test_stem_im2col_is_chosen_for_few_input_channels() -> None:
