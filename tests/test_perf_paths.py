@@ -113,11 +113,12 @@ def test_conv2d_im2col_equals_conv2d_to_second_order(c_in: int, k: int, stride: 
         ref = _grads(lambda t: fn(t, F.conv2d), arg, r)
         for a, b in zip(got, ref):
             assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert torch.autograd.gradgradcheck(
-        lambda xx, ww: conv2d_im2col(xx, ww, stride=stride, padding=padding),
-        (x.clone().requires_grad_(True), w.clone().requires_grad_(True)),
-        fast_mode=True,
-    )
+    _gradgradcheck_conv(conv2d_im2col, x, w, stride=stride, padding=padding)
+
+
+def _gradgradcheck_conv(conv, x: torch.Tensor, w: torch.Tensor, **kw) -> None:
+    xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda a, b: conv(a, b, **kw), (xx, ww), fast_mode=True)
 
 
 def test_conv2d_im2col_under_vmap() -> None:
@@ -143,11 +144,7 @@ def test_conv2d_im2col_batch_norm_equals_conv_then_norm_to_second_order(c_in: in
         arg = x if wrt == "x" else w
         for a, b in zip(_grads(lambda t: fn(t, True), arg, r), _grads(lambda t: fn(t, False), arg, r)):
             assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
-    assert torch.autograd.gradgradcheck(
-        lambda xx, ww: conv2d_im2col_batch_norm(xx, ww, stride=stride, padding=padding),
-        (x.clone().requires_grad_(True), w.clone().requires_grad_(True)),
-        fast_mode=True,
-    )
+    _gradgradcheck_conv(conv2d_im2col_batch_norm, x, w, stride=stride, padding=padding)
 
 
 def test_conv2d_im2col_batch_norm_under_vmap_and_autocast() -> None:
