@@ -282,38 +282,43 @@ def _parse_op(ctx: _Ctx, v: Any, path: str, domain: str) -> OpChoice:
     return OpChoice(name, tuple(sorted(hyper.items())))
 
 
-def _parse_cell(ctx: _Ctx, v: Any, defaults: Mapping[str, Any], path: str, domain: str) -> CellSpec:
-    m = {**defaults, **_mapping(ctx, v, path, _CELL_KEYS)}
-    ctype = _choice(ctx, _require(ctx, m, "type", path), f"{path}.type", _CELL_TYPES[domain])
+def _parse_cell(ctx: _Ctx, v: Any, defaults: Mapping[str, Any], path: str, domain: str, shared: Mapping[str, Any]) -> CellSpec:
+    own = _mapping(ctx, v, path, _CELL_KEYS)
+    m = {**defaults, **own}
+
+    def at(key: str) -> str:  # where the user wrote `key`: this cell, or the shared `cell:` block
+        return f"cell.{key}" if key in shared and key not in own else f"{path}.{key}"
+
+    ctype = _choice(ctx, _require(ctx, m, "type", path), at("type"), _CELL_TYPES[domain])
     width_key = "channels" if domain == "image" else "width"
     other = "width" if domain == "image" else "channels"
     if other in m and width_key not in m:
-        raise ctx.fail(f"{path}.{other}", f"{domain} cells are sized by '{width_key}', not '{other}'")
-    channels = _int(ctx, _require(ctx, m, width_key, path), f"{path}.{width_key}")
-    nodes = _int(ctx, m["nodes"], f"{path}.nodes", 1, 16)
-    inputs = _int(ctx, m["inputs"], f"{path}.inputs", 1, 2)
-    preact = _choice(ctx, m.get("preact", "relu" if domain == "image" else "none"), f"{path}.preact", tuple(ACTIVATIONS))
-    output = _choice(ctx, m["output"], f"{path}.output", ("sum", "concat", "last"))
+        raise ctx.fail(at(other), f"{domain} cells are sized by '{width_key}', not '{other}'")
+    channels = _int(ctx, _require(ctx, m, width_key, path), at(width_key))
+    nodes = _int(ctx, m["nodes"], at("nodes"), 1, 16)
+    inputs = _int(ctx, m["inputs"], at("inputs"), 1, 2)
+    preact = _choice(ctx, m.get("preact", "relu" if domain == "image" else "none"), at("preact"), tuple(ACTIVATIONS))
+    output = _choice(ctx, m["output"], at("output"), ("sum", "concat", "last"))
     ops_v = _require(ctx, m, "ops", path)
     if not isinstance(ops_v, list) or not ops_v:
-        raise ctx.fail(f"{path}.ops", f"expected a non-empty list of ops, got {ops_v!r}")
-    ops = tuple(_parse_op(ctx, o, f"{path}.ops[{i}]", domain) for i, o in enumerate(ops_v))
+        raise ctx.fail(at("ops"), f"expected a non-empty list of ops, got {ops_v!r}")
+    ops = tuple(_parse_op(ctx, o, f"{at('ops')}[{i}]", domain) for i, o in enumerate(ops_v))
     labels = [o.label for o in ops]
     for i, lab in enumerate(labels):
         if labels.index(lab) != i:
-            raise ctx.fail(f"{path}.ops[{i}]", f"op '{lab}' is listed twice")
+            raise ctx.fail(f"{at('ops')}[{i}]", f"op '{lab}' is listed twice")
     keep_v = m["keep"]
     if keep_v == "all":
         keep = None
     else:
-        keep = _int(ctx, keep_v, f"{path}.keep")
+        keep = _int(ctx, keep_v, at("keep"))
         if keep > inputs:  # the first intermediate node only has `inputs` candidates
-            raise ctx.fail(f"{path}.keep", f"expected 'all' or an integer <= inputs ({inputs}), got {keep}")
+            raise ctx.fail(at("keep"), f"expected 'all' or an integer <= inputs ({inputs}), got {keep}")
     allow_zero = m["allow_zero"]
     if not isinstance(allow_zero, bool):
-        raise ctx.fail(f"{path}.allow_zero", f"expected true or false, got {allow_zero!r}")
+        raise ctx.fail(at("allow_zero"), f"expected true or false, got {allow_zero!r}")
     if not allow_zero and all(o.name == "zero" for o in ops):
-        raise ctx.fail(f"{path}.ops", "every op is 'zero' but allow_zero is false; add a real op")
+        raise ctx.fail(at("ops"), "every op is 'zero' but allow_zero is false; add a real op")
     return CellSpec(ctype, channels, nodes, inputs, preact, output, ops, keep, allow_zero)
 
 
@@ -342,13 +347,13 @@ def _parse(data: Any, ctx: _Ctx, text: str) -> SearchSpace:
     head = HeadSpec(_choice(ctx, _require(ctx, hm, "op", "head"), "head.op", _HEADS[domain]))
 
     defaults = dict(_CELL_DEFAULTS)
-    if "cell" in top:
-        defaults.update(_mapping(ctx, top["cell"], "cell", _CELL_KEYS))
+    shared = _mapping(ctx, top["cell"], "cell", _CELL_KEYS) if "cell" in top else {}
+    defaults.update(shared)
     cells_v = _require(ctx, top, "cells", "")
     if not isinstance(cells_v, list) or not cells_v:
         raise ctx.fail("cells", f"expected a non-empty list of cells, got {cells_v!r}")
     cells = tuple(
-        _parse_cell(ctx, c, defaults, f"cells[{i}]", domain) for i, c in enumerate(cells_v)
+        _parse_cell(ctx, c, defaults, f"cells[{i}]", domain, shared) for i, c in enumerate(cells_v)
     )
     if domain == "image":
         _, h, w = task.input

@@ -171,6 +171,10 @@ BAD = [
     ("image-op-in-vector", _set(("cells", 0, "ops"), ["skip", "conv_3x3"], VECTOR),
      "cells[0].ops[1]: op 'conv_3x3' works on images, not vectors; expected one of "),
     ("duplicate-op", _set(("cells", 0, "ops"), ["skip", "conv_1x1", "skip"]), "cells[0].ops[2]: op 'skip' is listed twice"),
+    # a key written once in the shared `cell:` block is named there, not in the cell that inherits it
+    ("shared-op-typo", _set(("cell", "ops", 3), "conv_3x4"), "cell.ops[3]: unknown op 'conv_3x4'; registered image ops: "),
+    ("shared-nodes", _set(("cell", "nodes"), 0), "cell.nodes: expected an integer between 1 and 16, got 0"),
+    ("shared-allow-zero", _set(("cell", "allow_zero"), "no"), "cell.allow_zero: expected true or false, got 'no'"),
     ("duplicate-op-same-hyper", _set(("cells", 0, "ops"), [{"op": "conv_3x3", "dilation": 2}, {"op": "conv_3x3", "dilation": 2}]),
      "cells[0].ops[1]: op 'conv_3x3[dilation=2]' is listed twice"),
     ("even-kernel", _set(("cells", 1, "ops", 1), {"op": "conv_3x3", "kernel": 4}), "cells[1].ops[1].kernel: expected an odd kernel size, got 4"),
