@@ -5,8 +5,8 @@ sinusoid, a linear and a tanh task, fine-tunes each a few steps on its support s
 each architecture as PNG and DOT, and prints how the architectures differ and their query
 MSE before and after fine-tuning.
 
-Run (about 15 seconds on 2 CPU cores, most of it training):
-    python scripts/generate_example.py                    # trains 300 steps into a temp folder
+Run (about 25 seconds on 2 CPU cores, most of it training):
+    python scripts/generate_example.py                    # trains 1000 steps into a temp folder
     python scripts/generate_example.py --run runs/mm      # reuses a run
     python scripts/generate_example.py --train-dir runs/mm --out docs/example
 """
@@ -51,7 +51,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", help="reuse this run directory instead of training")
     p.add_argument("--train-dir", help="train into this folder (default: a temporary one)")
-    p.add_argument("--steps", type=int, default=300, help="meta-training steps")
+    p.add_argument("--steps", type=int, default=1000, help="meta-training steps (fewer: the generator has not yet told the families apart)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "example"), help="folder for the PNG and DOT graphs (default: docs/example)")
     p.add_argument("--finetune-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (Adam)")
@@ -74,8 +74,10 @@ def main() -> None:
                           meta_batch=25, strategy="vmap", val_every=max(args.steps // 3, 1), val_tasks=50, seed=args.seed)
         t = time.perf_counter()
         result = train(cfg, run)
+        best = result["best_val"]  # None: no validation was finite yet (10 inner steps can diverge early on)
+        best_text = "none finite yet" if best is None else f"{best:.3f}"
         print(f"trained {result['step']} steps in {time.perf_counter() - t:.0f} s: best validation MSE "
-              f"{result['best_val']:.3f} after {cfg.eval_inner_steps} inner steps ({run})")
+              f"{best_text} after {cfg.eval_inner_steps} inner steps ({run})")
     model, cfg = load_run(run)
     model.eval()
     out = Path(args.out)

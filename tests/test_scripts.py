@@ -1,8 +1,9 @@
-"""Every benchmark's ``--quick`` run works and prints exactly one JSON line of figures.
+"""The scripts the docs quote run as documented.
 
-The figures themselves are not asserted: timings belong to the benchmarks, not to tests.
-What is checked is that the scripts the performance docs quote still run as documented,
-and that what they print is one parseable line whose ratios are finite and positive.
+Every benchmark's ``--quick`` run prints exactly one JSON line of figures. The figures
+themselves are not asserted (timings belong to the benchmarks, not to tests): the line
+must parse and its ratios be finite and positive. The two example scripts of the README
+run end to end and write what they say.
 """
 
 from __future__ import annotations
@@ -53,3 +54,21 @@ def test_quick_benchmark_prints_one_json_line(name: str, ratios: list[str]) -> N
     for key in ratios:
         value = numbers[f".{key}"]
         assert math.isfinite(value) and value > 0, (key, value)
+
+
+def _script(name: str, *args: str, cwd: Path = ROOT) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_generate_example_writes_a_graph_per_family(tmp_path: Path) -> None:
+    stdout = _script("generate_example.py", "--steps", "20", "--out", str(tmp_path / "graphs"), cwd=tmp_path)
+    for family in ("sinusoid", "linear", "tanh"):
+        assert (tmp_path / "graphs" / f"{family}.png").stat().st_size > 0
+        assert (tmp_path / "graphs" / f"{family}.dot").read_text().startswith("digraph")
+        assert any(line.startswith(family) for line in stdout.splitlines())
+
+
+def test_custom_tasks_example_runs() -> None:
+    assert "validation episodes" in _script("custom_tasks_example.py")
