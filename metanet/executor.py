@@ -132,10 +132,13 @@ class Plan:
     slots: tuple[Slot, ...]
     stem_im2col: bool = False  # run the image stem as unfold + matmul (few input channels)
     # Fused path: the im2col stem with its norm folded in hands its output over in
-    # channels-last order (free), which the strided 3x3 convolution after it runs ~1.5x
-    # faster on, forward and backward; set only where every consumer of the stem output
-    # is a convolution of kernel >= 3 that returns NCHW (see _stem_channels_last).
+    # channels-last order (free), which the strided 3x3 convolution after it runs ~1.3x
+    # faster on, forward and backward; set only where every reader of the stem output is
+    # a convolution of kernel >= 3, whose outputs go back to NCHW (see _channels_last).
     stem_channels_last: bool = False
+    # ... and the whole network stays channels-last, where every edge of every cell is
+    # such a convolution: no projection, pooling, 1x1 convolution or edge group.
+    channels_last: bool = False
 
     @property
     def image(self) -> bool:
@@ -236,33 +239,41 @@ def _source_groups(edges: list[EdgePlan]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(g) for g in by_key.values() if len(g) > 1)
 
 
-def _stem_channels_last(space: SearchSpace, cells: list[CellPlan], stem_im2col: bool) -> bool:
-    """Whether the fused path may hand the stem output over in channels-last order.
+def _reads_channels_last(e: EdgePlan) -> bool:
+    """Whether edge ``e`` on the fused path may read a channels-last input: it runs only
+    k x k convolutions, k >= 3 (merged, or ``conv_*`` ops), and not only zero."""
+    if (e.merged and e.merged_size < 3) or not (e.merged or e.separate):
+        return False
+    return all(e.ops[i].op.name.startswith("conv_") and (e.ops[i].kernel_size or 0) >= 3 for i in e.separate)
 
-    Only if the stem is the folded im2col + norm and every use of its output is a k x k
-    convolution (k >= 3, merged or a ``conv_*`` op; both return NCHW): no projection, no
-    pooling, no 1x1 convolution sees it. A channels-last 1x1 stride-2 weight gradient
-    corrupts the heap on some oneDNN builds (compile.py), and other ops would run, and
-    pass on, the other memory order.
+
+def _channels_last(space: SearchSpace, cells: list[CellPlan], stem_im2col: bool) -> tuple[bool, bool]:
+    """``(stem_channels_last, channels_last)`` of the fused path.
+
+    The folded im2col stem can give its output in channels-last order for free, and the
+    convolutions that read it are faster so. That is allowed only where every reader of
+    the stem is a k x k convolution, k >= 3, and not a projection, pooling or 1x1
+    convolution: a channels-last 1x1 stride-2 weight gradient corrupts the heap on some
+    oneDNN builds (compile.py), and other ops would run in, and pass on, an order they
+    may be slow in. If every edge of every cell qualifies (and no edge group splits a
+    channels-last output), the whole network stays channels-last; otherwise the stem's
+    readers' outputs go back to NCHW (executor._network).
     """
     if not (stem_im2col and space.norm == "batch"):
-        return False
+        return False, False
+    stem_readers, everything = True, True
     for cp in cells:
         for j, ip in enumerate(cp.inputs):
-            if ip.state != 0:
-                continue
             if ip.weight is not None:
-                return False
-            for e in cp.edges:
-                if e.src != j:
-                    continue
-                if (e.merged and e.merged_size < 3) or not (e.merged or e.separate):  # or only zero
-                    return False
-                for i in e.separate:
-                    call = e.ops[i]
-                    if not (call.op.name.startswith("conv_") and (call.kernel_size or 0) >= 3):
-                        return False
-    return True
+                everything = False
+                stem_readers &= ip.state != 0
+        for e in cp.edges:
+            ok = _reads_channels_last(e)
+            everything &= ok
+            if e.src < cp.spec.inputs and cp.inputs[e.src].state == 0:
+                stem_readers &= ok
+        everything &= not cp.groups and cp.spec.output != "concat"
+    return stem_readers, stem_readers and everything
 
 
 def compile(space: SearchSpace) -> Plan:
@@ -328,7 +339,8 @@ def compile(space: SearchSpace) -> Plan:
     names = [s.name for s in slots]
     assert len(names) == len(set(names)), "duplicate slot names"
     im2col = image and c_in * stem.kernel * stem.kernel <= IM2COL_MAX_FAN_IN
-    return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=_stem_channels_last(space, cells, im2col))
+    stem_cl, cl = _channels_last(space, cells, im2col)
+    return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=stem_cl, channels_last=cl)
 
 
 def init_params(plan: Plan, generator: torch.Generator | None = None, names: list[str] | None = None) -> dict[str, Tensor]:
@@ -400,7 +412,7 @@ class _Source:
         keeps only the value (saved by the norm anyway) for the backward, not its ReLU."""
         if self._preact == "relu":
             return relu_conv2d(self.value, kernel, stride=stride, padding=padding)
-        return F.conv2d(self.pre, kernel, stride=stride, padding=padding).contiguous()  # NCHW, as relu_conv2d
+        return F.conv2d(self.pre, kernel, stride=stride, padding=padding)
 
 
 EdgeFn = Callable[[CellPlan, EdgePlan, _Source], Tensor]
@@ -414,6 +426,9 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
     and apply a ReLU pre-activation themselves (``ops.relu_conv2d``, which keeps less
     for the backward). ``fused`` also routes the cell-input projections through it."""
     states = [_stem(plan, params, x, fused)]
+    # the stem's output is channels-last but the rest of the network is not: its readers'
+    # outputs go back to NCHW (Plan.stem_channels_last)
+    to_nchw = fused and plan.stem_channels_last and not plan.channels_last
     for ci, cp in enumerate(plan.cells):
         spec = cp.spec
         edges = cell_edges(ci)
@@ -432,7 +447,10 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
                 if e.dst == dst:
                     if e.src not in sources:
                         sources[e.src] = _Source(nodes[e.src], spec.preact)
-                    terms.append(fn(cp, e, sources[e.src]))
+                    t = fn(cp, e, sources[e.src])
+                    if to_nchw and e.src < spec.inputs and cp.inputs[e.src].state == 0:
+                        t = t.contiguous()
+                    terms.append(t)
             if terms:
                 nodes[dst] = _norm(plan, _add(terms))
             else:  # every input dropped: the node outputs zeros, exactly as in the supernet

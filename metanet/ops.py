@@ -301,9 +301,9 @@ class _ReluConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(y: Tensor, w: Tensor, stride: int, padding: int) -> Tensor:
-        # contiguous: NCHW out for a channels-last ``y`` too (the executor's stem); the
-        # backward then takes g in NCHW and gives gy in y's order, as measured fastest
-        return F.conv2d(F.relu(y), w, stride=stride, padding=padding).contiguous()
+        # the output keeps y's memory order (oneDNN's choice); the executor decides where
+        # a channels-last order goes back to NCHW (Plan.stem_channels_last, channels_last)
+        return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -326,7 +326,7 @@ def relu_conv2d(y: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tens
     backward (see ``_ReluConv2d``): the fused executor's edge convolution. Equal to the
     plain ops in value and in first and second derivatives (tests/test_perf_paths.py)."""
     if not torch.is_grad_enabled():
-        return F.conv2d(F.relu(y), w, stride=stride, padding=padding).contiguous()
+        return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
     device = y.device.type
     if torch.is_autocast_enabled(device):
         # What autocast does to a convolution, done before the Function so that the saved
@@ -440,8 +440,7 @@ def _conv(kernel: int, dilation: int = 1, doc: str = "") -> None:
 
     def fn(x: Tensor, params: Params, *, c: int, stride: int, kernel: int, dilation: int) -> Tensor:
         pad = dilation * (kernel - 1) // 2
-        # contiguous: a channels-last input (the executor's stem) gives an NCHW output
-        return F.conv2d(x, params["w"], stride=stride, padding=pad, dilation=dilation).contiguous()
+        return F.conv2d(x, params["w"], stride=stride, padding=pad, dilation=dilation)
 
     register_op(
         name,

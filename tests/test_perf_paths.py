@@ -197,35 +197,46 @@ name: conv4_variant
 task: {{kind: classification, input: [1, 28, 28], outputs: 5}}
 norm: batch
 stem: {{op: conv_3x3, channels: 64}}
-cell: {{nodes: 1, inputs: 1, preact: relu, output: last, ops: [{ops}]}}
+cell: {{nodes: 1, inputs: 1, preact: relu, output: last}}
 cells:
-  - {{type: reduction, channels: 64}}
+  - {{type: reduction, channels: 64, ops: [{first}]}}
+  - {{type: reduction, channels: 64, ops: [{second}]}}
 head: {{op: global_pool_linear}}
 """
 
 
-@pytest.mark.parametrize(
-    "ops,expected",
-    [("conv_3x3", True), ("conv_3x3, conv_5x5", True), ("skip, conv_1x1, conv_3x3", True),
-     ("conv_1x1", False), ("max_pool_3x3, conv_3x3", False), ("zero, conv_1x1", False), ("zero, conv_3x3", True)],
-)  # fmt: skip
-def test_stem_channels_last_only_where_every_consumer_is_a_wide_conv(ops: str, expected: bool) -> None:
+def _conv4_with(first: str, second: str = "conv_3x3") -> X.Plan:
     from metanet.space import loads
 
-    assert X.compile(loads(_CONV4_WITH.format(ops=ops))).stem_channels_last == expected
-    assert X.compile(load("conv4")).stem_channels_last and X.compile(load("conv_omniglot")).stem_channels_last
-    assert not X.compile(load("darts_cnn")).stem_channels_last  # a 1x1 projection reads the stem
+    return X.compile(loads(_CONV4_WITH.format(first=first, second=second)))
 
 
-def test_channels_last_stays_between_the_stem_and_its_convolutions() -> None:
-    """Fused conv4: the stem hands its output over channels-last, every convolution's
-    result is made NCHW again, so only the first convolution reads a channels-last input
-    (forward and backward) and every other one reads NCHW."""
+@pytest.mark.parametrize(
+    "first,second,stem_cl,all_cl",
+    [("conv_3x3", "conv_3x3", True, True), ("conv_3x3, conv_5x5", "conv_3x3", True, True),
+     ("skip, conv_1x1, conv_3x3", "zero, conv_3x3", True, True), ("conv_1x1", "conv_3x3", False, False),
+     ("max_pool_3x3, conv_3x3", "conv_3x3", False, False), ("zero, conv_1x1", "conv_3x3", False, False),
+     ("conv_3x3", "max_pool_3x3, conv_3x3", True, False), ("conv_3x3", "conv_1x1", True, False),
+     ("conv_3x3", "skip", True, False)],
+)  # fmt: skip
+def test_channels_last_only_where_every_reader_is_a_wide_conv(first: str, second: str, stem_cl: bool, all_cl: bool) -> None:
+    plan = _conv4_with(first, second)
+    assert (plan.stem_channels_last, plan.channels_last) == (stem_cl, all_cl)
+    assert X.compile(load("conv4")).channels_last  # one conv_3x3 per cell
+    omniglot = X.compile(load("conv_omniglot"))  # merged 3x3 edges read the stem; edge groups and a projection later
+    assert omniglot.stem_channels_last and not omniglot.channels_last
+    darts = X.compile(load("darts_cnn"))  # 1x1 projections read the stem
+    assert not darts.stem_channels_last and not darts.channels_last
+
+
+def _conv_input_layouts(plan: X.Plan, fused: bool) -> tuple[list[str], torch.Tensor]:
+    """The memory order of every convolution's input, forward and backward, in one task's
+    forward + backward, and the output."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    plan = X.compile(load("conv4"))
     params = {k: v.requires_grad_(True).expand(1, *v.shape) for k, v in X.init_params(plan, torch.Generator().manual_seed(0)).items()}
     alpha = torch.ones((1, *plan.space.alpha_shape)).masked_fill(~plan.space.alpha_mask, 0.0)
+    alpha = alpha / alpha.sum(-1, keepdim=True)
 
     class Layouts(TorchDispatchMode):
         def __init__(self) -> None:
@@ -239,13 +250,31 @@ def test_channels_last_stays_between_the_stem_and_its_convolutions() -> None:
                 self.inputs.append("nchw" if nchw else "cl" if cl else "strided")
             return func(*args, **(kwargs or {}))
 
+    x = torch.rand(1, 6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with Layouts() as seen:
-        X.run(plan, alpha, params, torch.rand(1, 6, 1, 28, 28), fused=True).sum().backward()
-    assert seen.inputs[0] == "cl" and seen.inputs.count("cl") == 2  # the first conv, forward and backward
-    assert seen.inputs.count("nchw") == len(seen.inputs) - 2 and len(seen.inputs) == 6
-    with Layouts() as seen:
-        X.run(plan, alpha, params, torch.rand(1, 6, 1, 28, 28), fused=False).sum().backward()
-    assert set(seen.inputs) == {"nchw"}
+        out = X.run(plan, alpha, params, x, fused=fused)
+        out.sum().backward()
+    return seen.inputs, out.detach()
+
+
+def test_channels_last_runs_where_the_plan_says_and_nowhere_else() -> None:
+    """Fused conv4 runs channels-last throughout: every convolution reads a channels-last
+    input, forward and backward. Where only the stem's readers may (a pooling edge in the
+    second cell), the first convolution reads channels-last and its output goes back to
+    NCHW before anything else sees it. The naive path is NCHW only; the values agree."""
+    conv4 = X.compile(load("conv4"))
+    layouts, fused = _conv_input_layouts(conv4, fused=True)
+    assert layouts == ["cl"] * 6  # 3 convolutions, forward and backward
+    naive_layouts, naive = _conv_input_layouts(conv4, fused=False)
+    assert set(naive_layouts) == {"nchw"}
+    torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-5)
+
+    stem_only = _conv4_with("conv_3x3", "max_pool_3x3, conv_3x3")
+    layouts, fused = _conv_input_layouts(stem_only, fused=True)
+    assert layouts == ["cl", "nchw", "nchw", "cl"]  # forward: cell 1, cell 2; backward: cell 2, cell 1
+    naive_layouts, naive = _conv_input_layouts(stem_only, fused=False)
+    assert set(naive_layouts) == {"nchw"}
+    torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-5)
 
 
 def test_stem_im2col_is_chosen_for_few_input_channels() -> None:
