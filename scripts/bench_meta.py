@@ -8,8 +8,9 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
   generator off and no prototype head (plain MAML on the executor), per-task loop or
   ``torch.func.vmap`` over tasks;
 - ``ours_loop_reference_paths``: the loop with the executor's fast paths switched off
-  (a conv2d stem and a separate norm instead of the im2col stem with the norm folded in
-  and its channels-last output, the plain-ops batch norm): what they gain, side by side;
+  (a conv2d stem and a separate norm instead of the im2col stem with the norm folded in,
+  NCHW instead of channels-last from the stem on, the plain-ops batch norm): what they
+  gain, side by side;
 - ``clone_loop``: what learn2learn's ``MAML.clone()`` + ``adapt`` does, in plain PyTorch:
   an ``nn.Module`` conv4, per task ``torch.autograd.grad(create_graph=True)`` on the
   support loss, the query loss of the adapted weights, backward per task;
@@ -148,7 +149,7 @@ def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
 @contextlib.contextmanager
 def reference_paths(model: MetaNet) -> Iterator[None]:
     """The executor without its fast paths: conv stem (so no folded norm and no
-    channels-last handover either), plain-ops batch norm."""
+    channels-last order either), plain-ops batch norm."""
     plan, bn = model.plan, X.batch_norm
     model.plan = dataclasses.replace(plan, stem_im2col=False)
     X.batch_norm = batch_norm_reference
