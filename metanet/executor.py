@@ -263,7 +263,7 @@ def _channels_last(space: SearchSpace, cells: list[CellPlan], stem_im2col: bool)
         return False, False
     stem_readers, everything = True, True
     for cp in cells:
-        for j, ip in enumerate(cp.inputs):
+        for ip in cp.inputs:
             if ip.weight is not None:
                 everything = False
                 stem_readers &= ip.state != 0

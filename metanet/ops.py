@@ -220,6 +220,13 @@ def batch_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     return _BatchNorm.apply(x, (0,) if x.dim() == 2 else (0, 2, 3), eps)[0]
 
 
+def _patches(x: Tensor, w: Tensor, stride: int, padding: int) -> tuple[Tensor, int, int]:
+    """The im2col patches of ``x`` for ``w``'s kernel, ``(N, C_in*k*k, Ho*Wo)``, and ``Ho, Wo``."""
+    (h, wd), (kh, kw) = x.shape[-2:], w.shape[-2:]
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    return F.unfold(x, (kh, kw), padding=padding, stride=stride), ho, wo
+
+
 def conv2d_im2col(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
     """``F.conv2d(x, w, stride=stride, padding=padding)`` as unfold + one matmul (im2col).
 
@@ -232,10 +239,8 @@ def conv2d_im2col(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Te
         x: ``(N, C_in, H, W)``.
         w: ``(C_out, C_in, k, k)``.
     """
-    n, _, h, wd = x.shape
-    c_out, _, kh, kw = w.shape
-    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
-    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, C_in*k*k, Ho*Wo)
+    n, c_out = x.shape[0], w.shape[0]
+    cols, ho, wo = _patches(x, w, stride, padding)
     # An explicit bmm: torch.matmul would fold this into one (N*L, K) x (K, C_out) product
     # with transposing copies, and a skinny (C_out, N*L) x (N*L, K) weight gradient that
     # runs at a few GFLOP/s; per-image products need no copies (3-4x faster fwd + bwd).
@@ -268,10 +273,8 @@ def conv2d_im2col_batch_norm(x: Tensor, w: Tensor, stride: int = 1, padding: int
         # so that this equals the vmapped network (cast to bf16 as a whole, executor.run)
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    n, _, h, wd = x.shape
-    c_out, _, kh, kw = w.shape
-    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
-    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, C_in*k*k, Ho*Wo)
+    n, c_out = x.shape[0], w.shape[0]
+    cols, ho, wo = _patches(x, w, stride, padding)
     stats = torch.promote_types(cols.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         cols = cols.to(stats)

@@ -13,11 +13,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metanet import executor as X
 from metanet.ops import batch_norm, batch_norm_reference, conv2d_im2col, conv2d_im2col_batch_norm, relu_conv2d
@@ -163,33 +166,45 @@ def test_conv2d_im2col_batch_norm_under_vmap_and_autocast() -> None:
     assert gw.dtype == torch.float32 and bool(torch.isfinite(gw).all())
 
 
+def _one_task(plan: X.Plan) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Weights (leaves, with a task dimension of 1) and an all-ops alpha for one task."""
+    params = {k: v.requires_grad_(True).expand(1, *v.shape) for k, v in X.init_params(plan, torch.Generator().manual_seed(0)).items()}
+    return params, torch.ones((1, *plan.space.alpha_shape)).masked_fill(~plan.space.alpha_mask, 0.0)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records ``record(func, args)`` for every aten call where it is not None."""
+
+    def __init__(self, record: Callable[[Any, tuple], Any]) -> None:
+        super().__init__()
+        self.record, self.seen = record, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        got = self.record(func, args)
+        if got is not None:
+            self.seen.append(got)
+        return func(*args, **(kwargs or {}))
+
+
 def test_executor_stem_runs_no_norm_over_its_output() -> None:
     """conv4's 1-channel stem takes the folded path: no batch-norm kernel sees a tensor of
     the stem's output size (the cells' norms run on the smaller strided outputs)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     plan = X.compile(load("conv4"))
-    params = {k: v.requires_grad_(True).expand(1, *v.shape) for k, v in X.init_params(plan, torch.Generator().manual_seed(0)).items()}
-    alpha = torch.ones((1, *plan.space.alpha_shape)).masked_fill(~plan.space.alpha_mask, 0.0)
+    params, alpha = _one_task(plan)
     x = torch.rand(1, 6, 1, 28, 28)
     stem_numel = 6 * plan.space.stem.channels * 28 * 28
 
-    class Norms(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.sizes: list[int] = []
+    def norm_sizes(p: X.Plan) -> list[int]:
+        def record(func, args) -> int | None:
+            return args[0].numel() if "batch_norm" in str(func) else None
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "batch_norm" in str(func):
-                self.sizes.append(args[0].numel())
-            return func(*args, **(kwargs or {}))
+        with _Recorder(record) as seen:
+            X.run(p, alpha, params, x, strategy="loop").sum().backward()
+        return seen.seen
 
-    with Norms() as seen:
-        X.run(plan, alpha, params, x, strategy="loop").sum().backward()
-    assert seen.sizes and stem_numel not in seen.sizes
-    with Norms() as seen:
-        X.run(dataclasses.replace(plan, stem_im2col=False), alpha, params, x, strategy="loop").sum().backward()
-    assert stem_numel in seen.sizes  # the reference path norms the stem output
+    sizes = norm_sizes(plan)
+    assert sizes and stem_numel not in sizes
+    assert stem_numel in norm_sizes(dataclasses.replace(plan, stem_im2col=False))  # the reference path norms the stem output
 
 
 _CONV4_WITH = """
@@ -232,29 +247,21 @@ def test_channels_last_only_where_every_reader_is_a_wide_conv(first: str, second
 def _conv_input_layouts(plan: X.Plan, fused: bool) -> tuple[list[str], torch.Tensor]:
     """The memory order of every convolution's input, forward and backward, in one task's
     forward + backward, and the output."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    params = {k: v.requires_grad_(True).expand(1, *v.shape) for k, v in X.init_params(plan, torch.Generator().manual_seed(0)).items()}
-    alpha = torch.ones((1, *plan.space.alpha_shape)).masked_fill(~plan.space.alpha_mask, 0.0)
+    params, alpha = _one_task(plan)
     alpha = alpha / alpha.sum(-1, keepdim=True)
 
-    class Layouts(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inputs: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
-                x = args[1] if func is torch.ops.aten.convolution_backward.default else args[0]
-                nchw, cl = x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
-                self.inputs.append("nchw" if nchw else "cl" if cl else "strided")
-            return func(*args, **(kwargs or {}))
+    def record(func, args) -> str | None:
+        if func not in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+            return None
+        x = args[1] if func is torch.ops.aten.convolution_backward.default else args[0]
+        nchw, cl = x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
+        return "nchw" if nchw else "cl" if cl else "strided"
 
     x = torch.rand(1, 6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    with Layouts() as seen:
+    with _Recorder(record) as seen:
         out = X.run(plan, alpha, params, x, fused=fused)
         out.sum().backward()
-    return seen.inputs, out.detach()
+    return seen.seen, out.detach()
 
 
 def test_channels_last_runs_where_the_plan_says_and_nowhere_else() -> None:
