@@ -141,13 +141,18 @@ def _train_config(args: argparse.Namespace):
         over["proto_head"] = False
     if args.minutes is not None and args.steps is None:
         over["steps"] = None
-    if args.tasks == "omniglot":
-        over.setdefault("queries", 15)
-        over.setdefault("shots", 1)
-        over.setdefault("inner_lr", 0.4)
-        over.setdefault("meta_batch", 16)
-        over.setdefault("space", "conv_omniglot")
+    for key, value in _TASK_DEFAULTS.get(args.tasks, {}).items():
+        over.setdefault(key, value)
     return dataclasses_replace(defaults, over)
+
+
+# Per task distribution: the training defaults a flag left unset takes.
+_TASK_DEFAULTS: dict[str, dict[str, object]] = {
+    "omniglot": {"queries": 15, "shots": 1, "inner_lr": 0.4, "meta_batch": 16, "space": "conv_omniglot"},
+    "miniimagenet": {"queries": 15, "shots": 1, "inner_lr": 0.1, "meta_batch": 4, "space": "conv_miniimagenet"},
+    "images": {"queries": 15, "shots": 1, "inner_lr": 0.4, "meta_batch": 16, "space": "conv_omniglot"},
+    "multidomain": {"queries": 15, "shots": 1, "inner_lr": 0.1, "meta_batch": 12, "space": "conv_multidomain"},
+}
 
 
 def dataclasses_replace(obj, over: dict):
@@ -180,20 +185,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .meta import evaluate
-    from .tasks import fixed_episodes
-    from .trainer import build_tasks, check_tasks, load_run
+    from .tasks import DEFAULT_DOMAINS, domain_name, fixed_episodes
+    from .trainer import IMAGE_TASKS, build_tasks, check_tasks, load_run
 
     model, cfg = load_run(args.run)
-    over = {k: getattr(args, k) for k in ("ways", "shots", "queries", "data_root") if getattr(args, k) is not None}
+    trained_domains = tuple(domain_name(d) for d in (cfg.domains.split(",") if cfg.domains else DEFAULT_DOMAINS)) if cfg.tasks == "multidomain" else None
+    over = {k: getattr(args, k) for k in ("ways", "shots", "queries", "data_root", "split_file", "domains") if getattr(args, k) is not None}
     if args.tasks is not None:
         over["tasks"] = args.tasks
+        if args.tasks != cfg.tasks and args.data_root is None:
+            over["data_root"] = None  # the run's folder belongs to its own tasks
     cfg = dataclasses.replace(cfg, **over)
-    if cfg.ways != model.space.task.outputs and model.kind == "classification":
-        raise UsageError(f"evaluate: the run was trained for {model.space.task.outputs}-way tasks, not {cfg.ways}-way")
-    if args.split is not None and cfg.tasks != "omniglot":
-        raise UsageError(f"evaluate: --split applies to image datasets (omniglot), not to tasks '{cfg.tasks}'")
-    split = args.split or ("val" if cfg.tasks == "omniglot" else None)
-    dist = build_tasks(cfg, split)
+    if model.kind == "classification":
+        try:
+            model.check_ways(cfg.ways)
+        except ValueError as e:
+            raise UsageError(f"evaluate: {e}") from None
+    if args.split is not None and cfg.tasks not in IMAGE_TASKS:
+        raise UsageError(f"evaluate: --split applies to image datasets ({', '.join(IMAGE_TASKS)}), not to tasks '{cfg.tasks}'")
+    split = args.split or ("val" if cfg.tasks in IMAGE_TASKS else None)
+    dist = build_tasks(cfg, split, space=model.space, family_names=trained_domains)
     check_tasks(cfg, model.space, dist)
     trained = model.encoder.n_families if model.encoder.family is not None else 0
     if dist.n_families and trained and dist.n_families != trained:  # ids beyond the trained embedding
@@ -567,8 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="meta-train the generators")
     tr.add_argument("--space", help="search space YAML or built-in name (default: mlp_regression)")
-    tr.add_argument("--tasks", help="task distribution: sinusoid, multimodal, omniglot")
-    tr.add_argument("--data-root", dest="data_root", help="dataset folder (omniglot)")
+    tr.add_argument("--tasks", help="task distribution: sinusoid, multimodal, omniglot, miniimagenet, images (any <root>/<class>/<image> folder), multidomain")
+    tr.add_argument("--data-root", dest="data_root", help="dataset folder (omniglot, miniimagenet, images); for multidomain the folder that holds the named domains (default: ../shared/data)")
+    tr.add_argument("--split-file", dest="split_file", help="images: CSV of class,split lines assigning classes to train/val/test (default: a seeded 60/20/20 split of the classes)")
+    tr.add_argument("--domains", help="multidomain: comma-separated domains: omniglot, miniimagenet, a folder name under --data-root, or NAME=FOLDER (default: omniglot,miniimagenet,chars74k_fnt)")
+    tr.add_argument("--domain-weights", dest="domain_weights", help="multidomain: comma-separated sampling weights, one per domain (default: equal)")
     tr.add_argument("--ways", type=_positive_int)
     tr.add_argument("--shots", type=_positive_int)
     tr.add_argument("--queries", type=_positive_int)
@@ -611,10 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a run on fixed test tasks")
     ev.add_argument("run", help="run directory")
-    ev.add_argument("--tasks")
-    ev.add_argument("--split", help="omniglot split: train, val, background, evaluation")
-    ev.add_argument("--data-root", dest="data_root")
-    ev.add_argument("--ways", type=_positive_int)
+    ev.add_argument("--tasks", help="evaluate on another task distribution than the run's (same input shape after resizing), e.g. images --data-root DIR for an unseen domain")
+    ev.add_argument("--split", help="split of an image dataset (default val): omniglot train, val, background, evaluation; miniimagenet train, val, test; images and multidomain train, val, test, all")
+    ev.add_argument("--data-root", dest="data_root", help="dataset folder (default: the run's)")
+    ev.add_argument("--split-file", dest="split_file", help="images: CSV of class,split lines")
+    ev.add_argument("--domains", help="multidomain: the domains to evaluate on (a domain the run did not train on gets the unknown-domain metadata)")
+    ev.add_argument("--ways", type=_positive_int, help="classes per task; any number where the run's head comes from prototypes")
     ev.add_argument("--shots", type=_positive_int)
     ev.add_argument("--queries", type=_positive_int)
     ev.add_argument("--episodes", type=_positive_int, default=600)

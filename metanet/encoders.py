@@ -48,13 +48,15 @@ class TaskEncoder(nn.Module):
         if self.family is not None:
             nn.init.normal_(self.family.weight, std=0.1)
 
-    def forward(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None) -> Tensor:
+    def forward(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, ways: int | None = None) -> Tensor:
         """Embed tasks.
 
         Args:
             support_x: ``(B, N, *input)``.
             support_y: ``(B, N)`` class ids, or ``(B, N, outputs)`` regression targets.
             metadata: ``(B,)`` family ids, -1 (or None) for unknown.
+            ways: classification: the number of classes (default ``n_outputs``); the
+                prototypes are pooled symmetrically, so any number gives a ``dim`` embedding.
 
         Returns:
             ``(B, dim)`` task embeddings.
@@ -62,7 +64,7 @@ class TaskEncoder(nn.Module):
         b, n = support_x.shape[:2]
         if self.kind == "classification":
             h = self.features(support_x.flatten(0, 1)).view(b, n, -1)  # (B, N, h)
-            onehot = F.one_hot(support_y, self.n_outputs).to(h.dtype)  # (B, N, ways)
+            onehot = F.one_hot(support_y, ways or self.n_outputs).to(h.dtype)  # (B, N, ways)
             counts = onehot.sum(1).clamp_min(1.0)  # (B, ways)
             items = torch.einsum("bnw,bnh->bwh", onehot, h) / counts[..., None]  # prototypes
         else:

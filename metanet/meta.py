@@ -150,33 +150,45 @@ class MetaNet(nn.Module):
         lr = self.lr(name)
         return lr.detach() if isinstance(lr, Tensor) else lr
 
-    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop", proto_head: bool = True) -> Generated:
+    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop", proto_head: bool = True, ways: int | None = None) -> Generated:
         """Run both generators on a meta-batch of support sets.
 
         ``proto_head=False`` skips the supernet's prototype head (for callers that build the
-        head from a discrete network's own features instead).
+        head from a discrete network's own features instead). ``ways``: the tasks' number of
+        classes when it differs from the space's outputs (only a prototype head serves any
+        number; see ``check_ways``).
         """
         if not self.config.use_metadata:
             metadata = None
-        e = self.encoder(support_x, support_y, metadata)
+        e = self.encoder(support_x, support_y, metadata, ways=ways)
         alpha, logits = self.arch(e, temperature, gumbel, hard, generator)
         params, kl, z = self.weights(e, alpha, sample=sample, generator=generator)
         if self.proto and proto_head:
             feats = run(self.plan, alpha, params, support_x, fused=self.config.fused, strategy=strategy, features=True)
-            params["head.w"], params["head.b"] = self.proto_head(feats, support_y)
+            params["head.w"], params["head.b"] = self.proto_head(feats, support_y, ways)
         return Generated(alpha, logits, params, kl, e, z)
 
-    def proto_head(self, feats: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def check_ways(self, ways: int) -> None:
+        """Raise ``ValueError`` unless this model can classify ``ways``-way tasks.
+
+        A prototype head has one row per class of the support set, so any number of ways
+        works; a learned head has exactly the space's number of outputs.
+        """
+        if self.kind == "classification" and not self.proto and ways != self.space.task.outputs:
+            raise ValueError(f"this model's classifier head is learned for {self.space.task.outputs}-way tasks (trained without the prototype head), so it cannot classify {ways}-way tasks")
+
+    def proto_head(self, feats: Tensor, y: Tensor, ways: int | None = None) -> tuple[Tensor, Tensor]:
         """Head weights from class prototypes (Proto-MAML): logits = -scale * |f - p_c|^2 + const.
 
         Args:
             feats: ``(B, N, C)`` support features (the head's input).
             y: ``(B, N)`` labels.
+            ways: the number of classes (default: the space's outputs).
 
         Returns:
             ``head.w (B, ways, C)`` and ``head.b (B, ways)``.
         """
-        onehot = F.one_hot(y, self.space.task.outputs).to(feats.dtype)  # (B, N, ways)
+        onehot = F.one_hot(y, ways or self.space.task.outputs).to(feats.dtype)  # (B, N, ways)
         protos = torch.einsum("bnw,bnc->bwc", onehot, feats) / onehot.sum(1).clamp_min(1.0)[..., None]
         scale = self.proto_scale.exp()
         return 2.0 * scale * protos, -scale * protos.pow(2).sum(-1)
@@ -284,9 +296,17 @@ class TaskNetwork:
 
 
 def generate_networks(model: MetaNet, episode, *, sample: bool = False) -> list[TaskNetwork]:
-    """Generate each task's discrete network (architecture by the space's rule + weights)."""
+    """Generate each task's discrete network (architecture by the space's rule + weights).
+
+    Classification tasks may have any number of classes where the head comes from class
+    prototypes (``MetaNet.check_ways``); the number is read from the support labels.
+    """
+    ways = None
+    if model.kind == "classification":
+        ways = int(episode.support_y.max()) + 1
+        model.check_ways(ways)
     with torch.no_grad():
-        gen = model.generate(episode.support_x, episode.support_y, episode.metadata, sample=sample, proto_head=False)
+        gen = model.generate(episode.support_x, episode.support_y, episode.metadata, sample=sample, proto_head=False, ways=ways)
     out = []
     for b in range(gen.alpha.shape[0]):
         g = discretise(model.space, gen.alpha[b])
@@ -294,7 +314,7 @@ def generate_networks(model: MetaNet, episode, *, sample: bool = False) -> list[
         if model.proto:  # prototypes of the discrete network's own features
             with torch.no_grad():
                 feats = forward_genotype(model.plan, g, params, episode.support_x[b], features=True)
-                w, bias = model.proto_head(feats[None], episode.support_y[b][None])
+                w, bias = model.proto_head(feats[None], episode.support_y[b][None], ways)
             params["head.w"], params["head.b"] = w[0], bias[0]
         out.append(TaskNetwork(g, params, gen.alpha[b].detach(), None if gen.latent is None else gen.latent[b].detach(), gen.embedding[b].detach()))
     return out

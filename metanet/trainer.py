@@ -36,7 +36,7 @@ from . import distributed
 from .compile import checked_compile
 from .meta import ORDERS, PRECISIONS, MetaNet, ModelConfig, evaluate, meta_loss, precision
 from .space import SearchSpace, load, loads
-from .tasks import Episode, TaskDistribution, fixed_episodes, make_tasks
+from .tasks import DEFAULT_DOMAINS, Episode, TaskDistribution, fixed_episodes, make_tasks
 
 __all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory"]
 
@@ -60,6 +60,9 @@ class TrainConfig:
     queries: int = 10
     data_root: str | None = None
     rotations: bool = True
+    split_file: str | None = None  # images: CSV of class,split lines (else a seeded fraction of the classes)
+    domains: str | None = None  # multidomain: comma-separated domain entries (None: omniglot,miniimagenet,chars74k_fnt)
+    domain_weights: str | None = None  # multidomain: comma-separated sampling weights, one per domain
     meta_batch: int = 25
     inner_steps: int = 1
     eval_inner_steps: int = 10
@@ -189,8 +192,17 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
         v = getattr(cfg, name)
         if not (isinstance(v, str) and v):
             raise bad(name, "a non-empty string")
-    if cfg.data_root is not None and not (isinstance(cfg.data_root, str) and cfg.data_root):
-        raise bad("data_root", "a folder name or null")
+    for name in ("data_root", "split_file", "domains", "domain_weights"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, str) and v):
+            raise bad(name, "a non-empty string or null")
+    if cfg.domain_weights is not None:
+        try:
+            weights = [float(w) for w in cfg.domain_weights.split(",")]
+        except ValueError:
+            raise bad("domain_weights", "comma-separated numbers, one per domain") from None
+        if any(not (math.isfinite(w) and w >= 0) for w in weights) or not sum(weights) > 0:
+            raise bad("domain_weights", "comma-separated numbers >= 0 with a positive sum")
     if cfg.steps is not None and not (is_int(cfg.steps) and cfg.steps >= 1):
         raise bad("steps", "a positive integer or null")
     if cfg.minutes is not None and not (is_num(cfg.minutes) and cfg.minutes > 0):
@@ -209,16 +221,48 @@ def build_space(cfg: TrainConfig, text: str | None = None) -> SearchSpace:
     return space
 
 
-def build_tasks(cfg: TrainConfig, split: str | None = None, *, shots: int | None = None, queries: int | None = None) -> TaskDistribution:
-    """The task distribution a config names (``split`` for image datasets)."""
-    kw: dict[str, Any] = {"shots": shots or cfg.shots, "queries": queries or cfg.queries}
-    if cfg.tasks == "omniglot":
-        from .tasks import default_data_root
+IMAGE_TASKS = ("omniglot", "miniimagenet", "images", "multidomain")  # task distributions with named splits
 
+
+def build_tasks(cfg: TrainConfig, split: str | None = None, *, shots: int | None = None, queries: int | None = None, space: SearchSpace | None = None, family_names: tuple[str, ...] | None = None) -> TaskDistribution:
+    """The task distribution a config names.
+
+    Args:
+        split: the split of an image dataset (default ``train``).
+        shots, queries: override the config's.
+        space: the search space whose input shape image episodes take (resized and
+            converted to its channels); default ``build_space(cfg)``.
+        family_names: multidomain: the domain names of the metadata ids (a run's trained
+            domains, so that a left-out domain gets the unknown id).
+    """
+    from .tasks import default_data_root, shared_data_root
+
+    kw: dict[str, Any] = {"shots": shots or cfg.shots, "queries": queries or cfg.queries}
+    if cfg.tasks in IMAGE_TASKS:
+        input_shape = tuple((space or build_space(cfg)).task.input)
+        if len(input_shape) != 3:
+            raise ConfigError(f"tasks '{cfg.tasks}' are images, but space '{cfg.space}' takes inputs of shape {list(input_shape)}")
+        channels, size = input_shape[0], input_shape[-1]
+        kw.update(split=split or "train", ways=cfg.ways)
+    if cfg.tasks == "omniglot":
         root = cfg.data_root or default_data_root()
         if root is None:
             raise ConfigError("omniglot needs --data-root DIR (npz files or images_background/ PNG folders); none given and no default found")
-        kw.update(root=root, split=split or "train", ways=cfg.ways, rotations=cfg.rotations)
+        kw.update(root=root, rotations=cfg.rotations, image_size=size)
+    elif cfg.tasks == "miniimagenet":
+        root = cfg.data_root or shared_data_root("miniimagenet")
+        if root is None:
+            raise ConfigError("miniimagenet needs --data-root DIR (images/ + train.csv, val.csv, test.csv, or <split>/<wnid>/ folders); none given and no default found")
+        kw.update(root=root, image_size=size, channels=channels)
+    elif cfg.tasks == "images":
+        if cfg.data_root is None:
+            raise ConfigError("images needs --data-root DIR, a folder of class folders (<root>/<class>/<image>)")
+        kw.update(root=cfg.data_root, image_size=size, channels=channels, split_file=cfg.split_file)
+    elif cfg.tasks == "multidomain":
+        root = cfg.data_root or shared_data_root()
+        weights = None if cfg.domain_weights is None else tuple(float(w) for w in cfg.domain_weights.split(","))
+        domains = DEFAULT_DOMAINS if cfg.domains is None else tuple(d.strip() for d in cfg.domains.split(","))
+        kw.update(domains=domains, data_root=root, image_size=size, channels=channels, weights=weights, with_metadata=cfg.use_metadata, family_names=family_names)
     elif cfg.tasks == "multimodal":
         kw.update(with_metadata=cfg.use_metadata)
     return make_tasks(cfg.tasks, **kw)
@@ -442,8 +486,8 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
         try:
             setup = _prepare(cfg, out, resume, overwrite)
             space = build_space(setup.cfg, setup.space_text)
-            dist_ = build_tasks(setup.cfg, "train")
-            val_dist = build_tasks(setup.cfg, "val", queries=setup.cfg.queries)
+            dist_ = build_tasks(setup.cfg, "train", space=space)
+            val_dist = build_tasks(setup.cfg, "val", queries=setup.cfg.queries, space=space)
             check_tasks(setup.cfg, space, dist_, ctx.world_size)
             val_episodes = fixed_episodes(val_dist, setup.cfg.val_tasks, min(setup.cfg.meta_batch, setup.cfg.val_tasks), seed=setup.cfg.seed + 10_000)
             model = build_model(setup.cfg, space, dist_.n_families)
@@ -456,7 +500,7 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
     cfg = setup.cfg
     if not ctx.is_main:
         space = build_space(cfg, setup.space_text)
-        dist_ = build_tasks(cfg, "train")
+        dist_ = build_tasks(cfg, "train", space=space)
         model = build_model(cfg, space, dist_.n_families)
         val_episodes = []
     model.to(ctx.device)

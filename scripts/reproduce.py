@@ -11,10 +11,14 @@ in ``OUT/results/``; run directories (checkpoints, ``metrics.jsonl``) go to ``--
     python scripts/reproduce.py --smoke                       # every row, tiny budget, temp dir
     python scripts/reproduce.py --table sinusoid multimodal --minutes 0.3 --seeds 3 --jobs 2
     python scripts/reproduce.py --table omniglot --minutes 10 --seeds 1 --data-root DIR
+    python scripts/reproduce.py --table miniimagenet --methods metanet protonet --minutes 60 --jobs 2
     python scripts/reproduce.py --table sinusoid --methods maml metanet --shots 5 --out /tmp/row
 
 Running several tables by separate commands into the same ``--out`` merges them: each
-table keeps the command and date that produced it.
+table keeps the command and date that produced it; rows of a table that a later command
+did not run stay, with their own commands. A table with ``train_shots`` (mini-ImageNet)
+trains each method once, at that many shots, and scores the same model at every shot
+setting: its prototype head serves any shot and way.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import torch
 from metanet.export import draw_population_png, op_frequency
 from metanet.meta import MetaNet, evaluate, generate_networks, meta_loss
 from metanet.network import generate_batch
-from metanet.tasks import TASKS, Episode, Omniglot, default_data_root
+from metanet.tasks import TASKS, Episode, Omniglot, default_data_root, shared_data_root
 from metanet.trainer import TrainConfig, load_run, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,22 +69,25 @@ class Method:
     overrides: dict[str, Any] = field(default_factory=dict)
     search: bool = True  # searchable space (mlp_regression / conv_omniglot) or the fixed one
     tables: tuple[str, ...] = ("sinusoid", "multimodal", "omniglot")
+    # the image tables beyond omniglot take only the main baselines and metanet
 
 
 _FIXED = {"arch": "fixed", "weights": "off", "proto_head": False}
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("maml", "MAML: fixed network, learned initial weights, second order", dict(_FIXED), search=False),
+    Method("maml", "MAML: fixed network, learned initial weights, second order", dict(_FIXED), search=False,
+           tables=("sinusoid", "multimodal", "omniglot", "miniimagenet")),
     Method("fomaml", "first-order MAML", dict(_FIXED, order="first"), search=False),
     Method("reptile", "Reptile, 5 inner steps", dict(_FIXED, order="reptile", inner_steps=5), search=False),
     Method("metasgd", "Meta-SGD: MAML + a learned step size per weight", dict(_FIXED, meta_sgd=True), search=False),
     Method("protonet", "prototypical network: conv4 features, prototype head, no inner steps",
            {"arch": "fixed", "weights": "off", "proto_head": True, "inner_steps": 0, "eval_inner_steps": 0},
-           search=False, tables=("omniglot",)),
+           search=False, tables=("omniglot", "miniimagenet")),
     Method("protomaml", "Proto-MAML: MAML on conv4 with the prototype head metanet uses (inner lr 0.1)",
-           {"arch": "fixed", "weights": "off", "proto_head": True, "inner_lr": 0.1}, search=False, tables=("omniglot",)),
+           {"arch": "fixed", "weights": "off", "proto_head": True, "inner_lr": 0.1}, search=False, tables=("omniglot", "miniimagenet")),
     Method("metanas", "MetaNAS-style: one meta-learned soft architecture for all tasks, learned init",
            {"arch": "shared", "weights": "off"}),
-    Method("metanet", "metanet: task-conditional architecture + VAE weight generator", {}),
+    Method("metanet", "metanet: task-conditional architecture + VAE weight generator", {},
+           tables=("sinusoid", "multimodal", "omniglot", "miniimagenet")),
     Method("metanet-no-archgen", "ablation: shared architecture, VAE weights", {"arch": "shared", "weights": "vae"}),
     Method("metanet-no-weightgen", "ablation: conditional architecture, learned init", {"arch": "conditional", "weights": "off"}),
     Method("metanet-no-metadata", "ablation: task metadata withheld", {"use_metadata": False}, tables=("multimodal",)),
@@ -106,6 +113,8 @@ class Table:
     strategy: str  # default task-execution strategy (DESIGN: loop is faster for conv4 on CPU)
     per_family: bool = False
     search_train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for the searchable-space rows only
+    train_shots: int | None = None  # train once at this many shots and score every shot setting with that model
+    test_queries: int = 5  # classification: query images per class of a test task
 
     @property
     def metric(self) -> str:
@@ -128,13 +137,17 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           # the searchable rows train the straight-through argmax architecture (the discrete network they are scored
           # with: no discretisation gap) with the prototype head, at the inner lr that suits that head
           search_train={"hard": True, "inner_lr": 0.1}),
+    # 84x84 RGB, 5-way; one training per method (1-shot) scored at 1 and 5 shots, 15 queries per class as in the papers
+    Table("miniimagenet", "mini-ImageNet few-shot classification", "classification", "conv4_miniimagenet", "conv_miniimagenet", (0, 1, 10),
+          {"tasks": "miniimagenet", "queries": 15, "meta_batch": 4, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.01}, "loop",
+          search_train={"hard": True, "inner_lr": 0.1}, train_shots=1, test_queries=15),
 )}  # fmt: skip
 TABLE_ORDER = tuple(TABLES)
 
-DEFAULT_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 5)}
-DEFAULT_WAYS = (5, 20)
+DEFAULT_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 5), "miniimagenet": (1, 5)}
+DEFAULT_WAYS = {"omniglot": (5, 20), "miniimagenet": (5,)}  # mini-ImageNet's 16 validation classes allow no 20-way task
 SMOKE_WAYS = (2, 3)
-SMOKE_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 2)}
+SMOKE_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 2), "miniimagenet": (1, 2)}
 
 
 @dataclass(frozen=True)
@@ -298,6 +311,8 @@ def _worker_setup() -> None:
 
 
 def _test_dist(test: dict[str, Any]) -> Any:
+    if test["tasks"] == "miniimagenet":
+        return TASKS["miniimagenet"](root=test["data_root"], split=test["split"], ways=test["ways"], shots=test["shots"], queries=test["queries"])
     if test["tasks"] == "omniglot":
         return TASKS["omniglot"](root=test["data_root"], split=test["split"], ways=test["ways"], shots=test["shots"], queries=test["queries"], rotations=test["rotations"])
     kw = {"with_metadata": True} if test["tasks"] == "multimodal" else {}  # metadata to split by family
@@ -346,11 +361,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig(**job["cfg"])
     if saved is not None:
         summary, train_wall = saved["train"], saved["train_wall_s"]
+    elif job.get("train_dir"):  # trained by the job of the table's train_shots setting
+        trained = _from_json(json.loads((Path(job["train_dir"]) / "result.json").read_text()))
+        if "error" in trained:
+            raise RuntimeError(f"its training run failed: {trained['error']}")
+        summary, train_wall = trained["train"], trained["train_wall_s"]
     else:
         t0 = time.perf_counter()
         summary = train(cfg, run_dir)
         train_wall = time.perf_counter() - t0
-    model, _ = load_run(run_dir, "last")  # validation runs only after the budget: last = final
+    model, _ = load_run(job.get("train_dir") or run_dir, "last")  # validation runs only after the budget: last = final
     test = job["test"]
     dist = _test_dist(test)
     episodes = TestEpisodes(dist, test["n"], test["batch"], test["seed"])
@@ -469,8 +489,8 @@ def budget_label(args: argparse.Namespace) -> str:
 def settings_for(table: str, args: argparse.Namespace) -> list[Setting]:
     """The settings of a table, from ``--shots``/``--ways`` or the defaults."""
     shots = tuple(args.shots) if args.shots else (SMOKE_SHOTS if args.smoke else DEFAULT_SHOTS)[table]
-    if table == "omniglot":
-        ways = tuple(args.ways) if args.ways else (SMOKE_WAYS if args.smoke else DEFAULT_WAYS)
+    if TABLES[table].kind == "classification":
+        ways = tuple(args.ways) if args.ways else (SMOKE_WAYS if args.smoke else DEFAULT_WAYS[table])
         return [Setting(table, s, w) for w in ways for s in shots]
     return [Setting(table, s) for s in shots]
 
@@ -509,11 +529,24 @@ def make_config(table: Table, setting: Setting, method: Method, seed: int, args:
         **_budget(args),
     )
     if setting.ways:
-        fields.update(ways=setting.ways, data_root=str(args.data_root), rotations=True)
+        fields.update(ways=setting.ways, data_root=str(_data_root(table.name, args)), rotations=True)
+    if table.train_shots is not None:
+        fields["shots"] = table.train_shots
     if args.smoke:
         fields.update(meta_batch=1 if setting.ways else 2, log_every=1, eval_inner_steps=1, **({"queries": 1} if setting.ways else {}))
     fields.update(method.overrides)
     return TrainConfig(**fields)
+
+
+def _data_root(table: str, args: argparse.Namespace) -> Path | None:
+    return args.mini_data_root if table == "miniimagenet" else args.data_root
+
+
+def _test_split(table: str, args: argparse.Namespace) -> str:
+    """``--eval-split`` in the table's own split names (Omniglot's test set is ``evaluation``)."""
+    if table == "miniimagenet":
+        return "test" if args.eval_split in ("test", "evaluation") else "val"
+    return "evaluation" if args.eval_split in ("test", "evaluation") else "val"
 
 
 def plan_jobs(args: argparse.Namespace, tables: Sequence[str], runs: Path, figures: Path) -> list[dict[str, Any]]:
@@ -523,18 +556,22 @@ def plan_jobs(args: argparse.Namespace, tables: Sequence[str], runs: Path, figur
         table = TABLES[table_name]
         n_seeds = seeds_for(table_name, args)
         for seed in range(n_seeds):
-            for i, setting in enumerate(settings_for(table_name, args)):
+            settings = settings_for(table_name, args)
+            for i, setting in enumerate(settings):
                 test = {
                     "tasks": table.train["tasks"], "shots": setting.shots, "ways": setting.ways,
-                    "queries": args.test_queries or (1 if args.smoke and setting.ways else (5 if setting.ways else (10 if args.smoke else 100))),
+                    "queries": args.test_queries or (1 if args.smoke and setting.ways else (table.test_queries if setting.ways else (10 if args.smoke else 100))),
                     "n": args.test_tasks or ((2 if setting.ways else 20) if args.smoke else 600),
                     "batch": (2 if setting.ways else 10) if args.smoke else 25, "seed": TEST_SEED,
-                    "split": args.eval_split, "data_root": str(args.data_root) if setting.ways else None, "rotations": True,
+                    "split": _test_split(table_name, args), "data_root": str(_data_root(table_name, args)) if setting.ways else None, "rotations": True,
                 }  # fmt: skip
                 for method in methods_for(table_name, args):
                     cfg = make_config(table, setting, method, seed, args)
                     draw = method.name == "metanet" and seed == 0 and (i == 0 or not args.smoke)  # smoke: one per table
                     png = figures / f"{table_name}_{setting.slug}_population.png" if draw else None
+                    trainer = Setting(table_name, table.train_shots, setting.ways) if table.train_shots not in (None, setting.shots) else None
+                    if trainer not in settings:  # that setting is not run: this job trains (at train_shots) itself
+                        trainer = None
                     jobs.append({
                         "table": table_name, "setting": setting.label, "method": method.name, "seed": seed,
                         "cfg": dataclasses.asdict(cfg), "test": test, "eval_steps": eval_steps_for(table_name, args),
@@ -542,6 +579,7 @@ def plan_jobs(args: argparse.Namespace, tables: Sequence[str], runs: Path, figur
                         "curve_steps": 2 if args.smoke else CURVE_STEPS, "cost_tasks": 1 if args.smoke else 10, "cost_repeats": 0 if args.smoke else 2,
                         "population_png": str(png) if png else None,
                         "run_dir": str(runs / table_name / setting.slug / method.name / f"seed{seed}"), "reuse": "training" if args.reevaluate else args.reuse,
+                        "train_dir": str(runs / table_name / trainer.slug / method.name / f"seed{seed}") if trainer else None,
                     })  # fmt: skip
     return jobs
 
@@ -559,6 +597,17 @@ def _run_job_safely(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_jobs(jobs: list[dict[str, Any]], n_workers: int) -> list[dict[str, Any]]:
+    """Run the jobs that train, then the jobs that score another job's training."""
+    first = [i for i, j in enumerate(jobs) if not j.get("train_dir")]
+    second = [i for i, j in enumerate(jobs) if j.get("train_dir")]
+    out: list[dict[str, Any]] = [{}] * len(jobs)
+    for part in (first, second):
+        for i, res in zip(part, _run_batch([jobs[i] for i in part], n_workers)):
+            out[i] = res
+    return out
+
+
+def _run_batch(jobs: list[dict[str, Any]], n_workers: int) -> list[dict[str, Any]]:
     """Run jobs in this process (``n_workers`` 1) or in spawned single-threaded workers."""
 
     def report(i: int, job: dict[str, Any], res: dict[str, Any]) -> None:
@@ -657,6 +706,8 @@ def row_command(table: str, setting: str, method: str, args: argparse.Namespace)
         parts += ["--seeds", str(seeds_for(table, args))]
     if table == "omniglot" and args.data_root_given:
         parts += ["--data-root", str(args.data_root)]
+    if table == "miniimagenet" and args.mini_data_root_given:
+        parts += ["--mini-data-root", str(args.mini_data_root)]
     parts += ["--out", f"runs/row-{table}-{s.slug}-{method}"]
     return shlex.join(parts)
 
@@ -1046,8 +1097,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-queries", type=int, help="query points per test task (default: 100; omniglot: 5 per class)")
     p.add_argument("--curve-tasks", type=int, default=100, help="test tasks for the metric-vs-steps curves (default: 100)")
     p.add_argument("--val-tasks", type=int, default=25, help="validation tasks, scored once after the budget (default: 25)")
-    p.add_argument("--eval-split", default="val", choices=("val", "evaluation"), help="omniglot test split: val (alphabets held out of the background set) or evaluation (needs images_evaluation)")
+    p.add_argument("--eval-split", default="val", choices=("val", "evaluation", "test"), help="test split: val (omniglot: alphabets held out of the background set; mini-ImageNet: its 16 validation classes) or test (omniglot: images_evaluation; mini-ImageNet: test.csv); evaluation is the same as test")
     p.add_argument("--data-root", help="omniglot folder (default: metanet.tasks.default_data_root())")
+    p.add_argument("--mini-data-root", help="mini-ImageNet folder (default: ../shared/data/miniimagenet)")
     p.add_argument("--strategy", choices=("auto", "loop", "vmap"), help="task execution (default: auto for regression, loop for omniglot)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="arithmetic of every row's meta-training (metanet train --precision; default fp32)")
     p.add_argument("--out", help="output folder for RESULTS.md and results/ (default: docs/; --smoke: a new temp folder)")
@@ -1087,6 +1139,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.steps, args.val_tasks = 2, 1
     args.data_root_given = args.data_root is not None
     args.data_root = Path(args.data_root) if args.data_root else default_data_root()
+    args.mini_data_root_given = args.mini_data_root is not None
+    args.mini_data_root = Path(args.mini_data_root) if args.mini_data_root else shared_data_root("miniimagenet")
     return args
 
 
@@ -1113,6 +1167,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             skipped["omniglot"] = reason
             tables.remove("omniglot")
             print(f"omniglot: skipped ({reason})")
+    if "miniimagenet" in tables:
+        root, reason = args.mini_data_root, None
+        if root is None:
+            reason = "no mini-ImageNet data found: give --mini-data-root DIR"
+        elif not root.is_dir():
+            reason = f"the mini-ImageNet folder {root} does not exist"
+        if reason:
+            skipped["miniimagenet"] = reason
+            tables.remove("miniimagenet")
+            print(f"miniimagenet: skipped ({reason})")
     prev_threads = torch.get_num_threads()
     saved_factory = TASKS["omniglot"]
     _worker_setup()
@@ -1131,7 +1195,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if old.get("format") == RESULTS_FORMAT and old.get("version") == RESULTS_VERSION:
             data = old
     for name in tables:
-        data["tables"][name] = collect(name, jobs, results, args, command)
+        table = collect(name, jobs, results, args, command)
+        old_table = data["tables"].get(name)
+        if old_table:  # rows this command did not run stay, each with its own command
+            for setting, methods in old_table["rows"].items():
+                for method, row in methods.items():
+                    table["rows"].setdefault(setting, {}).setdefault(method, row)
+            order = [s.label for s in settings_for(name, args)] + list(old_table["settings"])
+            table["settings"] = [s for s in dict.fromkeys(order) if s in table["rows"]]
+        data["tables"][name] = table
         data["skipped"].pop(name, None)
         plot_table(name, data["tables"][name], figures)
     for name, why in skipped.items():

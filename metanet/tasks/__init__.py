@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .base import Episode, TaskDistribution, TaskError, _unknown, fixed_episodes
-from .omniglot import DEFAULT_VAL_ALPHABETS, SPLITS, Omniglot, default_data_root
+from .images import DEFAULT_DOMAINS, IMAGE_SPLITS, MINI_SPLITS, ImageFolder, ImageStore, MiniImageNet, MultiDomain, domain_name
+from .omniglot import DEFAULT_VAL_ALPHABETS, SPLITS, Omniglot, default_data_root, shared_data_root
 from .regression import FAMILY_NAMES, Multimodal, Sinusoid
 
 __all__ = [
@@ -25,6 +26,15 @@ __all__ = [
     "SPLITS",
     "DEFAULT_VAL_ALPHABETS",
     "default_data_root",
+    "shared_data_root",
+    "ImageFolder",
+    "ImageStore",
+    "MiniImageNet",
+    "MultiDomain",
+    "IMAGE_SPLITS",
+    "MINI_SPLITS",
+    "DEFAULT_DOMAINS",
+    "domain_name",
     "TASKS",
     "register_tasks",
     "make_tasks",
@@ -34,6 +44,9 @@ TASKS: dict[str, Callable[..., TaskDistribution]] = {
     "sinusoid": Sinusoid,
     "multimodal": Multimodal,
     "omniglot": Omniglot,
+    "miniimagenet": MiniImageNet,
+    "images": ImageFolder,
+    "multidomain": MultiDomain,
 }
 
 _T = TypeVar("_T", bound=Callable[..., TaskDistribution])

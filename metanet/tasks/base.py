@@ -11,12 +11,27 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["TaskError", "Episode", "TaskDistribution", "fixed_episodes"]
+__all__ = ["TaskError", "Episode", "TaskDistribution", "fixed_episodes", "shared_data_root"]
+
+
+def shared_data_root(name: str = "") -> Path | None:
+    """The folder ``shared/data/<name>`` beside the working directory or the repository, or None.
+
+    Looked for under the parent of the working directory, then under the parent of the
+    repository that holds the ``metanet`` package (a development checkout).
+    """
+    repo = Path(__file__).resolve().parents[2]
+    for candidate in (Path.cwd().parent, repo.parent):
+        folder = candidate / "shared" / "data" / name
+        if folder.is_dir():
+            return folder.resolve()
+    return None
 
 
 class TaskError(ValueError):

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Episode, TaskError, _check_positive, _unknown
+from .base import Episode, TaskError, _check_positive, _unknown, shared_data_root
 
-__all__ = ["Omniglot", "SPLITS", "DEFAULT_VAL_ALPHABETS", "default_data_root"]
+__all__ = ["Omniglot", "SPLITS", "DEFAULT_VAL_ALPHABETS", "default_data_root", "shared_data_root"]
 
 SPLITS: tuple[str, ...] = ("background", "evaluation", "train", "val")
 
@@ -53,18 +53,12 @@ _CHUNK = 64  # characters resized at once: bounds the float32 copy to about 56 M
 def default_data_root() -> Path | None:
     """Return the folder of the Omniglot files, or None when there is none.
 
-    ``METANET_DATA_ROOT`` if set; else ``../shared/data/omniglot`` relative to the working
-    directory or to the repository (the parent of the ``metanet`` package), if it exists.
+    ``METANET_DATA_ROOT`` if set; else ``shared_data_root("omniglot")``.
     """
     env = os.environ.get("METANET_DATA_ROOT")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    for candidate in (Path.cwd().parent, repo.parent):
-        folder = candidate / "shared" / "data" / "omniglot"
-        if folder.is_dir():
-            return folder.resolve()
-    return None
+    return shared_data_root("omniglot")
 
 
 @dataclass(frozen=True)
