@@ -191,6 +191,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model, cfg = load_run(args.run)
     trained_domains = tuple(domain_name(d) for d in (cfg.domains.split(",") if cfg.domains else DEFAULT_DOMAINS)) if cfg.tasks == "multidomain" else None
     over = {k: getattr(args, k) for k in ("ways", "shots", "queries", "data_root", "split_file", "domains") if getattr(args, k) is not None}
+    if args.domains is not None:
+        over["domain_weights"] = None  # the run's weights are for its own domains: evaluate on each alike
     if args.tasks is not None:
         over["tasks"] = args.tasks
         if args.tasks != cfg.tasks and args.data_root is None:

@@ -279,8 +279,10 @@ def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor],
     params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     for _ in range(steps):
         loss = task_loss(kind, forward_genotype(plan, genotype, params, x), y)
-        grads = torch.autograd.grad(loss, list(params.values()))
-        params = {k: (v - lr(k) * g).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
+        # allow_unused: where every edge into a cell was dropped, the weights before it
+        # do not reach the output; their step is zero
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        params = {k: (v if g is None else v - lr(k) * g).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
     return {k: v.detach() for k, v in params.items()}
 
 

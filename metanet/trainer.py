@@ -239,30 +239,31 @@ def build_tasks(cfg: TrainConfig, split: str | None = None, *, shots: int | None
 
     kw: dict[str, Any] = {"shots": shots or cfg.shots, "queries": queries or cfg.queries}
     if cfg.tasks in IMAGE_TASKS:
-        input_shape = tuple((space or build_space(cfg)).task.input)
-        if len(input_shape) != 3:
-            raise ConfigError(f"tasks '{cfg.tasks}' are images, but space '{cfg.space}' takes inputs of shape {list(input_shape)}")
-        channels, size = input_shape[0], input_shape[-1]
         kw.update(split=split or "train", ways=cfg.ways)
+        # images take the space's (C, H, W); a space for other inputs is refused by check_tasks
+        input_shape = tuple((space or build_space(cfg)).task.input)
+        shape = {"image_size": input_shape[-1], "channels": input_shape[0]} if len(input_shape) == 3 else {}
     if cfg.tasks == "omniglot":
         root = cfg.data_root or default_data_root()
         if root is None:
             raise ConfigError("omniglot needs --data-root DIR (npz files or images_background/ PNG folders); none given and no default found")
-        kw.update(root=root, rotations=cfg.rotations, image_size=size)
+        kw.update(root=root, rotations=cfg.rotations)
+        if "image_size" in shape:
+            kw["image_size"] = shape["image_size"]
     elif cfg.tasks == "miniimagenet":
         root = cfg.data_root or shared_data_root("miniimagenet")
         if root is None:
             raise ConfigError("miniimagenet needs --data-root DIR (images/ + train.csv, val.csv, test.csv, or <split>/<wnid>/ folders); none given and no default found")
-        kw.update(root=root, image_size=size, channels=channels)
+        kw.update(root=root, **shape)
     elif cfg.tasks == "images":
         if cfg.data_root is None:
             raise ConfigError("images needs --data-root DIR, a folder of class folders (<root>/<class>/<image>)")
-        kw.update(root=cfg.data_root, image_size=size, channels=channels, split_file=cfg.split_file)
+        kw.update(root=cfg.data_root, split_file=cfg.split_file, **shape)
     elif cfg.tasks == "multidomain":
         root = cfg.data_root or shared_data_root()
         weights = None if cfg.domain_weights is None else tuple(float(w) for w in cfg.domain_weights.split(","))
         domains = DEFAULT_DOMAINS if cfg.domains is None else tuple(d.strip() for d in cfg.domains.split(","))
-        kw.update(domains=domains, data_root=root, image_size=size, channels=channels, weights=weights, with_metadata=cfg.use_metadata, family_names=family_names)
+        kw.update(domains=domains, data_root=root, weights=weights, with_metadata=cfg.use_metadata, family_names=family_names, **shape)
     elif cfg.tasks == "multimodal":
         kw.update(with_metadata=cfg.use_metadata)
     return make_tasks(cfg.tasks, **kw)

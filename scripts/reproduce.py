@@ -15,8 +15,8 @@ in ``OUT/results/``; run directories (checkpoints, ``metrics.jsonl``) go to ``--
     python scripts/reproduce.py --table sinusoid --methods maml metanet --shots 5 --out /tmp/row
 
 Running several tables by separate commands into the same ``--out`` merges them: each
-table keeps the command and date that produced it; rows of a table that a later command
-did not run stay, with their own commands. A table with ``train_shots`` (mini-ImageNet)
+table keeps the command and date that produced it (to add rows to a table, run it again
+with every row and ``--reuse``: finished runs are not redone). A table with ``train_shots`` (mini-ImageNet)
 trains each method once, at that many shots, and scores the same model at every shot
 setting: its prototype head serves any shot and way.
 """
@@ -1195,15 +1195,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if old.get("format") == RESULTS_FORMAT and old.get("version") == RESULTS_VERSION:
             data = old
     for name in tables:
-        table = collect(name, jobs, results, args, command)
-        old_table = data["tables"].get(name)
-        if old_table:  # rows this command did not run stay, each with its own command
-            for setting, methods in old_table["rows"].items():
-                for method, row in methods.items():
-                    table["rows"].setdefault(setting, {}).setdefault(method, row)
-            order = [s.label for s in settings_for(name, args)] + list(old_table["settings"])
-            table["settings"] = [s for s in dict.fromkeys(order) if s in table["rows"]]
-        data["tables"][name] = table
+        data["tables"][name] = collect(name, jobs, results, args, command)
         data["skipped"].pop(name, None)
         plot_table(name, data["tables"][name], figures)
     for name, why in skipped.items():

@@ -1,6 +1,12 @@
 """Test-wide settings."""
 
+import os
+import tempfile
+
 import torch
+
+# Decoded image datasets go to a cache folder of the test run's own, never the user's.
+os.environ.setdefault("METANET_CACHE", tempfile.mkdtemp(prefix="metanet-test-cache-"))
 
 # The suite runs many tiny ops; one intra-op thread avoids oversubscribing 2 cores (and is
 # faster for tensors this small). Benchmarks, not tests, measure threaded throughput.

@@ -165,7 +165,7 @@ def test_resume_and_evaluate_on_folders_without_a_run(tmp_path, capsys):
 def test_evaluate_bad_input(run_dir, tmp_path, capsys, images28):
     one_line_error(*run_cli(["evaluate", run_dir, "--tasks", "omniglot", "--data-root", tmp_path / "x"], capsys)[::2], "does not exist or is not a folder")
     one_line_error(*run_cli(["evaluate", run_dir, "--tasks", images28], capsys)[::2], "space 'mlp_regression' is for regression but tasks '_test_images28' are classification")
-    one_line_error(*run_cli(["evaluate", run_dir, "--split", "val"], capsys)[::2], "--split applies to image datasets (omniglot), not to tasks 'sinusoid'")
+    one_line_error(*run_cli(["evaluate", run_dir, "--split", "val"], capsys)[::2], "--split applies to image datasets (omniglot, miniimagenet, images, multidomain), not to tasks 'sinusoid'")
     one_line_error(*run_cli(["evaluate", run_dir, "--episodes", "0"], capsys)[::2], "argument --episodes: expected a positive integer, got 0")
     one_line_error(*run_cli(["evaluate", run_dir, "--tasks", "sinusiod"], capsys)[::2], "(did you mean 'sinusoid'?)")
 

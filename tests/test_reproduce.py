@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from metanet.meta import evaluate
-from metanet.tasks import Multimodal, Sinusoid, default_data_root, fixed_episodes
+from metanet.tasks import Multimodal, Sinusoid, default_data_root, fixed_episodes, shared_data_root
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
 
@@ -25,6 +25,7 @@ EXPECTED = {
     "sinusoid": (["5-shot", "10-shot", "20-shot"], BASELINES + ["metanet"] + ABLATIONS),
     "multimodal": (["5-shot"], BASELINES + ["metanet"] + ABLATIONS + ["metanet-no-metadata"]),
     "omniglot": (["2-way 1-shot", "2-way 2-shot", "3-way 1-shot", "3-way 2-shot"], BASELINES + ["protonet", "protomaml", "metanet"] + ABLATIONS),
+    "miniimagenet": (["2-way 1-shot", "2-way 2-shot", "3-way 1-shot", "3-way 2-shot"], ["maml", "protonet", "protomaml", "metanet"]),
 }
 
 
@@ -182,7 +183,7 @@ def smoke(rp, tmp_path_factory):
 
 
 def _tables() -> list[str]:
-    return ["sinusoid", "multimodal"] + (["omniglot"] if default_data_root() is not None else [])
+    return ["sinusoid", "multimodal"] + (["omniglot"] if default_data_root() is not None else []) + (["miniimagenet"] if shared_data_root("miniimagenet") is not None else [])
 
 
 def _section(md: str, title: str, level: str) -> str:
@@ -257,8 +258,15 @@ def test_smoke_json_pngs_and_population(smoke):
                     assert pop["collapsed"] == (pop["distinct"] == 1)
                     for freq in pop["freq"]:
                         assert sum(freq) == pytest.approx(1.0)
-            check = t["rows"][setting]["metanet-unfused"]["per_seed"][0]["fused_check"]
-            assert check["rel_diff"] < 1e-10  # fused and unfused mixed ops are the same function (float64)
+            if "metanet-unfused" in t["rows"][setting]:
+                check = t["rows"][setting]["metanet-unfused"]["per_seed"][0]["fused_check"]
+                assert check["rel_diff"] < 1e-10  # fused and unfused mixed ops are the same function (float64)
+    if "miniimagenet" in data["tables"]:  # trained once per method (1-shot), scored at every shot
+        rows = data["tables"]["miniimagenet"]["rows"]
+        for method, row in rows["2-way 2-shot"].items():
+            trained = rows["2-way 1-shot"][method]["per_seed"][0]
+            assert row["per_seed"][0]["train"] == trained["train"] and row["per_seed"][0]["config"]["shots"] == 1
+            assert row["per_seed"][0]["test"]["shots"] == 2 and trained["test"]["shots"] == 1
     mm = data["tables"]["multimodal"]
     fams = mm["rows"]["5-shot"]["metanet"]["families"]
     assert list(fams) == ["sinusoid", "linear", "quadratic", "l1", "tanh"]

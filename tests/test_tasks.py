@@ -136,7 +136,17 @@ def identify(dist: Omniglot, x: torch.Tensor) -> torch.Tensor:
 
 
 def registry_kwargs(name: str, synthetic: SimpleNamespace) -> dict:
-    return {"omniglot": {"root": synthetic.npz_root, "image_size": 21}}.get(name, {})
+    characters = synthetic.png_root / "images_background" / ALPHABETS[0]  # <class>/<image> folders
+    mini = synthetic.png_root / "mini"
+    if not mini.exists():  # mini-ImageNet's class-folder layout: <split>/<wnid>/<image>
+        mini.mkdir()
+        (mini / "train").symlink_to(characters, target_is_directory=True)
+    return {
+        "omniglot": {"root": synthetic.npz_root, "image_size": 21},
+        "images": {"root": characters, "ways": 2, "image_size": 21},
+        "miniimagenet": {"root": mini, "ways": 2, "image_size": 21},
+        "multidomain": {"domains": (f"omniglot={synthetic.npz_root}", f"chars={characters}"), "split": "all", "ways": 2, "image_size": 21},
+    }.get(name, {})
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
