@@ -11,6 +11,9 @@ Prints ONE JSON line.
   median; ``share`` is sampling / (sampling + step). For mini-ImageNet 5-way 1-shot with
   15 queries, meta-batch 4, on conv4_miniimagenet (MAML) and conv_miniimagenet (metanet),
   and for multi-domain episodes (3x28x28, meta-batch 12) on conv_multidomain.
+- ``input_shape``: the multi-domain input side (28, 42, 56) against the meta-step time of
+  conv_multidomain at that side (random images, meta-batch 4, interleaved): what the
+  default 3x28x28 saves.
 
 ``--quick`` runs the same code on a small generated image folder (no data needed).
 
@@ -33,7 +36,8 @@ import torch
 
 from _bench import interleaved
 from metanet.meta import MetaNet, ModelConfig, meta_loss
-from metanet.space import load
+from metanet.space import builtin_path, load, loads
+from metanet.tasks import Episode
 from metanet.tasks import ImageFolder, MiniImageNet, MultiDomain, shared_data_root
 
 
@@ -91,6 +95,30 @@ def sampling_share(dist, space: str, meta_batch: int, config: ModelConfig, repea
     return {"space": space, "meta_batch": meta_batch, "sample_ms": round(1e3 * t["sample"], 2), "step_ms": round(1e3 * t["step"], 1), "share": round(t["sample"] / (t["sample"] + t["step"]), 4)}
 
 
+def input_sides(sides: list[int], meta_batch: int, repeats: int) -> dict:
+    """Meta-step ms of conv_multidomain with its input resized to each side, interleaved."""
+    text = builtin_path("conv_multidomain").read_text()
+    g = torch.Generator().manual_seed(0)
+    steps = {}
+    for side in sides:
+        space = loads(text.replace("input: [3, 28, 28]", f"input: [3, {side}, {side}]"), f"conv_multidomain_{side}")
+        torch.manual_seed(0)
+        model = MetaNet(space, 0, ModelConfig(inner_lr=0.1))
+        params = [p for p in model.parameters() if p.requires_grad]
+        y = torch.arange(5).repeat_interleave(1).expand(meta_batch, -1).contiguous()
+        yq = torch.arange(5).repeat_interleave(15).expand(meta_batch, -1).contiguous()
+        ep = Episode(torch.rand(meta_batch, 5, 3, side, side, generator=g), y, torch.rand(meta_batch, 75, 3, side, side, generator=g), yq)
+
+        def step(model=model, params=params, ep=ep) -> None:
+            loss, _ = meta_loss(model, ep, inner_steps=1, order="second", hard=True, strategy="loop", generator=g)
+            torch.autograd.grad(loss, params, allow_unused=True)
+
+        steps[str(side)] = step
+    t = interleaved(steps, repeats)
+    base = t[str(sides[0])]
+    return {"meta_batch": meta_batch, "step_ms": {k: round(1e3 * v, 1) for k, v in t.items()}, "vs_first": {k: round(v / base, 2) for k, v in t.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small generated image folder instead of mini-ImageNet")
@@ -108,6 +136,7 @@ def main() -> None:
             out["load"] = load_times(lambda: [ImageFolder(root, split="all", ways=5, shots=1, queries=15, image_size=84, channels=3, cache=True)])
             dist = ImageFolder(root, split="all", ways=5, shots=1, queries=15, image_size=84, channels=3)
             out["sampling"] = {"conv4_miniimagenet": sampling_share(dist, "conv4_miniimagenet", 2, maml, 1)}
+            out["input_shape"] = input_sides([28, 42], 1, 1)
         else:
             root = shared_data_root("miniimagenet")
             if root is None:
@@ -121,6 +150,7 @@ def main() -> None:
             }
             multi = MultiDomain(data_root=shared_data_root(), split="train", ways=5, shots=1, queries=15)
             out["sampling"]["conv_multidomain"] = sampling_share(multi, "conv_multidomain", 12, ours, args.repeats, hard=True)
+            out["input_shape"] = input_sides([28, 42, 56], 4, args.repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))
