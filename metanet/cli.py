@@ -469,10 +469,26 @@ def _frequency_table(space, genotypes) -> str:
     return "\n".join(lines)
 
 
+def _health_lines(health: dict) -> str:
+    """``graph.population_health`` in words."""
+    lines = [f"kept edges with weights (not pooling, skip or zero): {100 * health['parametric_share']:.1f}%",
+             f"most common architecture: {100 * health['top_share']:.1f}% of tasks"]
+    if "mean_entropy" in health:
+        lines.append(f"mean per-edge entropy of the soft encoding: {health['mean_entropy']:.3f} nats")
+    if "mutual_information" in health:
+        per = ", ".join(f"{f}: {n}" for f, n in health["distinct_per_family"].items())
+        lines.append(f"distinct architectures per family (id: count): {per}")
+        lines.append(f"mutual information between family and architecture: {health['mutual_information']:.3f} bits")
+    return "\n".join(lines)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import tempfile
 
+    import torch
+
     from . import export as ex
+    from .graph import population_health
     from .network import generate, generate_batch
     from .trainer import load_run
 
@@ -506,13 +522,25 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 raise UsageError(f"{cmd}: --population prints a table and draws a PNG heatmap to --out; --format {args.format} does not apply")
             xs, ys, npz_meta = _support(model, args.population, "--population", cmd, tasks=True)
             meta = metadata if metadata is not None else npz_meta
+            if metadata is None and model.encoder.family is None:
+                meta = None  # the run takes no metadata: the npz's ids only group the tasks below
             nets = _generate_checked(cmd, generate_batch, model, xs, ys, meta)
             genotypes = [n.genotype for n in nets]
             if args.out is not None:
                 _write_png(args.out, lambda p: ex.draw_population_png(space, genotypes, p), announce=False)
             elif args.format == "png":
                 raise UsageError(f"{cmd}: --format png needs --out FILE.png")
+            families = None
+            ids = metadata if metadata is not None else npz_meta
+            if ids is not None:
+                import numpy as np
+
+                flat = np.asarray(ids).reshape(-1)
+                if flat.size not in (1, len(nets)) or not np.issubdtype(flat.dtype, np.number):
+                    raise UsageError(f"{cmd}: metadata must be one family id or one per task ({len(nets)}), got {flat.size} values")
+                families = np.broadcast_to(flat.astype(np.int64), (len(nets),)).tolist()
             print(_frequency_table(space, genotypes))
+            print(_health_lines(population_health(space, genotypes, families, torch.stack([n.alpha for n in nets]))))
             if args.out is not None:
                 print(f"wrote {args.out}")
             return 0
@@ -658,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--out", help="output file (default: print; required for png)")
     ins.add_argument("--soft", action="store_true", help="the soft encoding instead of the discrete network (run only)")
     ins.add_argument("--diff", help="compare with another task (.npz support set) or another genotype.json")
-    ins.add_argument("--population", help=".npz with x (T, N, *input), y (T, N): op frequencies over T tasks; --out FILE.png draws the heatmap")
+    ins.add_argument("--population", help=".npz with x (T, N, *input), y (T, N) and optionally metadata (T,): op frequencies over T tasks, the share of edges with weights, per-edge entropy, and with metadata the distinct architectures per family and the family-architecture mutual information; --out FILE.png draws the heatmap")
     ins.set_defaults(func=_cmd_inspect)
     return p
 

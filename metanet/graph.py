@@ -18,6 +18,7 @@ import networkx as nx
 import torch
 from torch import Tensor
 
+from .ops import OPS
 from .space import CellSpec, SearchSpace
 
 __all__ = ["Genotype", "GenotypeError", "discretise", "cell_dag", "live_nodes", "entropy"]
@@ -166,3 +167,65 @@ def entropy(alpha: Tensor, mask: Tensor) -> Tensor:
     """Per-edge entropy (nats) of op distributions ``(..., edges, ops)`` over the real ops."""
     p = alpha.masked_fill(~mask, 0.0)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+
+
+def parametric(space: SearchSpace, cell: int, src: int, label: str) -> bool:
+    """Whether op ``label`` on an edge leaving node ``src`` of ``cell`` has weights.
+
+    Pooling, ``zero`` and ``skip`` at stride 1 have none: the ops that win a softmax race
+    without being trained (the DARTS collapse). ``skip`` at stride 2 (factorised reduce)
+    has two 1x1 convolutions.
+    """
+    spec = space.cells[cell]
+    choice = next(o for o in spec.ops if o.label == label)
+    return bool(OPS[choice.name].shapes(spec.channels, stride=spec.stride(src), **choice.kwargs))
+
+
+def population_health(space: SearchSpace, genotypes: list[Genotype], families: list[int] | None = None, alphas: Tensor | None = None) -> dict:
+    """How task-specific a population of generated architectures is.
+
+    Args:
+        space: their search space.
+        genotypes: one per task.
+        families: each task's family or domain id (-1 or None: unknown), for the
+            per-family figures and the mutual information.
+        alphas: ``(T, edges, ops)`` soft encodings, for the mean per-edge entropy.
+
+    Returns:
+        ``tasks``, ``distinct`` genotypes, ``top_share`` (tasks with the most common one),
+        ``parametric_share`` (kept edges whose op has weights), and where given:
+        ``mean_entropy`` (nats per edge), ``distinct_per_family`` and
+        ``mutual_information`` (bits, plug-in estimate, between family and genotype; at
+        most log2 of the number of families; 0 when every family gets the same one).
+    """
+    if not genotypes:
+        raise ValueError("population_health needs at least one genotype")
+    keys = [g.to_json() for g in genotypes]
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    kept = [(ci, s, op) for g in genotypes for ci, cell in enumerate(g.cells) for s, _, op in cell]
+    share = sum(parametric(space, ci, s, op) for ci, s, op in kept) / len(kept) if kept else 0.0
+    out: dict = {"tasks": len(keys), "distinct": len(counts), "top_share": max(counts.values()) / len(keys), "parametric_share": share}
+    if alphas is not None:
+        out["mean_entropy"] = float(entropy(alphas, space.alpha_mask.to(alphas.device)).mean())
+    if families is not None:
+        pairs = [(int(f), k) for f, k in zip(families, keys) if f is not None and int(f) >= 0]
+        per: dict[int, set[str]] = {}
+        for f, k in pairs:
+            per.setdefault(f, set()).add(k)
+        out["distinct_per_family"] = {str(f): len(v) for f, v in sorted(per.items())}
+        out["mutual_information"] = _mutual_information(pairs)
+    return out
+
+
+def _mutual_information(pairs: list[tuple[int, str]]) -> float:
+    """Plug-in mutual information (bits) between the two sides of ``pairs``."""
+    import math
+    from collections import Counter
+
+    n = len(pairs)
+    if n == 0:
+        return 0.0
+    joint, left, right = Counter(pairs), Counter(f for f, _ in pairs), Counter(k for _, k in pairs)
+    return max(0.0, sum(c / n * math.log2(c * n / (left[f] * right[k])) for (f, k), c in joint.items()))

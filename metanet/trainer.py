@@ -34,11 +34,12 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from . import distributed
 from .compile import checked_compile
-from .meta import ORDERS, PRECISIONS, MetaNet, ModelConfig, evaluate, meta_loss, precision
+from .graph import population_health
+from .meta import ORDERS, PRECISIONS, MetaNet, ModelConfig, evaluate, generate_networks, meta_loss, precision
 from .space import SearchSpace, load, loads
 from .tasks import DEFAULT_DOMAINS, Episode, TaskDistribution, fixed_episodes, make_tasks
 
-__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory"]
+__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "architecture_health", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # of the training checkpoints (last.pt, best.pt); resume needs this exact one
@@ -571,6 +572,7 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
 
         bar = tqdm(total=cfg.steps, initial=state["step"], unit="step", dynamic_ncols=True)
     metrics_file = (out / METRICS).open("a") if ctx.is_main else None
+    warned: set[str] = set()  # kinds of architecture collapse already warned about
 
     def write(row: dict[str, Any]) -> None:
         if metrics_file is not None:
@@ -628,7 +630,10 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
                 val = evaluate(model, val_episodes, cfg.eval_inner_steps)
                 score = val["mean"] if space.task.kind == "classification" else -val["mean"]
                 better = math.isfinite(score) and (state["best"] is None or score > state["best"])
-                write({"step": state["step"], "time": round(state["elapsed"], 3), "val": val})
+                row = {"step": state["step"], "time": round(state["elapsed"], 3), "val": val}
+                if cfg.arch != "fixed":
+                    row["arch"] = architecture_health(model, val_episodes, warned)
+                write(row)
                 if better:
                     state["best"] = score
                     save(ckpt.BEST)
@@ -647,6 +652,30 @@ def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume:
     if compile_info is not None:
         result["compile"] = compile_info
     return ctx.broadcast_object(result)  # rank 0's figures everywhere (and no rank leaves early)
+
+
+def architecture_health(model: MetaNet, episodes: list[Episode], warned: set[str] | None = None) -> dict[str, Any]:
+    """``graph.population_health`` of the networks generated for ``episodes``; warns once per kind of collapse.
+
+    ``warned`` holds the kinds already warned about (``tasks``, ``parameter_free``) and
+    is updated, so that a run says each once.
+    """
+    genotypes, families, alphas = [], [], []
+    for ep in episodes:
+        nets = generate_networks(model, ep)
+        genotypes += [n.genotype for n in nets]
+        alphas += [n.alpha for n in nets]
+        families += ep.metadata.tolist() if ep.metadata is not None else [None] * len(nets)
+    known = [f for f in families if f is not None]
+    health = population_health(model.space, genotypes, families if known else None, torch.stack(alphas))
+    if warned is not None:
+        if health["distinct"] == 1 and health["tasks"] >= 10 and "tasks" not in warned:
+            warned.add("tasks")
+            log.warning("the architecture generator gave all %d validation tasks the same architecture (collapse across tasks): see metrics.jsonl 'arch'", health["tasks"])
+        if health["parametric_share"] < 0.25 and "parameter_free" not in warned:
+            warned.add("parameter_free")
+            log.warning("only %.0f%% of the generated networks' kept edges have weights (collapse to parameter-free ops: pooling and skip win without training)", 100 * health["parametric_share"])
+    return health
 
 
 def _finite_or_null(row: dict[str, Any]) -> dict[str, Any]:

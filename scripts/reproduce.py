@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from metanet.export import draw_population_png, op_frequency
+from metanet.graph import population_health
 from metanet.meta import MetaNet, evaluate, generate_networks, meta_loss
 from metanet.network import generate_batch
 from metanet.tasks import TASKS, Episode, Omniglot, default_data_root, shared_data_root
@@ -426,7 +427,13 @@ def _cost(model: MetaNet, ep: Episode, tasks: int, steps: int, repeats: int) -> 
 
 def _population(model: MetaNet, episodes: TestEpisodes, png: str | None) -> dict[str, Any]:
     """The test tasks' genotypes: how many distinct, op frequency per edge, collapse."""
-    genotypes = [net.genotype for ep in episodes for net in generate_networks(model, ep)]
+    genotypes, families, alphas = [], [], []
+    for ep in episodes:
+        nets = generate_networks(model, ep)
+        genotypes += [net.genotype for net in nets]
+        alphas += [net.alpha for net in nets]
+        families += ep.metadata.tolist() if ep.metadata is not None else []
+    health = population_health(model.space, genotypes, families or None, torch.stack(alphas))
     freq, labels = op_frequency(model.space, genotypes)
     counts: dict[str, int] = {}
     for g in genotypes:
@@ -443,6 +450,7 @@ def _population(model: MetaNet, episodes: TestEpisodes, png: str | None) -> dict
         "edges": [f"c{e.cell} e{e.src}->{e.dst}" for e in model.space.edges],
         "freq": freq.tolist(),
         "top_genotype": json.loads(top),
+        **{k: health[k] for k in ("parametric_share", "mean_entropy", "distinct_per_family", "mutual_information") if k in health},
     }
 
 

@@ -369,7 +369,13 @@ def test_inspect_population_writes_a_heatmap_and_prints_frequencies(diverse_run,
         assert [float(v) for v in row[-len(labels):]] == pytest.approx(freq[e.index].tolist(), abs=5e-4)
     distinct = len(set(genotypes))
     assert distinct > 1
-    assert lines[-2:] == [f"{distinct} distinct architectures among 8 tasks", f"wrote {tmp_path / 'pop.png'}"]
+    assert lines[-1] == f"wrote {tmp_path / 'pop.png'}"
+    at = lines.index(f"{distinct} distinct architectures among 8 tasks")
+    from metanet.graph import population_health
+
+    health = population_health(model.space, genotypes, families.tolist())
+    assert lines[at + 1] == f"kept edges with weights (not pooling, skip or zero): {100 * health['parametric_share']:.1f}%"
+    assert lines[-2] == f"mutual information between family and architecture: {health['mutual_information']:.3f} bits"
 
 
 @pytest.mark.parametrize("soft", [False, True])

@@ -237,3 +237,52 @@ def test_entropy_of_uniform_is_log_k(name: str) -> None:
     assert_close(entropy(one_hot, mask), torch.zeros(len(space.edges), dtype=torch.float64))
     if (k > 1).all():
         assert abs(entropy(uniform, mask).max().item() - math.log(space.max_ops)) < 1e-9
+
+
+# ---------------------------------------------------------------- population health
+
+
+def _conv_genotype(space, op: str) -> "Genotype":
+    """Every edge of conv_omniglot's normal cells takes ``op``; reductions keep conv_3x3."""
+    cells = []
+    for spec in space.cells:
+        pick = "conv_3x3" if spec.reduction else op
+        cells.append(tuple((s, d, pick) for s, d in spec.edges()))
+    return Genotype(space.name, tuple(cells))
+
+
+def test_parametric_ops_are_the_ones_with_weights():
+    from metanet.graph import parametric
+
+    space = load("conv_omniglot")
+    normal = next(i for i, c in enumerate(space.cells) if not c.reduction)
+    reduction = next(i for i, c in enumerate(space.cells) if c.reduction)
+    assert parametric(space, normal, 0, "conv_3x3") and parametric(space, normal, 0, "conv_1x1")
+    assert not parametric(space, normal, 0, "skip") and not parametric(space, normal, 0, "avg_pool_3x3")
+    assert parametric(space, reduction, 0, "skip")  # factorised reduce at stride 2 has 1x1 convolutions
+    assert not parametric(space, reduction, 0, "avg_pool_3x3")
+
+
+def test_population_health_by_hand():
+    from metanet.graph import population_health
+
+    space = load("conv_omniglot")
+    conv, pool = _conv_genotype(space, "conv_3x3"), _conv_genotype(space, "avg_pool_3x3")
+    # two families, each always its own architecture: 1 bit of mutual information
+    h = population_health(space, [conv, conv, pool, pool], [0, 0, 1, 1])
+    assert h["distinct"] == 2 and h["top_share"] == 0.5
+    assert h["mutual_information"] == pytest.approx(1.0)
+    assert h["distinct_per_family"] == {"0": 1, "1": 1}
+    # the architecture does not depend on the family: 0 bits
+    assert population_health(space, [conv, pool, conv, pool], [0, 0, 1, 1])["mutual_information"] == pytest.approx(0.0)
+    # unknown families (-1) are left out of the per-family figures
+    assert population_health(space, [conv, pool], [0, -1])["distinct_per_family"] == {"0": 1}
+    # parametric share: pool has 2 reduction edges with conv_3x3 and 12 normal edges with avg_pool
+    n_red = sum(len(c.edges()) for c in space.cells if c.reduction)
+    n_all = sum(len(c.edges()) for c in space.cells)
+    assert population_health(space, [pool])["parametric_share"] == pytest.approx(n_red / n_all)
+    assert population_health(space, [conv])["parametric_share"] == 1.0
+    mask = space.alpha_mask.double()
+    uniform = (mask / mask.sum(-1, keepdim=True))[None]  # (1, edges, ops): uniform over each edge's real ops
+    expected = mask.sum(-1).log().mean().item()
+    assert population_health(space, [conv], alphas=uniform)["mean_entropy"] == pytest.approx(expected, rel=1e-6)

@@ -363,6 +363,10 @@ def test_cli_multidomain_leave_one_domain_out(tmp_path, capsys):
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["domains"] == "a,b" and saved["domain_weights"] == "1,2"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    arch = [r["arch"] for r in rows if "arch" in r][-1]  # architecture health at validation
+    assert arch["tasks"] == 2 and 0.0 <= arch["parametric_share"] <= 1.0 and arch["mean_entropy"] > 0
+    assert set(arch["distinct_per_family"]) <= {"0", "1"} and arch["mutual_information"] >= 0.0
     # the left-out domain through the run's own task distribution (unknown-domain metadata) ...
     code, out, err = run_cli(["evaluate", run, "--domains", "left_out", "--split", "all", "--episodes", "3", "--inner-steps", "0"], capsys)
     assert code == 0, err
@@ -371,3 +375,32 @@ def test_cli_multidomain_leave_one_domain_out(tmp_path, capsys):
     code, out, err = run_cli(["evaluate", run, "--tasks", "images", "--data-root", tmp_path / "left_out", "--split", "all", "--episodes", "3", "--inner-steps", "0"], capsys)
     assert code == 0, err
     assert json.loads(out)["tasks"] == "images"
+
+
+def test_training_warns_once_when_the_generator_collapses(tmp_path, caplog):
+    import logging
+
+    from metanet.trainer import TrainConfig, train
+
+    root = make_folder(tmp_path / "data", classes=12, per_class=3)
+    cfg = TrainConfig(space="tiny", tasks="images", data_root=str(root), ways=2, shots=1, queries=1, arch="shared", steps=4, val_every=2, val_tasks=10, meta_batch=2, strategy="loop")
+    with caplog.at_level(logging.WARNING, logger="metanet.trainer"):
+        train(cfg, tmp_path / "run")
+    collapse = [r.getMessage() for r in caplog.records if "same architecture" in r.getMessage()]
+    assert len(collapse) == 1 and "all 10 validation tasks" in collapse[0]  # two validations, one warning
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["arch"]["distinct"] for r in rows if "arch" in r] == [1, 1]
+
+
+def test_inspect_population_prints_the_health_figures(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", classes=12, per_class=3)
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--tasks", "images", "--data-root", root, "--space", "tiny", "--ways", "2", "--shots", "1", "--queries", "1", *QUICK, "--out", run], capsys)
+    assert code == 0, err
+    ep = ImageFolder(root, split="all", ways=2, shots=1, queries=1, image_size=8).sample(6, gen())
+    pop = tmp_path / "pop.npz"
+    np.savez(pop, x=ep.support_x.numpy(), y=ep.support_y.numpy(), metadata=np.array([0, 0, 0, 1, 1, 1]))
+    code, out, err = run_cli(["inspect", run, "--population", pop], capsys)
+    assert code == 0, err
+    assert "kept edges with weights" in out and "mean per-edge entropy" in out
+    assert "distinct architectures per family (id: count): 0:" in out and "mutual information between family and architecture" in out
