@@ -76,20 +76,21 @@ class Method:
 _FIXED = {"arch": "fixed", "weights": "off", "proto_head": False}
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("maml", "MAML: fixed network, learned initial weights, second order", dict(_FIXED), search=False,
-           tables=("sinusoid", "multimodal", "omniglot", "miniimagenet")),
+           tables=("sinusoid", "multimodal", "omniglot", "miniimagenet", "multidomain")),
     Method("fomaml", "first-order MAML", dict(_FIXED, order="first"), search=False),
     Method("reptile", "Reptile, 5 inner steps", dict(_FIXED, order="reptile", inner_steps=5), search=False),
     Method("metasgd", "Meta-SGD: MAML + a learned step size per weight", dict(_FIXED, meta_sgd=True), search=False),
     Method("protonet", "prototypical network: conv4 features, prototype head, no inner steps",
            {"arch": "fixed", "weights": "off", "proto_head": True, "inner_steps": 0, "eval_inner_steps": 0},
-           search=False, tables=("omniglot", "miniimagenet")),
+           search=False, tables=("omniglot", "miniimagenet", "multidomain")),
     Method("protomaml", "Proto-MAML: MAML on conv4 with the prototype head metanet uses (inner lr 0.1)",
-           {"arch": "fixed", "weights": "off", "proto_head": True, "inner_lr": 0.1}, search=False, tables=("omniglot", "miniimagenet")),
+           {"arch": "fixed", "weights": "off", "proto_head": True, "inner_lr": 0.1}, search=False, tables=("omniglot", "miniimagenet", "multidomain")),
     Method("metanas", "MetaNAS-style: one meta-learned soft architecture for all tasks, learned init",
-           {"arch": "shared", "weights": "off"}),
+           {"arch": "shared", "weights": "off"}, tables=("sinusoid", "multimodal", "omniglot", "multidomain")),
     Method("metanet", "metanet: task-conditional architecture + VAE weight generator", {},
-           tables=("sinusoid", "multimodal", "omniglot", "miniimagenet")),
-    Method("metanet-no-archgen", "ablation: shared architecture, VAE weights", {"arch": "shared", "weights": "vae"}),
+           tables=("sinusoid", "multimodal", "omniglot", "miniimagenet", "multidomain")),
+    Method("metanet-no-archgen", "ablation: shared architecture, VAE weights", {"arch": "shared", "weights": "vae"},
+           tables=("sinusoid", "multimodal", "omniglot", "multidomain")),
     Method("metanet-no-weightgen", "ablation: conditional architecture, learned init", {"arch": "conditional", "weights": "off"}),
     Method("metanet-no-metadata", "ablation: task metadata withheld", {"use_metadata": False}, tables=("multimodal",)),
     Method("metanet-first-order", "ablation: first-order outer gradient", {"order": "first"}),
@@ -142,13 +143,18 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("miniimagenet", "mini-ImageNet few-shot classification", "classification", "conv4_miniimagenet", "conv_miniimagenet", (0, 1, 10),
           {"tasks": "miniimagenet", "queries": 15, "meta_batch": 4, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.01}, "loop",
           search_train={"hard": True, "inner_lr": 0.1}, train_shots=1, test_queries=15),
+    # each task from one domain (--domains), all as 3x28x28 RGB, the domain id as metadata; scored per domain on
+    # held-apart classes and on a domain left out of training (--left-out); trained once (1-shot), scored at 1 and 5 shots
+    Table("multidomain", "Multi-domain few-shot classification", "classification", "conv4_multidomain", "conv_multidomain", (0, 1, 10),
+          {"tasks": "multidomain", "queries": 5, "meta_batch": 12, "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.1}, "loop",
+          per_family=True, search_train={"hard": True, "inner_lr": 0.1}, train_shots=1, test_queries=5),
 )}  # fmt: skip
 TABLE_ORDER = tuple(TABLES)
 
-DEFAULT_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 5), "miniimagenet": (1, 5)}
-DEFAULT_WAYS = {"omniglot": (5, 20), "miniimagenet": (5,)}  # mini-ImageNet's 16 validation classes allow no 20-way task
+DEFAULT_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 5), "miniimagenet": (1, 5), "multidomain": (1, 5)}
+DEFAULT_WAYS = {"omniglot": (5, 20), "miniimagenet": (5,), "multidomain": (5,)}  # mini-ImageNet's 16 validation classes allow no 20-way task
 SMOKE_WAYS = (2, 3)
-SMOKE_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 2), "miniimagenet": (1, 2)}
+SMOKE_SHOTS = {"sinusoid": (5, 10, 20), "multimodal": (5,), "omniglot": (1, 2), "miniimagenet": (1, 2), "multidomain": (1, 2)}
 
 
 @dataclass(frozen=True)
@@ -311,7 +317,11 @@ def _worker_setup() -> None:
     TASKS["omniglot"] = _cached_omniglot
 
 
-def _test_dist(test: dict[str, Any]) -> Any:
+def _test_dist(test: dict[str, Any], domains: str | None = None) -> Any:
+    if test["tasks"] == "multidomain":  # the held-apart classes of the training domains, or the given (left-out) ones
+        names = tuple(test["domains"].split(","))
+        return TASKS["multidomain"](domains=tuple(domains.split(",")) if domains else names, data_root=test["data_root"], split=test["split"] if not domains else "all",
+                                    ways=test["ways"], shots=test["shots"], queries=test["queries"], family_names=names)  # fmt: skip
     if test["tasks"] == "miniimagenet":
         return TASKS["miniimagenet"](root=test["data_root"], split=test["split"], ways=test["ways"], shots=test["shots"], queries=test["queries"])
     if test["tasks"] == "omniglot":
@@ -387,6 +397,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         }
         result["families"] = families
         result["scores"] = {str(k): pool([families[name][str(k)] for name in families]) for k in steps}
+        if test.get("left_out"):  # a domain never trained on: its own test tasks, every class, the unknown-domain id
+            left = TestEpisodes(_test_dist(test, test["left_out"]), test["n"], test["batch"], test["seed"])
+            families[f"{test['left_out']} (left out)"] = {str(k): v for k, v in evaluate(model, left, steps).items()}
     else:
         result["scores"] = {str(k): v for k, v in evaluate(model, episodes, steps).items()}
     limit = max(1, math.ceil(job["curve_tasks"] / test["batch"]))
@@ -540,6 +553,8 @@ def make_config(table: Table, setting: Setting, method: Method, seed: int, args:
         fields.update(ways=setting.ways, data_root=str(_data_root(table.name, args)), rotations=True)
     if table.train_shots is not None:
         fields["shots"] = table.train_shots
+    if table.name == "multidomain":
+        fields["domains"] = args.domains
     if args.smoke:
         fields.update(meta_batch=1 if setting.ways else 2, log_every=1, eval_inner_steps=1, **({"queries": 1} if setting.ways else {}))
     fields.update(method.overrides)
@@ -547,7 +562,7 @@ def make_config(table: Table, setting: Setting, method: Method, seed: int, args:
 
 
 def _data_root(table: str, args: argparse.Namespace) -> Path | None:
-    return args.mini_data_root if table == "miniimagenet" else args.data_root
+    return {"miniimagenet": args.mini_data_root, "multidomain": args.domains_root}.get(table, args.data_root)
 
 
 def _test_split(table: str, args: argparse.Namespace) -> str:
@@ -573,6 +588,8 @@ def plan_jobs(args: argparse.Namespace, tables: Sequence[str], runs: Path, figur
                     "batch": (2 if setting.ways else 10) if args.smoke else 25, "seed": TEST_SEED,
                     "split": _test_split(table_name, args), "data_root": str(_data_root(table_name, args)) if setting.ways else None, "rotations": True,
                 }  # fmt: skip
+                if table_name == "multidomain":
+                    test.update(domains=args.domains, left_out=args.left_out)
                 for method in methods_for(table_name, args):
                     cfg = make_config(table, setting, method, seed, args)
                     draw = method.name == "metanet" and seed == 0 and (i == 0 or not args.smoke)  # smoke: one per table
@@ -716,6 +733,12 @@ def row_command(table: str, setting: str, method: str, args: argparse.Namespace)
         parts += ["--data-root", str(args.data_root)]
     if table == "miniimagenet" and args.mini_data_root_given:
         parts += ["--mini-data-root", str(args.mini_data_root)]
+    if table == "multidomain":
+        for k in ("domains", "left_out"):
+            if getattr(args, k) != defaults[k]:
+                parts += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        if args.domains_root_given:
+            parts += ["--domains-root", str(args.domains_root)]
     parts += ["--out", f"runs/row-{table}-{s.slug}-{method}"]
     return shlex.join(parts)
 
@@ -895,7 +918,13 @@ def _populations(rows: dict[str, Any], figures_rel: str) -> list[str]:
         else:
             note = "the generator did not collapse (test tasks get different architectures)"
         top = ", ".join(f"{100 * p['top_share']:.0f}%" for p in pops)
-        out.append(f"- Architectures of `{method}` over the {pops[0]['tasks']} test tasks: distinct genotypes per seed {distinct}; the most common covers {top}; {note}.")
+        health = ""
+        if "parametric_share" in pops[0]:  # recorded since graph.population_health
+            health += "; kept edges with weights " + ", ".join(f"{100 * p['parametric_share']:.0f}%" for p in pops)
+        if "mutual_information" in pops[0]:
+            per = "; ".join(", ".join(f"{f}: {n}" for f, n in p["distinct_per_family"].items()) for p in pops)
+            health += "; family-genotype mutual information " + ", ".join(f"{p['mutual_information']:.2f} bits" for p in pops) + f" (distinct genotypes per family id: {per})"
+        out.append(f"- Architectures of `{method}` over the {pops[0]['tasks']} test tasks: distinct genotypes per seed {distinct}; the most common covers {top}{health}; {note}.")
         if method == "metanet":
             p = pops[0]
             out += ["", f"  Op frequency per candidate edge (seed 0, `metanet.export.op_frequency`; rows sum to 1):", ""]
@@ -1108,6 +1137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="val", choices=("val", "evaluation", "test"), help="test split: val (omniglot: alphabets held out of the background set; mini-ImageNet: its 16 validation classes) or test (omniglot: images_evaluation; mini-ImageNet: test.csv); evaluation is the same as test")
     p.add_argument("--data-root", help="omniglot folder (default: metanet.tasks.default_data_root())")
     p.add_argument("--mini-data-root", help="mini-ImageNet folder (default: ../shared/data/miniimagenet)")
+    p.add_argument("--domains", default="omniglot,miniimagenet", help="multidomain: the training domains (metanet train --domains; default: omniglot,miniimagenet)")
+    p.add_argument("--left-out", default="chars74k_fnt", help="multidomain: a domain left out of training, scored on all its classes (default: chars74k_fnt)")
+    p.add_argument("--domains-root", help="multidomain: the folder holding the named domains (default: ../shared/data)")
     p.add_argument("--strategy", choices=("auto", "loop", "vmap"), help="task execution (default: auto for regression, loop for omniglot)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="arithmetic of every row's meta-training (metanet train --precision; default fp32)")
     p.add_argument("--out", help="output folder for RESULTS.md and results/ (default: docs/; --smoke: a new temp folder)")
@@ -1149,6 +1181,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.data_root = Path(args.data_root) if args.data_root else default_data_root()
     args.mini_data_root_given = args.mini_data_root is not None
     args.mini_data_root = Path(args.mini_data_root) if args.mini_data_root else shared_data_root("miniimagenet")
+    args.domains_root_given = args.domains_root is not None
+    args.domains_root = Path(args.domains_root) if args.domains_root else shared_data_root()
     return args
 
 
@@ -1175,6 +1209,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             skipped["omniglot"] = reason
             tables.remove("omniglot")
             print(f"omniglot: skipped ({reason})")
+    if "multidomain" in tables:
+        root = args.domains_root
+        names = [*args.domains.split(","), args.left_out]
+        missing = [] if root is None else [n for n in names if "=" not in n and not (root / n).is_dir()]
+        if root is None or missing:
+            why = "no ../shared/data folder: give --domains-root DIR" if root is None else f"no domain folder {missing[0]!r} in {root}"
+            skipped["multidomain"] = why
+            tables.remove("multidomain")
+            print(f"multidomain: skipped ({why})")
     if "miniimagenet" in tables:
         root, reason = args.mini_data_root, None
         if root is None:

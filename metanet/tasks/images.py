@@ -598,6 +598,11 @@ class MultiDomain:
         return self.ways
 
     @property
+    def families(self) -> tuple[str, ...]:
+        """The domain name of each metadata id."""
+        return self.family_names
+
+    @property
     def n_families(self) -> int:
         """Metadata ids: one per name of ``family_names``, 0 without metadata."""
         return len(self.family_names) if self.with_metadata else 0
