@@ -26,6 +26,7 @@ EXPECTED = {
     "multimodal": (["5-shot"], BASELINES + ["metanet"] + ABLATIONS + ["metanet-no-metadata"]),
     "omniglot": (["2-way 1-shot", "2-way 2-shot", "3-way 1-shot", "3-way 2-shot"], BASELINES + ["protonet", "protomaml", "metanet"] + ABLATIONS),
     "miniimagenet": (["2-way 1-shot", "2-way 2-shot", "3-way 1-shot", "3-way 2-shot"], ["maml", "protonet", "protomaml", "metanet"]),
+    "multidomain": (["2-way 1-shot", "2-way 2-shot", "3-way 1-shot", "3-way 2-shot"], ["maml", "protonet", "protomaml", "metanas", "metanet", "metanet-no-archgen"]),
 }
 
 
@@ -183,7 +184,7 @@ def smoke(rp, tmp_path_factory):
 
 
 def _tables() -> list[str]:
-    return ["sinusoid", "multimodal"] + (["omniglot"] if default_data_root() is not None else []) + (["miniimagenet"] if shared_data_root("miniimagenet") is not None else [])
+    return ["sinusoid", "multimodal"] + (["omniglot"] if default_data_root() is not None else []) + (["miniimagenet"] if shared_data_root("miniimagenet") is not None else []) + (["multidomain"] if all(shared_data_root(d) for d in ("omniglot", "miniimagenet", "chars74k_fnt")) else [])
 
 
 def _section(md: str, title: str, level: str) -> str:
@@ -261,6 +262,11 @@ def test_smoke_json_pngs_and_population(smoke):
             if "metanet-unfused" in t["rows"][setting]:
                 check = t["rows"][setting]["metanet-unfused"]["per_seed"][0]["fused_check"]
                 assert check["rel_diff"] < 1e-10  # fused and unfused mixed ops are the same function (float64)
+    if "multidomain" in data["tables"]:  # per training domain, and the left-out domain
+        fams = data["tables"]["multidomain"]["rows"]["2-way 1-shot"]["metanet"]["families"]
+        assert list(fams) == ["omniglot", "miniimagenet", "chars74k_fnt (left out)"]
+        pop = data["tables"]["multidomain"]["rows"]["2-way 1-shot"]["metanet"]["per_seed"][0]["population"]
+        assert 0.0 <= pop["mutual_information"] <= 1.0 and 0.0 <= pop["parametric_share"] <= 1.0
     if "miniimagenet" in data["tables"]:  # trained once per method (1-shot), scored at every shot
         rows = data["tables"]["miniimagenet"]["rows"]
         for method, row in rows["2-way 2-shot"].items():
