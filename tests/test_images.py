@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from metanet.cli import main
-from metanet.tasks import ImageFolder, MiniImageNet, MultiDomain, TaskError, fixed_episodes, make_tasks
+from metanet.tasks import ImageFolder, MiniImageNet, MultiDomain, fixed_episodes, make_tasks
 from metanet.tasks.images import cache_dir, load_store
+from test_tasks import gen, raises  # one-line TaskError with every fragment
 
 
 @pytest.fixture(autouse=True)
@@ -27,18 +28,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METANET_CACHE", str(tmp_path / "cache"))
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def raises(fn, *fragments: str) -> str:
-    with pytest.raises(TaskError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return message
 
 
 def _image(path: Path, value: int, size: int = 12, mode: str = "L") -> None:

@@ -249,6 +249,16 @@ def _refuse_pickles(root: Path, accepted: str) -> None:
         raise TaskError(f"{root} is not a folder; expected {accepted}")
 
 
+def _folder(root: str | Path, what: str, accepted: str) -> Path:
+    """``root`` as a Path, after checking that it is a folder (a pickle file is refused as such)."""
+    root = Path(root)
+    if not root.exists():
+        raise TaskError(f"{what} {str(root)!r} does not exist")
+    if not root.is_dir():
+        _refuse_pickles(root, accepted)
+    return root
+
+
 def _read_split_file(path: Path, classes: Sequence[str], split: str) -> list[str]:
     """The classes a ``class,split`` CSV assigns to ``split`` (a header line ``class,split`` is allowed)."""
     if not path.is_file():
@@ -364,12 +374,8 @@ class ImageFolder(_StoreEpisodes):
         _check_common(self.ways, self.shots, self.queries, self.image_size, self.channels)
         if self.split not in IMAGE_SPLITS:
             raise _unknown("split", self.split, IMAGE_SPLITS)
-        root = Path(self.root)
         accepted = "<root>/<class>/<image> with png, jpg, jpeg, ppm, pgm or bmp files"
-        if not root.exists():
-            raise TaskError(f"image folder {str(root)!r} does not exist")
-        if not root.is_dir():
-            _refuse_pickles(root, accepted)
+        root = _folder(self.root, "image folder", accepted)
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             _refuse_pickles(root, accepted)
@@ -464,12 +470,8 @@ class MiniImageNet(_StoreEpisodes):
         _check_common(self.ways, self.shots, self.queries, self.image_size, self.channels)
         if self.split not in MINI_SPLITS:
             raise _unknown("split", self.split, MINI_SPLITS)
-        root = Path(self.root)
         accepted = "images/ + train.csv, val.csv, test.csv (Ravi) or <split>/<wnid>/*.jpg class folders"
-        if not root.exists():
-            raise TaskError(f"mini-ImageNet root {str(root)!r} does not exist")
-        if not root.is_dir():
-            _refuse_pickles(root, accepted)
+        root = _folder(self.root, "mini-ImageNet root", accepted)
         csv_path, folder = root / f"{self.split}.csv", root / self.split
         if csv_path.is_file():
             files = _ravi_files(root, csv_path)
