@@ -172,14 +172,19 @@ def test_cache_is_hit_and_keyed_by_content(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "data", classes=3, per_class=2)
     first = ImageFolder(root, ways=2, shots=1, queries=1)
     files = list(cache_dir().glob("images-*.npz"))
-    assert len(files) == 1 and not list(root.rglob("*.npz"))  # outside the data folder
+    assert len(files) == 1 and not list(root.rglob("*.npz")) and not list(root.rglob("*.json"))  # outside the data folder
     import metanet.tasks.images as images
 
-    calls = []
-    real = images._decode
+    calls, hashed = [], []
+    real, real_key = images._decode, images._cache_key
     monkeypatch.setattr(images, "_decode", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(images, "_cache_key", lambda *a: hashed.append(a) or real_key(*a))
     again = ImageFolder(root, ways=2, shots=1, queries=1)
     assert calls == [] and torch.equal(first.store.images, again.store.images)
+    assert hashed == []  # unchanged names, sizes and times: the index gives the key without reading the files
+    (cache_dir() / "index.json").write_text("{not json")  # a damaged index costs a read of the files, nothing else
+    assert torch.equal(ImageFolder(root, ways=2, shots=1, queries=1).store.images, first.store.images)
+    assert len(hashed) == 1 and calls == []
     _image(root / "c1" / "0.png", 200)  # same name, new bytes: a new key, decoded again
     changed = ImageFolder(root, ways=2, shots=1, queries=1)
     assert len(calls) == 6 and len(list(cache_dir().glob("images-*.npz"))) == 2

@@ -5,9 +5,11 @@ Every image is decoded once, at construction, into one compact uint8 array
 memory and scaled to [0, 1]. Decoding 48,000 JPEGs takes seconds, so the decoded array is
 kept in an on-disk cache (``METANET_CACHE``; default ``~/.cache/metanet``, never inside a
 data folder) under a key made from the files' bytes, the class names, the image size and
-the channels: a changed file is a new key. Cache files are written atomically (temporary
-file, fsync, rename) and read with ``numpy.load(allow_pickle=False)``; an unreadable cache
-file is ignored and decoded again.
+the channels: a changed file is a new key. An index (``index.json``) maps the files'
+paths, sizes and modification times to that key, so that loading an unchanged dataset
+does not read its files. Cache files are written atomically (temporary file, fsync,
+rename) and read with ``numpy.load(allow_pickle=False)`` and ``json``; an unreadable
+cache file is ignored and decoded again.
 
 Layouts:
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -168,9 +171,19 @@ def load_store(files: Sequence[tuple[str, Sequence[Path]]], size: int, channels:
     folder = cache_dir() if cache else None
     path = None
     if folder is not None:
-        path = folder / f"images-{_cache_key(files, size, channels)}.npz"
+        # The content key costs a read of every file; the index maps the files' names,
+        # sizes and modification times to it, so an unchanged dataset skips that read.
+        quick = _stat_key(files, size, channels)
+        known = _read_index(folder).get(quick)
+        if known is not None:
+            store = _read_cache(folder / f"images-{known}.npz", n_images, len(files), size, channels)
+            if store is not None:
+                return store
+        key = _cache_key(files, size, channels)
+        path = folder / f"images-{key}.npz"
         store = _read_cache(path, n_images, len(files), size, channels)
         if store is not None:
+            _remember(folder, quick, key)
             return store
     images = np.empty((n_images, channels, size, size), dtype=np.uint8)
     i = 0
@@ -183,9 +196,54 @@ def load_store(files: Sequence[tuple[str, Sequence[Path]]], size: int, channels:
     if path is not None:
         try:
             _write_cache(path, store)
+            _remember(path.parent, quick, key)
         except OSError as err:  # a read-only or full cache folder costs speed, not correctness
             log.warning("could not write the image cache %s (%s)", path, err)
     return store
+
+
+_INDEX = "index.json"
+
+
+def _stat_key(files: Sequence[tuple[str, Sequence[Path]]], size: int, channels: int) -> str:
+    """A digest of the class names and the files' resolved paths, sizes and modification times."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"metanet-images-stat v{_CACHE_VERSION} {size} {channels}\n".encode())
+    for name, paths in files:
+        h.update(f"class {name} {len(paths)}\n".encode())
+        for p in paths:
+            try:
+                st = p.stat()
+            except OSError as err:
+                raise TaskError(f"{p}: cannot be read ({err.strerror or err})") from None
+            h.update(f"{p.resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_index(folder: Path) -> dict[str, str]:
+    """The cache's ``{stat key: content key}`` index; empty when missing or unreadable."""
+    try:
+        index = json.loads((folder / _INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in index.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(index, dict) else {}
+
+
+def _remember(folder: Path, quick: str, key: str) -> None:
+    """Add ``quick -> key`` to the index, written atomically (a lost race loses an entry, nothing else)."""
+    index = _read_index(folder)
+    index[quick] = key
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / _INDEX)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------ sampling
