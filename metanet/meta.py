@@ -297,15 +297,13 @@ class TaskNetwork:
     embedding: Tensor
 
 
-def generate_networks(model: MetaNet, episode, *, sample: bool = False) -> list[TaskNetwork]:
+def generate_networks(model: MetaNet, episode, *, sample: bool = False, ways: int | None = None) -> list[TaskNetwork]:
     """Generate each task's discrete network (architecture by the space's rule + weights).
 
-    Classification tasks may have any number of classes where the head comes from class
-    prototypes (``MetaNet.check_ways``); the number is read from the support labels.
+    ``ways``: classification tasks' number of classes, where it differs from the space's
+    outputs; only a prototype head serves any number (``MetaNet.check_ways``).
     """
-    ways = None
-    if model.kind == "classification":
-        ways = int(episode.support_y.max()) + 1
+    if ways is not None:
         model.check_ways(ways)
     with torch.no_grad():
         gen = model.generate(episode.support_x, episode.support_y, episode.metadata, sample=sample, proto_head=False, ways=ways)
@@ -346,7 +344,9 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
     was_training = model.training
     model.eval()
     for ep in episodes:
-        for b, net in enumerate(generate_networks(model, ep)):
+        # a prototype head takes the episode's own number of classes (any N-way)
+        ways = int(ep.support_y.max()) + 1 if model.kind == "classification" and model.proto else None
+        for b, net in enumerate(generate_networks(model, ep, ways=ways)):
             done = 0
             for k in ks:
                 score, params = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], k - done)

@@ -162,3 +162,33 @@ def test_entropy_term_is_the_entropy_of_the_soft_logits(hard):
     loss, _ = meta_loss(model, ep, inner_steps=1, hard=hard, entropy_weight=1.0, beta=0.0, temperature=tau, generator=torch.Generator().manual_seed(1))
     loss_no, _ = meta_loss(model, ep, inner_steps=1, hard=hard, entropy_weight=0.0, beta=0.0, temperature=tau, generator=torch.Generator().manual_seed(1))
     assert float((loss - loss_no).detach()) == pytest.approx(m["entropy"], rel=1e-9)
+
+
+@pytest.mark.parametrize("ways", [2, 5])  # fewer and more classes than the space's 3 outputs
+def test_prototype_head_serves_any_number_of_ways(ways):
+    from metanet.executor import forward_genotype
+    from metanet.meta import evaluate, generate_networks
+
+    model = _tiny_model().eval()
+    ep = _image_episode(b=2, ways=ways, shots=2, queries=2)
+    for b, net in enumerate(generate_networks(model, ep, ways=ways)):
+        feats = forward_genotype(model.plan, net.genotype, net.params, ep.support_x[b], features=True)  # (N, C)
+        protos = torch.stack([feats[ep.support_y[b] == c].mean(0) for c in range(ways)])  # by hand
+        scale = model.proto_scale.exp()
+        torch.testing.assert_close(net.params["head.w"], 2.0 * scale * protos)
+        torch.testing.assert_close(net.params["head.b"], -scale * protos.pow(2).sum(-1))
+        logits = forward_genotype(model.plan, net.genotype, net.params, ep.query_x[b])
+        assert logits.shape == (2 * ways, ways)
+    # evaluate reads the number of classes from the labels: the same score as with it given
+    nets = generate_networks(model, ep, ways=ways)
+    direct = [float((forward_genotype(model.plan, n.genotype, n.params, ep.query_x[b]).argmax(-1) == ep.query_y[b]).double().mean()) for b, n in enumerate(nets)]
+    assert evaluate(model, [ep], 0)["mean"] == pytest.approx(sum(direct) / len(direct))
+
+
+def test_a_learned_head_refuses_other_ways():
+    from metanet.meta import generate_networks
+
+    model = _tiny_model(proto_head=False)
+    with pytest.raises(ValueError, match="learned for 3-way tasks .* cannot classify 5-way"):
+        generate_networks(model, _image_episode(ways=5), ways=5)
+    generate_networks(model, _image_episode(ways=3), ways=3)  # its own number is fine
