@@ -955,6 +955,7 @@ def _fused(rows: dict[str, Any]) -> list[str]:
 def write_markdown(path: Path, data: dict[str, Any], figures_rel: str) -> None:
     """Render RESULTS.md from results.json's data."""
     tables = data["tables"]
+    shown = [TABLES[name] for name in TABLE_ORDER if name in tables]
     lines = [
         "# metanet results",
         "",
@@ -980,9 +981,9 @@ def write_markdown(path: Path, data: dict[str, Any], figures_rel: str) -> None:
         "interval over all test tasks pooled across seeds (1.96 sd / sqrt(n)). That interval does not contain seed-to-seed "
         "variation; `results/results.json` gives the per-seed means and their sd (`seed_sd`). Best value per column in bold.",
         "- Inner-loop learning rates (Meta-SGD: its learned step sizes): "
-        + "; ".join(f"{t.title}: {t.train['inner_lr']}" + (f" ({t.search_train['inner_lr']} for the searchable-space rows)" if "inner_lr" in t.search_train else "") for t in TABLES.values()) + ".",
+        + "; ".join(f"{t.title}: {t.train['inner_lr']}" + (f" ({t.search_train['inner_lr']} for the searchable-space rows)" if "inner_lr" in t.search_train else "") for t in shown) + ".",
         "- Settings that only the searchable-space rows use: "
-        + ("; ".join(f"{t.title}: " + ", ".join(f"{k}={v}" for k, v in t.search_train.items()) for t in TABLES.values() if t.search_train) or "none") + ".",
+        + ("; ".join(f"{t.title}: " + ", ".join(f"{k}={v}" for k, v in t.search_train.items()) for t in shown if t.search_train) or "none") + ".",
         "",
         "Methods (`TrainConfig` overrides on top of each table's shared settings):",
         "",
@@ -991,7 +992,10 @@ def write_markdown(path: Path, data: dict[str, Any], figures_rel: str) -> None:
     ]
     for m in METHODS.values():
         ov = ", ".join(f"{k}={v}" for k, v in m.overrides.items()) or "(defaults: arch=conditional, weights=vae)"
-        space = "searchable (mlp_regression / conv_omniglot)" if m.search else "fixed (mlp_maml / conv4)"
+        names = dict.fromkeys(t.search_space if m.search else t.fixed_space for t in shown if t.name in m.tables)
+        if not names:  # the method has no row in the tables shown
+            continue
+        space = ("searchable" if m.search else "fixed") + f" ({' / '.join(names)})"
         lines.append(f"| {m.name} | {m.about} | {ov} | {space} |")
     lines.append("")
     for name in TABLE_ORDER:
