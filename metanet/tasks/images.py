@@ -31,7 +31,7 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,20 +111,30 @@ def _decode(path: Path, size: int, channels: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def _cache_key(files: Sequence[tuple[str, Sequence[Path]]], size: int, channels: int) -> str:
-    """A digest of the class names, file names and bytes, the image size and the channels."""
+def _digest(files: Sequence[tuple[str, Sequence[Path]]], head: str, describe: Callable[[Path], list[bytes]]) -> str:
+    """A blake2b digest of ``head``, the class names and ``describe(path)`` of every file."""
     h = hashlib.blake2b(digest_size=20)
-    h.update(f"metanet-images v{_CACHE_VERSION} {size} {channels}\n".encode())
+    h.update(f"{head}\n".encode())
     for name, paths in files:
         h.update(f"class {name} {len(paths)}\n".encode())
         for p in paths:
             try:
-                data = p.read_bytes()
+                parts = describe(p)
             except OSError as err:
                 raise TaskError(f"{p}: cannot be read ({err.strerror or err})") from None
-            h.update(f"{p.name} {len(data)}\n".encode())
-            h.update(data)
+            for part in parts:
+                h.update(part)
     return h.hexdigest()
+
+
+def _cache_key(files: Sequence[tuple[str, Sequence[Path]]], size: int, channels: int) -> str:
+    """A digest of the class names, file names and bytes, the image size and the channels."""
+
+    def content(p: Path) -> list[bytes]:
+        data = p.read_bytes()
+        return [f"{p.name} {len(data)}\n".encode(), data]
+
+    return _digest(files, f"metanet-images v{_CACHE_VERSION} {size} {channels}", content)
 
 
 def _read_cache(path: Path, n_images: int, n_classes: int, size: int, channels: int) -> ImageStore | None:
@@ -207,17 +217,12 @@ _INDEX = "index.json"
 
 def _stat_key(files: Sequence[tuple[str, Sequence[Path]]], size: int, channels: int) -> str:
     """A digest of the class names and the files' resolved paths, sizes and modification times."""
-    h = hashlib.blake2b(digest_size=20)
-    h.update(f"metanet-images-stat v{_CACHE_VERSION} {size} {channels}\n".encode())
-    for name, paths in files:
-        h.update(f"class {name} {len(paths)}\n".encode())
-        for p in paths:
-            try:
-                st = p.stat()
-            except OSError as err:
-                raise TaskError(f"{p}: cannot be read ({err.strerror or err})") from None
-            h.update(f"{p.resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+
+    def stat(p: Path) -> list[bytes]:
+        st = p.stat()
+        return [f"{p.resolve()} {st.st_size} {st.st_mtime_ns}\n".encode()]
+
+    return _digest(files, f"metanet-images-stat v{_CACHE_VERSION} {size} {channels}", stat)
 
 
 def _read_index(folder: Path) -> dict[str, str]:
