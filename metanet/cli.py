@@ -120,54 +120,27 @@ _RUN_OPTIONS = frozenset({"out", "resume", "overwrite", "quiet", "verbose", "com
 
 
 def _train_config(args: argparse.Namespace):
-    from .trainer import TrainConfig
+    from .config import config_from_options
 
-    defaults = TrainConfig()
-    over = {k: v for k, v in vars(args).items() if k in {f for f in TrainConfig.__dataclass_fields__} and v is not None}
-    if args.first_order and args.reptile:
+    options = vars(args).copy()
+    chosen = [o for o, flag in (("first", args.first_order), ("reptile", args.reptile)) if flag]
+    if len(chosen) > 1:
         raise UsageError("train: --first-order and --reptile exclude each other")
-    if args.first_order:
-        over["order"] = "first"
-    if args.reptile:
-        over["order"] = "reptile"
-    for flag in ("meta_sgd", "adapt_alpha", "gumbel", "hard", "compile"):
-        if getattr(args, flag):
-            over[flag] = True
-    if args.no_metadata:
-        over["use_metadata"] = False
-    if args.no_fused:
-        over["fused"] = False
-    if args.no_proto_head:
-        over["proto_head"] = False
-    if args.minutes is not None and args.steps is None:
-        over["steps"] = None
-    for key, value in _TASK_DEFAULTS.get(args.tasks, {}).items():
-        over.setdefault(key, value)
-    return dataclasses_replace(defaults, over)
-
-
-# Per task distribution: the training defaults a flag left unset takes.
-_TASK_DEFAULTS: dict[str, dict[str, object]] = {
-    "omniglot": {"queries": 15, "shots": 1, "inner_lr": 0.4, "meta_batch": 16, "space": "conv_omniglot"},
-    "miniimagenet": {"queries": 15, "shots": 1, "inner_lr": 0.1, "meta_batch": 4, "space": "conv_miniimagenet"},
-    "images": {"queries": 15, "shots": 1, "inner_lr": 0.4, "meta_batch": 16, "space": "conv_omniglot"},
-    "multidomain": {"queries": 15, "shots": 1, "inner_lr": 0.1, "meta_batch": 12, "space": "conv_multidomain"},
-}
-
-
-def dataclasses_replace(obj, over: dict):
-    import dataclasses
-
-    return dataclasses.replace(obj, **over)
+    if chosen:
+        if args.order not in (None, chosen[0]):
+            raise UsageError(f"train: --order {args.order} and --{'first-order' if chosen[0] == 'first' else 'reptile'} contradict each other")
+        options["order"] = chosen[0]
+    return config_from_options(options)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import option_flag
     from .distributed import env_rank
     from .trainer import train
 
     out = Path(args.out)
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k not in _RUN_OPTIONS and v not in (None, False)]
+        given = [option_flag(k) for k, v in vars(args).items() if k not in _RUN_OPTIONS and v not in (None, False)]
         if given:
             raise UsageError(f"train --resume: {given[0]} cannot change a run being resumed (its config.yaml holds the settings)")
         if args.overwrite:
@@ -606,47 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("files", nargs="*", help="YAML files (or built-in space names for show)")
     sp.set_defaults(func=_cmd_spaces)
 
-    tr = sub.add_parser("train", help="meta-train the generators")
-    tr.add_argument("--space", help="search space YAML or built-in name (default: mlp_regression)")
-    tr.add_argument("--tasks", help="task distribution: sinusoid, multimodal, omniglot, miniimagenet, images (any <root>/<class>/<image> folder), multidomain")
-    tr.add_argument("--data-root", dest="data_root", help="dataset folder (omniglot, miniimagenet, images); for multidomain the folder that holds the named domains (default: ../shared/data)")
-    tr.add_argument("--split-file", dest="split_file", help="images: CSV of class,split lines assigning classes to train/val/test (default: a seeded 60/20/20 split of the classes)")
-    tr.add_argument("--domains", help="multidomain: comma-separated domains: omniglot, miniimagenet, a folder name under --data-root, or NAME=FOLDER (default: omniglot,miniimagenet,chars74k_fnt)")
-    tr.add_argument("--domain-weights", dest="domain_weights", help="multidomain: comma-separated sampling weights, one per domain (default: equal)")
-    tr.add_argument("--ways", type=_positive_int)
-    tr.add_argument("--shots", type=_positive_int)
-    tr.add_argument("--queries", type=_positive_int)
-    tr.add_argument("--meta-batch", dest="meta_batch", type=_positive_int)
-    tr.add_argument("--inner-steps", dest="inner_steps", type=_nonneg_int)
-    tr.add_argument("--eval-inner-steps", dest="eval_inner_steps", type=_nonneg_int)
-    tr.add_argument("--inner-lr", dest="inner_lr", type=_positive_float)
-    tr.add_argument("--meta-lr", dest="meta_lr", type=_positive_float)
-    tr.add_argument("--first-order", action="store_true")
-    tr.add_argument("--reptile", action="store_true")
-    tr.add_argument("--meta-sgd", dest="meta_sgd", action="store_true", help="learn per-weight inner step sizes")
-    tr.add_argument("--adapt-alpha", dest="adapt_alpha", action="store_true", help="adapt the alpha logits in the inner loop")
-    tr.add_argument("--arch", choices=("conditional", "shared", "fixed"))
-    tr.add_argument("--weights", choices=("vae", "off"))
-    tr.add_argument("--no-metadata", action="store_true", help="withhold task metadata")
-    tr.add_argument("--no-fused", action="store_true", help="run mixed ops unfused (reference path)")
-    tr.add_argument("--no-proto-head", action="store_true", help="classification: learn the head's initial weights instead of taking them from class prototypes (plain MAML)")
-    tr.add_argument("--strategy", choices=("auto", "loop", "vmap"))
-    tr.add_argument("--compile", action="store_true", help="torch.compile the meta-step; kept only if its meta-gradients match eager on the first step (compiling takes tens of seconds)")
-    tr.add_argument("--precision", choices=("fp32", "bf16"), help="arithmetic of the meta-step's forward: fp32 (default) or bf16 mixed precision (autocast; fast where the CPU has AMX/AVX512-BF16 or on a GPU)")
-    tr.add_argument("--beta", type=_nonneg_float, help="KL weight")
-    tr.add_argument("--entropy-weight", dest="entropy_weight", type=_finite_float)
-    tr.add_argument("--temperature", type=_positive_float)
-    tr.add_argument("--final-temperature", dest="final_temperature", type=_positive_float)
-    tr.add_argument("--gumbel", action="store_true")
-    tr.add_argument("--hard", action="store_true")
-    tr.add_argument("--steps", type=_positive_int)
-    tr.add_argument("--minutes", type=_positive_float)
-    tr.add_argument("--val-every", dest="val_every", type=_positive_int)
-    tr.add_argument("--val-tasks", dest="val_tasks", type=_positive_int)
-    tr.add_argument("--log-every", dest="log_every", type=_positive_int, help="steps between rows of metrics.jsonl")
-    tr.add_argument("--ckpt-every", dest="ckpt_every", type=_positive_int, help="also write last.pt every N steps (default: at validations)")
-    tr.add_argument("--max-nonfinite", dest="max_nonfinite", type=_positive_int, help="stop after this many non-finite steps in a row")
-    tr.add_argument("--seed", type=_nonneg_int)
+    from .config import add_train_options
+
+    tr = sub.add_parser("train", help="meta-train the generators", description="Meta-train the generators into a run directory (--out). The budget is --steps or --minutes. Task distributions have their own defaults (listed after the field's default).")
+    add_train_options(tr)
+    tr.add_argument("--first-order", action="store_true", help="first-order MAML (same as --order first)")
+    tr.add_argument("--reptile", action="store_true", help="Reptile (same as --order reptile)")
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
     tr.add_argument("--overwrite", action="store_true", help="start again in an existing run directory")

@@ -16,6 +16,7 @@ touching only the weights of its kept edges.
 from __future__ import annotations
 
 import math
+import functools
 from functools import cached_property
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import Genotype, live_nodes
-from .ops import OpDef, activation, batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, get_op, init_tensor, relu_conv2d
+from .ops import OpDef, activation, batch_norm, batch_norm_reference, conv2d_im2col, conv2d_im2col_batch_norm, get_op, init_tensor, relu_conv2d
 from .space import CellSpec, SearchSpace
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "InputPlan",
     "CellPlan",
     "Plan",
+    "ExecOptions",
     "compile",
     "forward",
     "forward_genotype",
@@ -124,8 +126,26 @@ class CellPlan:
 
 
 @dataclass(frozen=True)
+class ExecOptions:
+    """The execution choices ``compile`` makes for a space; the defaults are the fast paths.
+
+    Every choice gives the same maths (the tests compare each with its reference); they
+    differ only in speed. ``None`` lets ``compile`` decide from the space.
+    """
+
+    stem_im2col: bool | None = None  # None: for few input channels (IM2COL_MAX_FAN_IN)
+    channels_last: bool = True  # the channels-last layouts where the plan allows them
+    group_edges: bool = True  # fused path: one convolution for edges sharing a source
+    native_norm: bool = True  # ops.batch_norm (one native kernel); False: ops.batch_norm_reference
+
+
+@dataclass(frozen=True)
 class Plan:
-    """A compiled search space: static structure plus weight slots. Build with ``compile``."""
+    """A compiled search space: static structure, weight slots and execution choices.
+
+    Build with ``compile(space, options)``: the layout flags are worked out together there
+    and checked here, so a plan cannot carry a combination that ``compile`` would not make.
+    """
 
     space: SearchSpace
     cells: tuple[CellPlan, ...]
@@ -139,6 +159,19 @@ class Plan:
     # ... and the whole network stays channels-last, where every edge of every cell is
     # such a convolution: no projection, pooling, 1x1 convolution or edge group.
     channels_last: bool = False
+    # Fused path: run the merged convolutions of an edge group as one (CellPlan.groups);
+    # False: one convolution per edge, the same maths.
+    group_edges: bool = True
+    # the batch norm of cell outputs: ops.batch_norm, or the plain-ops reference
+    native_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stem_im2col and not self.image:
+            raise ValueError("Plan: stem_im2col needs an image space")
+        if self.stem_channels_last and not (self.stem_im2col and self.space.norm == "batch"):
+            raise ValueError("Plan: stem_channels_last needs the im2col stem with batch norm folded in; build plans with compile(space, ExecOptions(...))")
+        if self.channels_last and not self.stem_channels_last:
+            raise ValueError("Plan: channels_last needs stem_channels_last; build plans with compile(space, ExecOptions(...))")
 
     @property
     def image(self) -> bool:
@@ -276,8 +309,9 @@ def _channels_last(space: SearchSpace, cells: list[CellPlan], stem_im2col: bool)
     return stem_readers, stem_readers and everything
 
 
-def compile(space: SearchSpace) -> Plan:
-    """Compile ``space`` into a Plan: weight slots, input preprocessing, edges, fusion."""
+def compile(space: SearchSpace, options: ExecOptions = ExecOptions()) -> Plan:  # noqa: B008 - frozen
+    """Compile ``space`` into a Plan: weight slots, input preprocessing, edges, fusion, and
+    the execution choices of ``options``."""
     image = space.task.domain == "image"
     slots: list[Slot] = []
 
@@ -338,9 +372,9 @@ def compile(space: SearchSpace) -> Plan:
     add("head.b", (space.task.outputs,), "zeros")
     names = [s.name for s in slots]
     assert len(names) == len(set(names)), "duplicate slot names"
-    im2col = image and c_in * stem.kernel * stem.kernel <= IM2COL_MAX_FAN_IN
-    stem_cl, cl = _channels_last(space, cells, im2col)
-    return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=stem_cl, channels_last=cl)
+    im2col = image and (c_in * stem.kernel * stem.kernel <= IM2COL_MAX_FAN_IN if options.stem_im2col is None else options.stem_im2col)
+    stem_cl, cl = _channels_last(space, cells, im2col) if options.channels_last else (False, False)
+    return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=stem_cl, channels_last=cl, group_edges=options.group_edges, native_norm=options.native_norm)
 
 
 def init_params(plan: Plan, generator: torch.Generator | None = None, names: list[str] | None = None) -> dict[str, Tensor]:
@@ -353,7 +387,9 @@ def init_params(plan: Plan, generator: torch.Generator | None = None, names: lis
 
 
 def _norm(plan: Plan, x: Tensor) -> Tensor:
-    return batch_norm(x) if plan.space.norm == "batch" else x
+    if plan.space.norm != "batch":
+        return x
+    return batch_norm(x) if plan.native_norm else batch_norm_reference(x)
 
 
 def _stem(plan: Plan, params: Params, x: Tensor, fused: bool = False) -> Tensor:
@@ -478,26 +514,22 @@ def _add(terms: list[Tensor]) -> Tensor:
     return out
 
 
-# Kernels of linear ops without weights (skip at stride 1, average pooling), already padded
-# to the merged size: constants, built once per (op, hyper, channels, stride, size, dtype, device).
-_CONST_KERNELS: dict[tuple, Tensor] = {}
-
-
 def _padded_kernel(call: OpCall, params: Params, c: int, stride: int, size: int, like: Tensor) -> Tensor:
     """``call``'s linear form ``(c, c, size, size)``, zero-padded to the merged kernel size."""
-    key = None
-    if not call.params:
-        key = (call.op.name, call.kwargs, c, stride, size, like.dtype, like.device)
-        cached = _CONST_KERNELS.get(key)
-        if cached is not None:
-            return cached
+    if not call.params:  # skip at stride 1, average pooling: a constant
+        return _constant_kernel(call.op.name, call.kwargs, call.kernel_size, c, stride, size, like.dtype, like.device)
     k = call.kernel(params, c, stride, like)
     p = (size - call.kernel_size) // 2
-    if p:
-        k = F.pad(k, [p] * 4)
-    if key is not None:
-        _CONST_KERNELS[key] = k.detach()
-    return k
+    return F.pad(k, [p] * 4) if p else k
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_kernel(op: str, kwargs: tuple[tuple[str, Any], ...], kernel_size: int, c: int, stride: int, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The padded kernel of an op without weights: built once per (op, hyper-parameters,
+    channels, stride, size, dtype, device); a pure function of its arguments."""
+    k = get_op(op).kernel({}, c=c, stride=stride, like=torch.empty(0, dtype=dtype, device=device), **dict(kwargs))
+    p = (size - kernel_size) // 2
+    return (F.pad(k, [p] * 4) if p else k).detach()
 
 
 def _merged_kernel(e: EdgePlan, w: Tensor, params: Params, c: int, like: Tensor) -> Tensor:
@@ -515,17 +547,12 @@ def _merged_kernel(e: EdgePlan, w: Tensor, params: Params, c: int, like: Tensor)
     return kernel
 
 
-# Fused path: run the merged convolutions of an edge group as one (``CellPlan.groups``).
-# A switch for benchmarks and tests (False: one convolution per edge, the same maths).
-GROUP_EDGES = True
-
-
-def _soft_edge(alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
+def _soft_edge(plan: Plan, alpha: Tensor, params: Params, fused: bool) -> EdgeFn:
     grouped: dict[int, Tensor] = {}  # EdgePlan.index -> its part of a group's output, until used
 
     def merged_conv(cp: CellPlan, e: EdgePlan, src: _Source) -> Tensor:
         c = cp.spec.channels
-        group = cp.group_of.get(e.index) if GROUP_EDGES else None
+        group = cp.group_of.get(e.index) if plan.group_edges else None
         if group is None:
             return src.conv(_merged_kernel(e, alpha[e.index], params, c, src.value), e.stride, e.merged_size // 2)
         if e.index not in grouped:  # the group's first edge: run the whole group's convolution
@@ -565,7 +592,7 @@ def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool
     Returns:
         ``(N, outputs)`` logits or predictions.
     """
-    edge = _soft_edge(alpha, params, fused)
+    edge = _soft_edge(plan, alpha, params, fused)
     all_edges = [[(e, edge) for e in cp.edges] for cp in plan.cells]
     all_nodes = [set(range(cp.spec.inputs, cp.spec.inputs + cp.spec.nodes)) for cp in plan.cells]
     return _network(plan, params, x, all_edges.__getitem__, all_nodes.__getitem__, features, fused)

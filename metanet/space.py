@@ -7,7 +7,6 @@ A space is data. This module is the only place that reads its YAML; everything p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property

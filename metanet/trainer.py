@@ -1,8 +1,8 @@
-"""Meta-training runs: config, task construction, the outer loop, checkpoints and resume.
+"""Meta-training runs: task construction, the outer loop, validation and resume.
 
-A run directory holds ``config.yaml``, ``space.yaml`` (the exact search space text),
-``metrics.jsonl`` (one JSON object per logged step), ``last.pt`` and ``best.pt``.
-``train`` with ``resume=True`` continues a run exactly: model, optimizer, schedule, step
+``train`` builds a run (``_Run``: model, optimizer, schedule state; ``step``, ``validate``,
+``save``) from a ``config.TrainConfig`` and loops until its budget is spent, writing the
+run directory that ``metanet.rundir`` describes and reads. ``train`` with ``resume=True`` continues a run exactly: model, optimizer, schedule, step
 and every RNG state come back from ``last.pt``, and the rows of ``metrics.jsonl`` written
 after that checkpoint are dropped, since the resumed run writes them again.
 
@@ -18,208 +18,31 @@ validates, writes files and shows progress.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed
 from .compile import checked_compile
 from .graph import population_health
-from .meta import ORDERS, PRECISIONS, MetaNet, ModelConfig, evaluate, generate_networks, meta_loss, precision
-from .space import SearchSpace, load, loads
+from .config import ConfigError, TrainConfig, validate_config
+from .meta import MetaNet, evaluate, generate_networks, meta_loss, precision
+from .rundir import FORMAT_VERSION, METRICS, MetricsLog, build_space, load_run, load_training_checkpoint, read_run_config, start_run
+from .space import SearchSpace
 from .tasks import DEFAULT_DOMAINS, Episode, TaskDistribution, fixed_episodes, make_tasks
 
 __all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "architecture_health", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory"]
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # of the training checkpoints (last.pt, best.pt); resume needs this exact one
-METRICS = "metrics.jsonl"
-
-
-class ConfigError(ValueError):
-    """A training configuration that cannot run; the message is one line."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs; written to ``RUN_DIR/config.yaml``."""
-
-    space: str = "mlp_regression"
-    tasks: str = "sinusoid"
-    ways: int = 5
-    shots: int = 5
-    queries: int = 10
-    data_root: str | None = None
-    rotations: bool = True
-    split_file: str | None = None  # images: CSV of class,split lines (else a seeded fraction of the classes)
-    domains: str | None = None  # multidomain: comma-separated domain entries (None: omniglot,miniimagenet,chars74k_fnt)
-    domain_weights: str | None = None  # multidomain: comma-separated sampling weights, one per domain
-    meta_batch: int = 25
-    inner_steps: int = 1
-    eval_inner_steps: int = 10
-    order: str = "second"
-    beta: float = 1e-3
-    entropy_weight: float = 0.0
-    temperature: float = 1.0
-    final_temperature: float = 1.0
-    gumbel: bool = False
-    hard: bool = False
-    strategy: str = "auto"  # auto | loop | vmap
-    compile: bool = False  # torch.compile the meta-step, kept only if it matches eager on the first step
-    precision: str = "fp32"  # fp32 | bf16 (mixed precision of the meta-step's forward; see meta.precision)
-    meta_lr: float = 1e-3
-    clip: float = 10.0
-    schedule: str = "cosine"  # cosine | constant
-    steps: int | None = 1000
-    minutes: float | None = None
-    seed: int = 0
-    val_every: int = 250
-    val_tasks: int = 100
-    log_every: int = 10
-    max_nonfinite: int = 10
-    ckpt_every: int | None = None  # also write last.pt every this many steps (None: at validations only)
-    # model
-    arch: str = "conditional"
-    weights: str = "vae"
-    dim: int = 64
-    latent: int = 32
-    inner_lr: float = 0.01
-    meta_sgd: bool = False
-    adapt_alpha: bool = False
-    use_metadata: bool = True
-    fused: bool = True
-    proto_head: bool = True
-
-    def model_config(self) -> ModelConfig:
-        names = {f.name for f in fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        """A config from plain data (``config.yaml``), every value checked (``ConfigError``)."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted((k for k in data if k not in known), key=str)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key {unknown[0]!r}{_suggest(str(unknown[0]), known)}")
-        cfg = cls(**data)
-        validate_config(cfg, source)
-        return cfg
-
-
-def _suggest(name: str, valid: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, valid, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-# Field checks: (kind, lower bound or choices). Everything else is a plain string.
-_POS_INT = ("ways", "shots", "queries", "meta_batch", "val_every", "val_tasks", "log_every", "max_nonfinite", "dim", "latent")
-_NONNEG_INT = ("inner_steps", "eval_inner_steps", "seed")
-_POS_FLOAT = ("temperature", "final_temperature", "meta_lr", "clip", "inner_lr")
-_NONNEG_FLOAT = ("beta",)
-_BOOL = ("rotations", "gumbel", "hard", "meta_sgd", "adapt_alpha", "use_metadata", "fused", "proto_head", "compile")
-_CHOICES = {
-    "order": ORDERS,
-    "strategy": ("auto", "loop", "vmap"),
-    "schedule": ("cosine", "constant"),
-    "arch": ("conditional", "shared", "fixed"),
-    "weights": ("vae", "off"),
-    "precision": PRECISIONS,
-}
-
-
-def validate_config(cfg: TrainConfig, source: str = "config") -> None:
-    """Check every field's type and range; raise ``ConfigError`` naming the first bad one."""
-
-    def bad(name: str, expected: str) -> ConfigError:
-        return ConfigError(f"{source}: {name} must be {expected}, got {getattr(cfg, name)!r}")
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    for name in _POS_INT:
-        v = getattr(cfg, name)
-        if not (is_int(v) and v >= 1):
-            raise bad(name, "a positive integer")
-    for name in _NONNEG_INT:
-        v = getattr(cfg, name)
-        if not (is_int(v) and v >= 0):
-            raise bad(name, "an integer >= 0")
-    for name in _POS_FLOAT:
-        v = getattr(cfg, name)
-        if not (is_num(v) and v > 0):
-            raise bad(name, "a finite number > 0")
-    for name in _NONNEG_FLOAT:
-        v = getattr(cfg, name)
-        if not (is_num(v) and v >= 0):
-            raise bad(name, "a finite number >= 0")
-    if not is_num(cfg.entropy_weight):
-        raise bad("entropy_weight", "a finite number")
-    for name in _BOOL:
-        if not isinstance(getattr(cfg, name), bool):
-            raise bad(name, "true or false")
-    for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            v = getattr(cfg, name)
-            raise ConfigError(f"{source}: {name} must be one of {', '.join(choices)}, got {v!r}{_suggest(str(v), list(choices))}")
-    if cfg.compile and cfg.precision != "fp32":
-        # Measured: the compiled bf16 sinusoid step differed from eager bf16 by 1.8e-4, and
-        # bf16 meta-gradients differ from fp32 ones by per cent; a tolerance that admits
-        # that rounding could not tell a dropped second-order graph from it.
-        raise ConfigError(
-            f"{source}: compile needs precision fp32, got {cfg.precision!r}: the compiled step is checked"
-            " against eager to rtol 1e-4, which bf16 rounding exceeds; use --compile or --precision bf16, not both"
-        )
-    for name in ("space", "tasks"):
-        v = getattr(cfg, name)
-        if not (isinstance(v, str) and v):
-            raise bad(name, "a non-empty string")
-    for name in ("data_root", "split_file", "domains", "domain_weights"):
-        v = getattr(cfg, name)
-        if v is not None and not (isinstance(v, str) and v):
-            raise bad(name, "a non-empty string or null")
-    if cfg.domain_weights is not None:
-        try:
-            weights = [float(w) for w in cfg.domain_weights.split(",")]
-        except ValueError:
-            raise bad("domain_weights", "comma-separated numbers, one per domain") from None
-        if any(not (math.isfinite(w) and w >= 0) for w in weights) or not sum(weights) > 0:
-            raise bad("domain_weights", "comma-separated numbers >= 0 with a positive sum")
-    if cfg.steps is not None and not (is_int(cfg.steps) and cfg.steps >= 1):
-        raise bad("steps", "a positive integer or null")
-    if cfg.minutes is not None and not (is_num(cfg.minutes) and cfg.minutes > 0):
-        raise bad("minutes", "a finite number > 0 or null")
-    if cfg.steps is None and cfg.minutes is None:
-        raise ConfigError(f"{source}: give steps or minutes (--steps or --minutes)")
-    if cfg.ckpt_every is not None and not (is_int(cfg.ckpt_every) and cfg.ckpt_every >= 1):
-        raise bad("ckpt_every", "a positive integer or null")
-
-
-def build_space(cfg: TrainConfig, text: str | None = None) -> SearchSpace:
-    """The run's search space, with the classifier head sized to ``ways``."""
-    space = loads(text, cfg.space) if text is not None else load(cfg.space)
-    if space.task.kind == "classification" and space.task.outputs != cfg.ways:
-        space = dataclasses.replace(space, task=dataclasses.replace(space.task, outputs=cfg.ways))
-    return space
 
 
 IMAGE_TASKS = ("omniglot", "miniimagenet", "images", "multidomain")  # task distributions with named splits
@@ -272,8 +95,6 @@ def build_tasks(cfg: TrainConfig, split: str | None = None, *, shots: int | None
 
 def check_tasks(cfg: TrainConfig, space: SearchSpace, dist: TaskDistribution, world_size: int = 1) -> None:
     """Raise ``ConfigError`` unless the tasks fit the space (kind, input shape, outputs, ways)."""
-    if cfg.order not in ORDERS:
-        raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {cfg.order!r}")
     if dist.kind != space.task.kind:
         raise ConfigError(f"space '{space.name}' is for {space.task.kind} but tasks '{cfg.tasks}' are {dist.kind}")
     if tuple(dist.input_shape) != tuple(space.task.input):
@@ -282,8 +103,6 @@ def check_tasks(cfg: TrainConfig, space: SearchSpace, dist: TaskDistribution, wo
         raise ConfigError(f"space '{space.name}' has {space.task.outputs} outputs but tasks '{cfg.tasks}' have {dist.n_outputs}")
     if dist.kind == "classification" and dist.n_outputs != cfg.ways:
         raise ConfigError(f"tasks '{cfg.tasks}' are {dist.n_outputs}-way but the config asks for {cfg.ways} ways")
-    if cfg.steps is None and cfg.minutes is None:
-        raise ConfigError("give --steps or --minutes")
     if cfg.meta_batch < world_size:
         raise ConfigError(f"meta-batch {cfg.meta_batch} is smaller than the {world_size} processes; every process needs at least one task")
 
@@ -430,7 +249,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         out: run directory.
         resume: continue from ``out/last.pt``, or from the start of the saved config when
             the run never reached a checkpoint.
-        progress: show a tqdm bar (rank 0).
+        progress: show progress (rank 0): a tqdm bar on a terminal, else a line every
+            half minute.
         stop_after: stop (as if killed) after this many steps in this call; for tests.
         overwrite: start afresh in a folder that already holds a run (the CLI asks for
             ``--overwrite``); with False that is a ``ConfigError``.
@@ -443,7 +263,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     reuse_freed_memory()
     ctx = distributed.setup(device)
     try:
-        result = _train(ctx, cfg, Path(out), resume, progress, stop_after, overwrite)
+        run = _Run(ctx, _agreed_setup(ctx, cfg, Path(out), resume, overwrite), Path(out), resume)
+        try:
+            result = _loop(run, progress, stop_after)
+        finally:
+            run.close()
     except BaseException:
         ctx.close(clean=False)
         raise
@@ -451,15 +275,38 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     return result
 
 
+def _loop(run: _Run, progress: bool, stop_after: int | None) -> dict[str, Any]:
+    """The outer loop: step until the budget is spent, validating and checkpointing on schedule."""
+    shown = _Progress(run.cfg.steps, run.state["step"]) if progress and run.ctx.is_main else None
+    done_here = 0
+    try:
+        while not run.spent():
+            if stop_after is not None and done_here >= stop_after:
+                return {"stopped": run.state["step"]}
+            m = run.step()
+            done_here += 1
+            if shown is not None:
+                shown.update(run.state["step"], run.state["elapsed"], m["query_loss"])
+            validate = run.state["step"] % run.cfg.val_every == 0 or run.progress() >= 1.0
+            if validate:
+                run.validate()
+            if validate or (run.cfg.ckpt_every is not None and run.state["step"] % run.cfg.ckpt_every == 0):
+                run.save(ckpt.LAST)
+    finally:
+        if shown is not None:
+            shown.close()
+    return run.result()
+
+
 def _prepare(cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) -> _Setup:
     """Rank 0: read and check what the user gave; writes nothing."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; --out needs a folder for the run")
     if resume:
-        cfg, text = _read_run_config(out, "train --resume")
+        cfg, text = read_run_config(out, "train --resume")
         saved = None
         if (out / ckpt.LAST).exists():
-            saved = _load_training_checkpoint(out / ckpt.LAST)
+            saved = load_training_checkpoint(out / ckpt.LAST)
         return _Setup(cfg, text, saved)
     if cfg is None:
         raise ConfigError("train: no config given (and not resuming)")
@@ -469,189 +316,194 @@ def _prepare(cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) 
     return _Setup(cfg, None, None)
 
 
-def _load_training_checkpoint(path: Path) -> dict[str, Any]:
-    saved = ckpt.load_checkpoint(path)
-    version = saved.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ConfigError(f"{path}: a training checkpoint of format version {version!r}; this metanet resumes version {FORMAT_VERSION} only")
-    missing = [k for k in ("model", "optimizer", "state", "rng", "n_families") if k not in saved]
-    if missing:
-        raise ConfigError(f"{path}: not a metanet training checkpoint (no {missing[0]!r})")
-    return saved
-
-
-def _train(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume: bool, progress: bool, stop_after: int | None, overwrite: bool) -> dict[str, Any]:
-    # Rank 0 checks everything first and tells the others, so that a mistake is one error
-    # on every rank rather than a hang.
+def _agreed_setup(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) -> _Setup:
+    """Rank 0 checks everything (config, space, tasks) and tells the others, so that a
+    mistake is one error on every rank rather than a hang."""
     setup: _Setup | BaseException | None = None
     if ctx.is_main:
         try:
             setup = _prepare(cfg, out, resume, overwrite)
             space = build_space(setup.cfg, setup.space_text)
-            dist_ = build_tasks(setup.cfg, "train", space=space)
-            val_dist = build_tasks(setup.cfg, "val", queries=setup.cfg.queries, space=space)
-            check_tasks(setup.cfg, space, dist_, ctx.world_size)
-            val_episodes = fixed_episodes(val_dist, setup.cfg.val_tasks, min(setup.cfg.meta_batch, setup.cfg.val_tasks), seed=setup.cfg.seed + 10_000)
-            model = build_model(setup.cfg, space, dist_.n_families)
+            check_tasks(setup.cfg, space, build_tasks(setup.cfg, "train", space=space), ctx.world_size)
         except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
             setup = e
     setup = ctx.broadcast_object(setup if ctx.is_main else None)
     if isinstance(setup, BaseException):
         raise setup
     assert setup is not None
-    cfg = setup.cfg
-    if not ctx.is_main:
-        space = build_space(cfg, setup.space_text)
-        dist_ = build_tasks(cfg, "train", space=space)
-        model = build_model(cfg, space, dist_.n_families)
-        val_episodes = []
-    model.to(ctx.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)
-    gen = torch.Generator().manual_seed(cfg.seed)  # tasks (CPU), the same on every rank
-    # The generators' noise (VAE, Gumbel) is drawn on the model's device.
-    noise = gen if ctx.device.type == "cpu" else torch.Generator(ctx.device).manual_seed(cfg.seed + 20_000)
-    val_episodes = [ep.to(ctx.device) for ep in val_episodes]
-    state = {"step": 0, "elapsed": 0.0, "best": None, "nonfinite": 0, "nonfinite_run": 0, "strategy": cfg.strategy}
-    saved = setup.saved
-    if saved is not None:
-        try:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"{out / ckpt.LAST}: does not match the run's config.yaml ({str(e).splitlines()[0].strip()})") from None
-        state.update(saved["state"])
-        _restore_rng(saved["rng"], gen, noise)
-    else:  # a fresh start: the global RNGs from the seed too, so that last.pt's RNG state is reproducible
-        _seed_globals(cfg.seed)
-    del setup, saved  # the checkpoint's tensors are in the model and optimizer now
-    part = distributed.shard(cfg.meta_batch, ctx.rank, ctx.world_size)
-    if ctx.distributed:
-        log.info("rank %d/%d adapts tasks %d:%d of %d on %s", ctx.rank, ctx.world_size, part.start, part.stop, cfg.meta_batch, ctx.device)
+    return setup
 
-    if ctx.is_main:  # only now is anything written
-        if resume:
-            ckpt.remove_stale_temps(out)
-            _truncate_metrics(out / METRICS, state["step"])
+
+class _Run:
+    """One process's part of a training run: model, optimizer, schedule state and files.
+
+    ``step`` runs one meta-step, ``validate`` scores the fixed validation tasks (rank 0),
+    ``save`` writes a checkpoint (rank 0); ``state`` (step, elapsed seconds, best score,
+    non-finite counts, task strategy) is what a checkpoint carries besides the weights.
+    """
+
+    def __init__(self, ctx: distributed.Context, setup: _Setup, out: Path, resume: bool) -> None:
+        cfg = self.cfg = setup.cfg
+        self.ctx, self.out = ctx, out
+        self.space = build_space(cfg, setup.space_text)
+        self.tasks = build_tasks(cfg, "train", space=self.space)
+        self.val_episodes: list[Episode] = []
+        if ctx.is_main:
+            val = build_tasks(cfg, "val", queries=cfg.queries, space=self.space)
+            self.val_episodes = fixed_episodes(val, cfg.val_tasks, min(cfg.meta_batch, cfg.val_tasks), seed=cfg.seed + 10_000)
+        self.model = build_model(cfg, self.space, self.tasks.n_families).to(ctx.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.meta_lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # tasks (CPU), the same on every rank
+        # The generators' noise (VAE, Gumbel) is drawn on the model's device.
+        self.noise = self.gen if ctx.device.type == "cpu" else torch.Generator(ctx.device).manual_seed(cfg.seed + 20_000)
+        self.val_episodes = [ep.to(ctx.device) for ep in self.val_episodes]
+        self.state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "best": None, "nonfinite": 0, "nonfinite_run": 0, "strategy": cfg.strategy}
+        if setup.saved is not None:
+            try:
+                self.model.load_state_dict(setup.saved["model"])
+                self.opt.load_state_dict(setup.saved["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ConfigError(f"{out / ckpt.LAST}: does not match the run's config.yaml ({str(e).splitlines()[0].strip()})") from None
+            self.state.update(setup.saved["state"])
+            _restore_rng(setup.saved["rng"], self.gen, self.noise)
+        else:  # a fresh start: the global RNGs from the seed too, so that last.pt's RNG state is reproducible
+            _seed_globals(cfg.seed)
+        self.part = distributed.shard(cfg.meta_batch, ctx.rank, ctx.world_size)
+        if ctx.distributed:
+            log.info("rank %d/%d adapts tasks %d:%d of %d on %s", ctx.rank, ctx.world_size, self.part.start, self.part.stop, cfg.meta_batch, ctx.device)
+        if ctx.is_main:  # only now is anything written
+            start_run(out, cfg, self.space, resume_step=self.state["step"] if resume else None)
+        self.metrics = MetricsLog(out / METRICS if ctx.is_main else None)
+        if self.state["strategy"] == "auto":
+            probe = self.tasks.sample(self.part.stop - self.part.start, torch.Generator().manual_seed(cfg.seed + 1)).to(ctx.device)
+            self.state["strategy"] = ctx.broadcast_object(calibrate_strategy(self.model, probe, cfg))
+            self.model.zero_grad(set_to_none=True)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=self.state["strategy"])
+        self.step_fn = _step_function(self.model, self.part, self.noise, self.params, step_kw, cfg.precision)
+        self.compile_info: dict[str, Any] | None = None
+        self.warned: set[str] = set()  # kinds of architecture collapse already warned about
+        self._elapsed_t = torch.zeros(1, dtype=torch.float64, device=ctx.device)
+
+    def progress(self) -> float:
+        """The share of the budget spent (steps, or minutes of wall clock)."""
+        if self.cfg.steps is not None:
+            return self.state["step"] / self.cfg.steps
+        return self.state["elapsed"] / (60.0 * self.cfg.minutes)
+
+    def spent(self) -> bool:
+        if self.ctx.distributed and self.cfg.steps is None:  # the time budget ends on the same step everywhere
+            self._elapsed_t[0] = self.state["elapsed"]
+            self.state["elapsed"] = float(self.ctx.broadcast(self._elapsed_t)[0])
+        return self.progress() >= 1.0
+
+    def step(self) -> dict[str, float]:
+        """One meta-step: sample, meta-gradient, clip, update (or skip a non-finite one), log."""
+        cfg, state = self.cfg, self.state
+        t0 = time.perf_counter()
+        p = self.progress()
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.meta_lr * _lr_factor(cfg, p)
+        tau = _temperature(cfg, p)
+        episode = self.tasks.sample(cfg.meta_batch, self.gen).to(self.ctx.device)
+        if cfg.compile and self.compile_info is None:  # on this process's first step
+            self.step_fn, self.compile_info = _compiled_step(self.step_fn, episode, tau, self.noise)
+            self.metrics.write({"step": state["step"], "compile": self.compile_info})
+        loss, grads, m = self.step_fn(*_episode_args(episode), tau)
+        for p_, g in zip(self.params, grads):
+            p_.grad = g
+        finite = bool(torch.isfinite(loss))
+        if self.ctx.distributed:
+            finite, m = self.ctx.all_reduce_step(self.params, finite, m)
+        if finite:
+            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)))
+        if finite:
+            self.opt.step()
+            state["nonfinite_run"] = 0
         else:
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in (ckpt.LAST, ckpt.BEST, METRICS):
-                (out / stale).unlink(missing_ok=True)
-            ckpt.atomic_write_bytes(out / "space.yaml", space.text.encode())
-            ckpt.atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode())  # written last: marks a run
-    if state["strategy"] == "auto":
-        probe = dist_.sample(part.stop - part.start, torch.Generator().manual_seed(cfg.seed + 1)).to(ctx.device)
-        state["strategy"] = ctx.broadcast_object(calibrate_strategy(model, probe, cfg))
-        model.zero_grad(set_to_none=True)
+            state["nonfinite"] += 1
+            state["nonfinite_run"] += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", state["step"], state["nonfinite_run"])
+            if state["nonfinite_run"] >= cfg.max_nonfinite:
+                raise NonFiniteError(f"{cfg.max_nonfinite} non-finite losses or gradients in a row, the last at step {state['step']}; lower --meta-lr or --inner-lr (last.pt holds the last finite state)")
+        state["step"] += 1
+        state["elapsed"] += time.perf_counter() - t0
+        if state["step"] % cfg.log_every == 0:
+            self.metrics.write({"step": state["step"], "time": round(state["elapsed"], 3), "temperature": tau, "lr": self.opt.param_groups[0]["lr"], "nonfinite": state["nonfinite"], "skipped": not finite, **m})
+        return m
 
-    def save(name: str) -> None:
-        ckpt.save_checkpoint(out / name, {
+    def validate(self) -> None:
+        """Rank 0: score the validation tasks, log them (and the architectures' health), keep the best."""
+        if not self.ctx.is_main:
+            return
+        state = self.state
+        t_val = time.perf_counter()
+        val = evaluate(self.model, self.val_episodes, self.cfg.eval_inner_steps)
+        score = val["mean"] if self.space.task.kind == "classification" else -val["mean"]
+        better = math.isfinite(score) and (state["best"] is None or score > state["best"])
+        row = {"step": state["step"], "time": round(state["elapsed"], 3), "val": val}
+        if self.cfg.arch != "fixed":
+            row["arch"] = architecture_health(self.model, self.val_episodes, self.warned)
+        self.metrics.write(row)
+        if better:
+            state["best"] = score
+            self.save(ckpt.BEST)
+        state["elapsed"] += time.perf_counter() - t_val  # the budget includes validation
+
+    def save(self, name: str) -> None:
+        """Rank 0: write the training checkpoint ``name`` (last.pt or best.pt)."""
+        if not self.ctx.is_main:
+            return
+        gens = {"tasks": self.gen} if self.noise is self.gen else {"tasks": self.gen, "noise": self.noise}
+        ckpt.save_checkpoint(self.out / name, {
             "format_version": FORMAT_VERSION,
-            "config": dataclasses.asdict(cfg),
-            "space": space.text,
-            "n_families": dist_.n_families,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "state": dict(state),
-            "rng": ckpt.capture_rng({"tasks": gen} if noise is gen else {"tasks": gen, "noise": noise}),
+            "config": dataclasses.asdict(self.cfg),
+            "space": self.space.text,
+            "n_families": self.tasks.n_families,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "state": dict(self.state),
+            "rng": ckpt.capture_rng(gens),
         })  # fmt: skip
 
-    def progress_of() -> float:
-        if cfg.steps is not None:
-            return state["step"] / cfg.steps
-        return state["elapsed"] / (60.0 * cfg.minutes)
+    def result(self) -> dict[str, Any]:
+        """The final figures, rank 0's on every rank (and no rank leaves early)."""
+        best = self.state["best"]
+        if best is not None and self.space.task.kind != "classification":
+            best = -best
+        result = {"step": self.state["step"], "best_val": best, "strategy": self.state["strategy"], "nonfinite": self.state["nonfinite"], "elapsed": self.state["elapsed"]}
+        if self.compile_info is not None:
+            result["compile"] = self.compile_info
+        return self.ctx.broadcast_object(result)
 
-    sync_clock = ctx.distributed and cfg.steps is None
-    elapsed_t = torch.zeros(1, dtype=torch.float64, device=ctx.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=state["strategy"])
-    step = _step_function(model, part, noise, params, step_kw, cfg.precision)
-    compile_info: dict[str, Any] | None = None
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm import tqdm
+    def close(self) -> None:
+        self.metrics.close()
 
-        bar = tqdm(total=cfg.steps, initial=state["step"], unit="step", dynamic_ncols=True)
-    metrics_file = (out / METRICS).open("a") if ctx.is_main else None
-    warned: set[str] = set()  # kinds of architecture collapse already warned about
 
-    def write(row: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(_finite_or_null(row)) + "\n")
-            metrics_file.flush()
+class _Progress:
+    """Training progress for a person: a tqdm bar on a terminal; in a log (stderr not a
+    terminal) one plain line every ``every`` seconds instead of a bar's redraws."""
 
-    done_here = 0
-    try:
-        while True:
-            if sync_clock:  # the time budget ends on the same step everywhere
-                elapsed_t[0] = state["elapsed"]
-                state["elapsed"] = float(ctx.broadcast(elapsed_t)[0])
-            if progress_of() >= 1.0:
-                break
-            if stop_after is not None and done_here >= stop_after:
-                return {"stopped": state["step"]}
-            t0 = time.perf_counter()
-            p = progress_of()
-            for group in opt.param_groups:
-                group["lr"] = cfg.meta_lr * _lr_factor(cfg, p)
-            tau = _temperature(cfg, p)
-            episode = dist_.sample(cfg.meta_batch, gen).to(ctx.device)
-            if cfg.compile and compile_info is None:  # on this process's first step
-                step, compile_info = _compiled_step(step, episode, tau, noise)
-                write({"step": state["step"], "compile": compile_info})
-            loss, grads, m = step(*_episode_args(episode), tau)
-            for p_, g in zip(params, grads):
-                p_.grad = g
-            finite = bool(torch.isfinite(loss))
-            if ctx.distributed:
-                finite, m = ctx.all_reduce_step(params, finite, m)
-            if finite:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                finite = bool(torch.isfinite(norm))
-            if finite:
-                opt.step()
-                state["nonfinite_run"] = 0
-            else:
-                state["nonfinite"] += 1
-                state["nonfinite_run"] += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", state["step"], state["nonfinite_run"])
-                if state["nonfinite_run"] >= cfg.max_nonfinite:
-                    raise NonFiniteError(f"{cfg.max_nonfinite} non-finite losses or gradients in a row, the last at step {state['step']}; lower --meta-lr or --inner-lr (last.pt holds the last finite state)")
-            state["step"] += 1
-            done_here += 1
-            state["elapsed"] += time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(query=f"{m['query_loss']:.3f}")
-            if state["step"] % cfg.log_every == 0:
-                write({"step": state["step"], "time": round(state["elapsed"], 3), "temperature": tau, "lr": opt.param_groups[0]["lr"], "nonfinite": state["nonfinite"], "skipped": not finite, **m})
-            validate = state["step"] % cfg.val_every == 0 or progress_of() >= 1.0
-            if validate and ctx.is_main:
-                t_val = time.perf_counter()
-                val = evaluate(model, val_episodes, cfg.eval_inner_steps)
-                score = val["mean"] if space.task.kind == "classification" else -val["mean"]
-                better = math.isfinite(score) and (state["best"] is None or score > state["best"])
-                row = {"step": state["step"], "time": round(state["elapsed"], 3), "val": val}
-                if cfg.arch != "fixed":
-                    row["arch"] = architecture_health(model, val_episodes, warned)
-                write(row)
-                if better:
-                    state["best"] = score
-                    save(ckpt.BEST)
-                state["elapsed"] += time.perf_counter() - t_val  # the budget includes validation
-            if ctx.is_main and (validate or (cfg.ckpt_every is not None and state["step"] % cfg.ckpt_every == 0)):
-                save(ckpt.LAST)
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-        if bar is not None:
-            bar.close()
-    best = state["best"]
-    if best is not None and space.task.kind != "classification":
-        best = -best
-    result = {"step": state["step"], "best_val": best, "strategy": state["strategy"], "nonfinite": state["nonfinite"], "elapsed": state["elapsed"]}
-    if compile_info is not None:
-        result["compile"] = compile_info
-    return ctx.broadcast_object(result)  # rank 0's figures everywhere (and no rank leaves early)
+    def __init__(self, total: int | None, initial: int, every: float = 30.0) -> None:
+        self.total, self.every, self.last = total, every, time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, elapsed: float, query_loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(query=f"{query_loss:.3f}")
+        elif time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            of = f"/{self.total}" if self.total else ""
+            print(f"step {step}{of}, {elapsed:.0f} s, query loss {query_loss:.3f}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def architecture_health(model: MetaNet, episodes: list[Episode], warned: set[str] | None = None) -> dict[str, Any]:
@@ -678,19 +530,6 @@ def architecture_health(model: MetaNet, episodes: list[Episode], warned: set[str
     return health
 
 
-def _finite_or_null(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN or infinity: such figures are logged as null."""
-    out: dict[str, Any] = {}
-    for k, v in row.items():
-        if isinstance(v, dict):
-            out[k] = _finite_or_null(v)
-        elif isinstance(v, float) and not math.isfinite(v):
-            out[k] = None
-        else:
-            out[k] = v
-    return out
-
-
 def _seed_globals(seed: int) -> None:
     import random
 
@@ -715,71 +554,3 @@ def _restore_rng(rng: dict[str, Any], gen: torch.Generator, noise: torch.Generat
         noise.set_state(noise_state["state"])
     else:
         log.warning("resuming on %s a run saved elsewhere: the generators' noise starts from a fresh seed", noise.device)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step`` (the resumed checkpoint's).
-
-    Later rows (and a line cut short by a kill) belong to steps the resumed run repeats.
-    """
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    keep: list[bytes] = []
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            row = json.loads(line)
-        except ValueError:
-            break
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] > step:
-            break
-        keep.append(line)
-    kept = b"".join(keep)
-    if kept != data:
-        ckpt.atomic_write_bytes(path, kept)
-
-
-def _read_run_config(run: Path, cmd: str | None = None) -> tuple[TrainConfig, str]:
-    what = f"{cmd}: " if cmd else ""
-    if not run.is_dir():
-        raise ConfigError(f"{what}{run}: no such run directory")
-    try:
-        text_cfg = (run / "config.yaml").read_text()
-        text = (run / "space.yaml").read_text()
-    except FileNotFoundError as e:
-        raise ConfigError(f"{what}{run}: not a metanet run directory (missing {Path(e.filename).name})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what}{run}: cannot read the run's files ({type(e).__name__})") from None
-    try:
-        data = yaml.safe_load(text_cfg)  # plain data only: a tag that would run code is refused
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{run / 'config.yaml'}: not a readable config ({first})") from None
-    try:
-        return TrainConfig.from_dict(data, str(run / "config.yaml")), text
-    except TypeError as e:  # e.g. keys that are not strings
-        raise ConfigError(f"{run / 'config.yaml'}: not a metanet config ({e})") from None
-
-
-def load_run(run: str | Path, which: str = "best") -> tuple[MetaNet, TrainConfig]:
-    """Load a trained MetaNet from a run directory (``best.pt`` or ``last.pt``)."""
-    run = Path(run)
-    cfg, text = _read_run_config(run)
-    path = run / (ckpt.BEST if which == "best" else ckpt.LAST)
-    if not path.exists():
-        path = run / ckpt.LAST
-    if not path.exists():
-        raise ConfigError(f"{run}: the run has no checkpoint yet (no {ckpt.LAST} or {ckpt.BEST})")
-    saved = ckpt.load_checkpoint(path)
-    version = saved.get("format_version")
-    if not (type(version) is int and 1 <= version <= FORMAT_VERSION) or "model" not in saved or "n_families" not in saved:
-        raise ConfigError(f"{path}: not a metanet training checkpoint this version reads (format version {version!r}, expected 1..{FORMAT_VERSION})")
-    try:
-        model = MetaNet(build_space(cfg, text), saved["n_families"], cfg.model_config())
-        model.load_state_dict(saved["model"])
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise ConfigError(f"{path}: does not match the run's config.yaml ({str(e).splitlines()[0].strip()})") from None
-    model.eval()
-    return model, cfg

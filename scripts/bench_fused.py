@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -100,12 +98,11 @@ def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int) -> dict:
         y = forward(fused)
         torch.autograd.grad(y.pow(2).mean(), leaves, allow_unused=True)
 
+    per_edge_plan = X.compile(plan.space, X.ExecOptions(group_edges=False))
+
     def per_edge() -> None:  # fused, but one convolution per edge (no edge groups)
-        X.GROUP_EDGES = False
-        try:
-            step(True)
-        finally:
-            X.GROUP_EDGES = True
+        y = X.run(per_edge_plan, alpha, params, x, fused=True, strategy="loop")
+        torch.autograd.grad(y.pow(2).mean(), leaves, allow_unused=True)
 
     variants = {"naive": lambda: step(False), "fused": lambda: step(True)}
     groups = sum(len(cp.groups) for cp in plan.cells)

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from metanet.meta import MetaNet, ModelConfig, meta_loss
+from metanet.meta import MetaNet, ModelConfig
 from metanet.network import generate
 from metanet.space import load
 from metanet.tasks import Episode, Sinusoid

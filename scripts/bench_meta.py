@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import statistics
 import time
@@ -57,7 +56,7 @@ from _bench import interleaved  # scripts/_bench.py
 
 import metanet.executor as X
 from metanet.meta import Generated, MetaNet, ModelConfig, meta_loss, precision, task_loss
-from metanet.ops import batch_norm_reference, conv2d_im2col
+from metanet.ops import conv2d_im2col
 from metanet.space import load
 from metanet.trainer import reuse_freed_memory
 from metanet.tasks import Episode
@@ -150,13 +149,12 @@ def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
 def reference_paths(model: MetaNet) -> Iterator[None]:
     """The executor without its fast paths: conv stem (so no folded norm and no
     channels-last order either), plain-ops batch norm."""
-    plan, bn = model.plan, X.batch_norm
-    model.plan = dataclasses.replace(plan, stem_im2col=False)
-    X.batch_norm = batch_norm_reference
+    plan = model.plan
+    model.plan = X.compile(plan.space, X.ExecOptions(stem_im2col=False, native_norm=False))
     try:
         yield
     finally:
-        model.plan, X.batch_norm = plan, bn
+        model.plan = plan
 
 
 def grads_of(params: list[torch.Tensor], step: Callable[[], None]) -> list[torch.Tensor]:

@@ -927,7 +927,7 @@ def _populations(rows: dict[str, Any], figures_rel: str) -> list[str]:
         out.append(f"- Architectures of `{method}` over the {pops[0]['tasks']} test tasks: distinct genotypes per seed {distinct}; the most common covers {top}{health}; {note}.")
         if method == "metanet":
             p = pops[0]
-            out += ["", f"  Op frequency per candidate edge (seed 0, `metanet.export.op_frequency`; rows sum to 1):", ""]
+            out += ["", "  Op frequency per candidate edge (seed 0, `metanet.export.op_frequency`; rows sum to 1):", ""]
             out += ["  | edge | " + " | ".join(p["labels"]) + " |", "  |" + "---|" * (len(p["labels"]) + 1)]
             for e, fr in zip(p["edges"], p["freq"]):
                 out.append(f"  | {e} | " + " | ".join(f"{v:.2f}" if v else "." for v in fr) + " |")

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -204,7 +203,7 @@ def test_executor_stem_runs_no_norm_over_its_output() -> None:
 
     sizes = norm_sizes(plan)
     assert sizes and stem_numel not in sizes
-    assert stem_numel in norm_sizes(dataclasses.replace(plan, stem_im2col=False))  # the reference path norms the stem output
+    assert stem_numel in norm_sizes(X.compile(plan.space, X.ExecOptions(stem_im2col=False)))  # the reference path norms the stem output
 
 
 _CONV4_WITH = """
@@ -297,7 +296,7 @@ def test_stem_im2col_is_chosen_for_few_input_channels() -> None:
 def test_im2col_stem_meta_gradient_equals_conv_stem(strategy: str) -> None:
     """Second-order MAML meta-gradient (one inner step) with and without the im2col stem."""
     fast = X.compile(load("tiny"))
-    slow = dataclasses.replace(fast, stem_im2col=False)
+    slow = X.compile(fast.space, X.ExecOptions(stem_im2col=False))
     assert fast.stem_im2col
     g = torch.Generator().manual_seed(5)
     B = 2
@@ -405,8 +404,9 @@ def test_constant_kernels_are_cached_per_dtype_and_carry_no_graph() -> None:
         assert_close(k1, k2, rtol=0, atol=0)
         expected = sum(w[e.ops[i].col] * F.pad(e.ops[i].kernel(p, cp.spec.channels, e.stride, x.to(dtype)), [(e.merged_size - e.ops[i].kernel_size) // 2] * 4) for i in e.merged)
         assert_close(k1, expected)
-    cached = [v for v in X._CONST_KERNELS.values()]
-    assert cached and all(not v.requires_grad for v in cached)
+    const = [c for c in e.ops if not c.params and c.kernel_size]
+    cached = [X._constant_kernel(c.op.name, c.kwargs, c.kernel_size, cp.spec.channels, e.stride, e.merged_size, dtype, x.device) for c in const]
+    assert cached and X._constant_kernel.cache_info().hits >= len(cached) and all(not v.requires_grad for v in cached)
 
 
 def test_edge_groups_share_a_source_stride_and_kernel_size() -> None:
@@ -422,7 +422,7 @@ def test_edge_groups_share_a_source_stride_and_kernel_size() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
-def test_grouped_edge_convolutions_meta_gradient_equals_per_edge(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_edge_convolutions_meta_gradient_equals_per_edge(strategy: str) -> None:
     """Second-order meta-gradient with the edge groups run as one convolution, and per edge."""
     plan = X.compile(load("conv_omniglot"))
     g = torch.Generator().manual_seed(7)
@@ -433,15 +433,15 @@ def test_grouped_edge_convolutions_meta_gradient_equals_per_edge(strategy: str, 
     ys, yq = torch.randint(0, 5, (B, 3), generator=g), torch.randint(0, 5, (B, 4), generator=g)
 
     def meta_grad(grouped: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(X, "GROUP_EDGES", grouped)
+        run_plan = X.compile(plan.space, X.ExecOptions(group_edges=grouped))
         lg = logits.clone().requires_grad_(True)
         alpha = torch.softmax(lg, -1)
         p0 = {k: v.clone().requires_grad_(True) for k, v in base.items()}
         p = {k: v.expand(B, *v.shape) for k, v in p0.items()}
-        loss = F.cross_entropy(X.run(plan, alpha, p, xs, fused=True, strategy=strategy).flatten(0, 1), ys.flatten())
+        loss = F.cross_entropy(X.run(run_plan, alpha, p, xs, fused=True, strategy=strategy).flatten(0, 1), ys.flatten())
         grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
         fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
-        outer = F.cross_entropy(X.run(plan, alpha, fast_w, xq, fused=True, strategy=strategy).flatten(0, 1), yq.flatten())
+        outer = F.cross_entropy(X.run(run_plan, alpha, fast_w, xq, fused=True, strategy=strategy).flatten(0, 1), yq.flatten())
         return list(torch.autograd.grad(outer, [lg, *p0.values()]))
 
     got, ref = meta_grad(True), meta_grad(False)
@@ -464,9 +464,8 @@ def test_grouped_edges_run_fewer_convolutions(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(F, "conv2d", counting)
     outs = {}
     for grouped in (False, True):
-        monkeypatch.setattr(X, "GROUP_EDGES", grouped)
         calls.clear()
-        outs[grouped] = X.forward(plan, alpha, params, x, fused=True)
+        outs[grouped] = X.forward(X.compile(plan.space, X.ExecOptions(group_edges=grouped)), alpha, params, x, fused=True)
         outs[(grouped, "n")] = len(calls)
     saved = sum(len(grp) - 1 for cp in plan.cells for grp in cp.groups)
     assert saved > 0 and outs[(True, "n")] == outs[(False, "n")] - saved

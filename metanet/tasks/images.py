@@ -386,6 +386,9 @@ class _StoreEpisodes:
     queries: int
     kind: ClassVar[str] = "classification"
     n_families: ClassVar[int] = 0
+    # what a training config takes unless told otherwise (config.TrainConfig.for_tasks)
+    train_defaults: ClassVar[dict[str, object]] = {"queries": 15, "shots": 1, "inner_lr": 0.4, "meta_batch": 16, "space": "conv_omniglot"}
+
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -528,6 +531,7 @@ class MiniImageNet(_StoreEpisodes):
     channels: int = 3
     cache: bool = True
     store: ImageStore = field(init=False, repr=False)
+    train_defaults: ClassVar[dict[str, object]] = {"queries": 15, "shots": 1, "inner_lr": 0.1, "meta_batch": 4, "space": "conv_miniimagenet"}
 
     def __post_init__(self) -> None:
         _check_common(self.ways, self.shots, self.queries, self.image_size, self.channels)
@@ -617,6 +621,7 @@ class MultiDomain:
     parts: tuple[Any, ...] = field(init=False, repr=False)
 
     kind: ClassVar[str] = "classification"
+    train_defaults: ClassVar[dict[str, object]] = {"queries": 15, "shots": 1, "inner_lr": 0.1, "meta_batch": 12, "space": "conv_multidomain"}
 
     def __post_init__(self) -> None:
         _check_common(self.ways, self.shots, self.queries, self.image_size, self.channels)

@@ -189,6 +189,8 @@ class Omniglot:
     character_alphabets: tuple[str, ...] | None = field(init=False, repr=False)
 
     kind: ClassVar[str] = "classification"
+    # what a training config takes unless told otherwise (config.TrainConfig.for_tasks)
+    train_defaults: ClassVar[dict[str, object]] = {"queries": 15, "shots": 1, "inner_lr": 0.4, "meta_batch": 16, "space": "conv_omniglot"}
     n_families: ClassVar[int] = 0
 
     def __post_init__(self) -> None:

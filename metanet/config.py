@@ -1,0 +1,272 @@
+"""The training configuration: one frozen ``TrainConfig``, its checks and its command-line options.
+
+Every field is declared once, with its default, its check and its help text (the field's
+metadata). ``validate_config`` and the ``metanet train`` options are generated from
+those declarations, so a new field gets its check and its ``--flag`` with help in one
+place. The model's fields take their defaults from ``ModelConfig``.
+
+A run has one budget: ``steps`` or ``minutes``. ``TrainConfig(minutes=3)`` trains for
+three minutes; ``TrainConfig()`` for ``DEFAULT_STEPS`` steps; giving both is refused.
+
+Per task distribution the defaults that suit it (``conv_omniglot`` for ``omniglot``, 15
+queries, ...) come from the task class's ``train_defaults``; ``TrainConfig.for_tasks``
+applies them under whatever the caller gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from .meta import ORDERS, PRECISIONS, ModelConfig
+
+__all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "validate_config", "did_you_mean", "task_defaults", "add_train_options", "config_from_options", "option_flag", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
+
+DEFAULT_STEPS = 1000  # the budget of a config that names neither steps nor minutes
+STRATEGIES = ("auto", "loop", "vmap")
+SCHEDULES = ("cosine", "constant")
+ARCHS = ("conditional", "shared", "fixed")
+WEIGHTS = ("vae", "off")
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message is one line."""
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``valid``, or ``""``."""
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# The checks a field can name (its metadata "check"): (what the error says it must be, test).
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _weights_ok(v: Any) -> bool:
+    try:
+        w = [float(x) for x in v.split(",")]
+    except (ValueError, AttributeError):
+        return False
+    return all(math.isfinite(x) and x >= 0 for x in w) and sum(w) > 0
+
+
+_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "pos_int": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "nonneg_int": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "pos_float": ("a finite number > 0", lambda v: _is_num(v) and v > 0),
+    "nonneg_float": ("a finite number >= 0", lambda v: _is_num(v) and v >= 0),
+    "finite": ("a finite number", _is_num),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "name": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+    "opt_name": ("a non-empty string or null", lambda v: v is None or (isinstance(v, str) and bool(v))),
+    "opt_pos_int": ("a positive integer or null", lambda v: v is None or (_is_int(v) and v >= 1)),
+    "opt_pos_float": ("a finite number > 0 or null", lambda v: v is None or (_is_num(v) and v > 0)),
+    "weights": ("comma-separated numbers >= 0 with a positive sum, one per domain", lambda v: v is None or _weights_ok(v)),
+}
+
+_MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelConfig)}
+
+
+def _field(default: Any, check: str | tuple[str, ...], help: str, *, flag: str | None = None) -> Any:
+    """A config field: its default, its check (a name in ``_CHECKS`` or a tuple of choices),
+    its help text, and its command-line flag where that is not ``--name-with-dashes``
+    (``--no-x`` for a boolean whose default is true)."""
+    return field(default=default, metadata={"check": check, "help": help, "flag": flag})
+
+
+def _model(name: str, check: str | tuple[str, ...], help: str, *, flag: str | None = None) -> Any:
+    """A field of ``ModelConfig``, with its default."""
+    return _field(_MODEL_DEFAULTS[name], check, help, flag=flag)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; written to ``RUN_DIR/config.yaml``. Checked when built (``ConfigError``)."""
+
+    # what to learn from
+    space: str = _field("mlp_regression", "name", "search space: a YAML file or a built-in name (metanet spaces list)")
+    tasks: str = _field("sinusoid", "name", "task distribution: sinusoid, multimodal, omniglot, miniimagenet, images (any <root>/<class>/<image> folder), multidomain")
+    ways: int = _field(5, "pos_int", "classification: classes per task")
+    shots: int = _field(5, "pos_int", "support examples per class (regression: per task)")
+    queries: int = _field(10, "pos_int", "query examples per class (regression: per task) that score the adapted network")
+    data_root: str | None = _field(None, "opt_name", "dataset folder (omniglot, miniimagenet, images); for multidomain the folder that holds the named domains (default: ../shared/data)")
+    rotations: bool = _field(True, "bool", "omniglot: rotated characters (90, 180, 270 degrees) as new classes", flag="--no-rotations")
+    split_file: str | None = _field(None, "opt_name", "images: CSV of class,split lines assigning classes to train/val/test (default: a seeded 60/20/20 split of the classes)")
+    domains: str | None = _field(None, "opt_name", "multidomain: comma-separated domains: omniglot, miniimagenet, a folder name under --data-root, or NAME=FOLDER (default: omniglot,miniimagenet,chars74k_fnt)")
+    domain_weights: str | None = _field(None, "weights", "multidomain: comma-separated sampling weights, one per domain (default: equal)")
+    # the meta-step
+    meta_batch: int = _field(25, "pos_int", "tasks per meta-step")
+    inner_steps: int = _field(1, "nonneg_int", "inner-loop (adaptation) steps per task during meta-training")
+    eval_inner_steps: int = _field(10, "nonneg_int", "adaptation steps when validating")
+    order: str = _field("second", ORDERS, "meta-gradient: second (MAML), first (first-order MAML) or reptile")
+    beta: float = _field(1e-3, "nonneg_float", "weight of the VAE's KL term in the outer loss")
+    entropy_weight: float = _field(0.0, "finite", "weight of the architecture's mean edge entropy in the outer loss (> 0 pushes towards one op per edge)")
+    temperature: float = _field(1.0, "pos_float", "softmax temperature of the architecture logits at the start")
+    final_temperature: float = _field(1.0, "pos_float", "temperature at the end of the budget (annealed geometrically)")
+    gumbel: bool = _field(False, "bool", "sample each task's architecture with Gumbel noise")
+    hard: bool = _field(False, "bool", "train the discrete architecture (straight-through argmax), the network generate emits")
+    strategy: str = _field("auto", STRATEGIES, "task execution: loop (one task at a time), vmap (batched), auto (time both on the first step)")
+    compile: bool = _field(False, "bool", "torch.compile the meta-step; kept only if its meta-gradients match eager on the first step (compiling takes tens of seconds)")
+    precision: str = _field("fp32", PRECISIONS, "arithmetic of the meta-step's forward: fp32, or bf16 mixed precision (autocast; fast where the CPU has AMX/AVX512-BF16 or on a GPU)")
+    meta_lr: float = _field(1e-3, "pos_float", "Adam learning rate of the outer loop")
+    clip: float = _field(10.0, "pos_float", "meta-gradient norm clip")
+    schedule: str = _field("cosine", SCHEDULES, "meta learning-rate schedule over the budget")
+    # the budget and the run
+    steps: int | None = _field(None, "opt_pos_int", f"budget in meta-steps (default: {DEFAULT_STEPS} unless --minutes is given)")
+    minutes: float | None = _field(None, "opt_pos_float", "budget in minutes of wall clock, validation included (instead of --steps)")
+    seed: int = _field(0, "nonneg_int", "seed of the tasks, the initial weights and the generators' noise")
+    val_every: int = _field(250, "pos_int", "meta-steps between validations (and last.pt checkpoints); one more at the end")
+    val_tasks: int = _field(100, "pos_int", "fixed validation tasks")
+    log_every: int = _field(10, "pos_int", "meta-steps between rows of metrics.jsonl")
+    max_nonfinite: int = _field(10, "pos_int", "stop after this many non-finite steps in a row")
+    ckpt_every: int | None = _field(None, "opt_pos_int", "also write last.pt every this many steps (default: at validations only)")
+    # the model (ModelConfig's fields)
+    arch: str = _model("arch", ARCHS, "architecture: conditional (generated per task), shared (one learned for all tasks), fixed (the space's single op per edge)")
+    weights: str = _model("weights", WEIGHTS, "initial weights: vae (generated per task by the VAE hypernetwork) or off (one learned initialisation, as MAML)")
+    dim: int = _model("dim", "pos_int", "task embedding size")
+    latent: int = _model("latent", "pos_int", "VAE latent size")
+    inner_lr: float = _model("inner_lr", "pos_float", "inner-loop step size")
+    meta_sgd: bool = _model("meta_sgd", "bool", "learn a step size per weight (Meta-SGD)")
+    adapt_alpha: bool = _model("adapt_alpha", "bool", "adapt the architecture logits in the inner loop too")
+    use_metadata: bool = _model("use_metadata", "bool", "withhold task metadata (family or domain id) from the generators", flag="--no-metadata")
+    fused: bool = _model("fused", "bool", "run mixed ops unfused (the reference path)", flag="--no-fused")
+    proto_head: bool = _model("proto_head", "bool", "classification: learn the head's initial weights instead of taking them from class prototypes (plain MAML)", flag="--no-proto-head")
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.minutes is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS)
+        validate_config(self)
+
+    @classmethod
+    def for_tasks(cls, tasks: str = "sinusoid", **given: Any) -> TrainConfig:
+        """A config for ``tasks`` with that distribution's defaults under ``given``."""
+        return cls(tasks=tasks, **{**task_defaults(tasks), **given})
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in _MODEL_DEFAULTS})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """A config from plain data (``config.yaml``), every value checked (``ConfigError``)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted((k for k in data if k not in known), key=str)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), known)}")
+        try:
+            return cls(**data)
+        except ConfigError as e:  # the same check, named after the file
+            raise ConfigError(f"{source}: {str(e).removeprefix('config: ')}") from None
+
+
+def validate_config(cfg: TrainConfig, source: str = "config") -> None:
+    """Check every field's type and range; raise ``ConfigError`` naming the first bad one."""
+    for f in fields(cfg):
+        v, check = getattr(cfg, f.name), f.metadata["check"]
+        if isinstance(check, tuple):
+            if v not in check:
+                raise ConfigError(f"{source}: {f.name} must be one of {', '.join(check)}, got {v!r}{did_you_mean(str(v), check)}")
+        elif not _CHECKS[check][1](v):
+            raise ConfigError(f"{source}: {f.name} must be {_CHECKS[check][0]}, got {v!r}")
+    if cfg.steps is not None and cfg.minutes is not None:
+        raise ConfigError(f"{source}: steps={cfg.steps} and minutes={cfg.minutes} both given; a run has one budget, give one of them")
+    if cfg.compile and cfg.precision != "fp32":
+        # Measured: the compiled bf16 sinusoid step differed from eager bf16 by 1.8e-4, and
+        # bf16 meta-gradients differ from fp32 ones by per cent; a tolerance that admits
+        # that rounding could not tell a dropped second-order graph from it.
+        raise ConfigError(
+            f"{source}: compile needs precision fp32, got {cfg.precision!r}: the compiled step is checked"
+            " against eager to rtol 1e-4, which bf16 rounding exceeds; use --compile or --precision bf16, not both"
+        )
+
+
+def task_defaults(tasks: str) -> dict[str, Any]:
+    """The training defaults of the task distribution registered as ``tasks`` (``train_defaults``)."""
+    from .tasks import TASKS
+
+    return dict(getattr(TASKS.get(tasks), "train_defaults", {}))
+
+
+# ------------------------------------------------------------------------ command line
+
+
+# how the command line words each check (a number typed, never null)
+_TYPED = {"pos_int": "a positive integer", "opt_pos_int": "a positive integer", "nonneg_int": "an integer >= 0", "pos_float": "a positive number", "opt_pos_float": "a positive number", "nonneg_float": "a number >= 0", "finite": "a finite number"}
+
+
+def _number(cast: Callable[[str], Any], check: str) -> Callable[[str], Any]:
+    """An argparse type: ``cast`` the text, then require the field check ``check``."""
+    what, ok = _TYPED[check], _CHECKS[check][1]
+
+    def parse(text: str) -> Any:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+
+    return parse
+
+
+_CASTS = {"pos_int": int, "nonneg_int": int, "opt_pos_int": int, "pos_float": float, "nonneg_float": float, "finite": float, "opt_pos_float": float}
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def option_flag(name: str) -> str:
+    """The ``metanet train`` flag of a config field (``use_metadata``: ``--no-metadata``), or ``--name``."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    return _flag(by_name[name]) if name in by_name else "--" + name.replace("_", "-")
+
+
+def _per_task(name: str) -> str:
+    """``", omniglot: 15, ..."``: the task distributions whose own default differs."""
+    from .tasks import TASKS
+
+    own = [f"{task}: {defaults[name]}" for task, cls in TASKS.items() if name in (defaults := getattr(cls, "train_defaults", {}))]
+    return "; " + ", ".join(own) if own else ""
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``TrainConfig`` field, with its help; unset options stay None (the
+    config's or the task's default then applies, see ``config_from_options``)."""
+    for f in fields(TrainConfig):
+        check, help = f.metadata["check"], f.metadata["help"]
+        flag = _flag(f)
+        if check == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_const", const=not f.default, default=None, help=help)
+            continue
+        default = "" if f.default is None else f" (default: {f.default}{_per_task(f.name)})"
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help + default}
+        if isinstance(check, tuple):
+            kw["choices"] = check
+        elif check in _CASTS:
+            kw["type"] = _number(_CASTS[check], check)
+        parser.add_argument(flag, **kw)
+
+
+def config_from_options(options: dict[str, Any]) -> TrainConfig:
+    """The config for parsed ``add_train_options`` values (None: not given)."""
+    given = {f.name: options[f.name] for f in fields(TrainConfig) if options.get(f.name) is not None}
+    return TrainConfig.for_tasks(given.pop("tasks", TrainConfig.tasks), **given)
