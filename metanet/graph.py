@@ -1,7 +1,7 @@
 """Cell DAGs as networkx graphs, genotypes, and discretisation of soft encodings.
 
 networkx is the single structural representation: discretisation builds each cell's DAG,
-prunes the nodes that cannot reach the cell output, and the exporters of ``inspect.py``
+prunes the nodes that cannot reach the cell output, and the exporters of ``export.py``
 read the same graphs.
 
 Node numbering inside a cell: ``0 .. inputs-1`` are the cell inputs (the outputs of the
