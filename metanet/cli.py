@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .config import number_type
+
 __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
@@ -28,26 +30,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _number(cast: Callable[[str], float], what: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
-    """An argparse type: ``cast`` the text, then require ``ok`` (and finiteness)."""
-
-    def parse(text: str) -> float:
-        try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (math.isfinite(v) and ok(v)):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return v
-
-    return parse
-
-
-_positive_int = _number(int, "a positive integer", lambda v: v >= 1)
-_nonneg_int = _number(int, "an integer >= 0", lambda v: v >= 0)
-_positive_float = _number(float, "a positive number", lambda v: v > 0)
-_finite_float = _number(float, "a finite number", lambda v: True)
-_nonneg_float = _number(float, "a number >= 0", lambda v: v >= 0)
+_positive_int = number_type("pos_int")
+_nonneg_int = number_type("nonneg_int")
 
 
 # ------------------------------------------------------------------------------ spaces
@@ -283,46 +267,8 @@ def _has_matplotlib() -> bool:
         return False
 
 
-def _write_network_folder(net, folder: Path, run: Path, support: str, y) -> str:
-    """Every file of ``metanet generate`` into ``folder``; returns summary.txt's text."""
-    from . import checkpoint as ckpt
-    from . import export as ex
-
-    net.save(folder)
-    exported = "model.pt2 (torch.export, any batch size)"
-    try:
-        net.export(folder / "model.pt2")
-    except Exception as e:  # noqa: BLE001 -- an export limitation must not lose the rest
-        exported = f"model.pt2 not written: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        print(f"metanet: warning: {exported}", file=sys.stderr)
-    g = net.graph()
-    ckpt.atomic_write_bytes(folder / "graph.json", (ex.to_json(g) + "\n").encode())
-    ex.to_graphml(g, folder / "graph.graphml")
-    ckpt.atomic_write_bytes(folder / "graph.dot", ex.to_dot(g).encode())
-    png = "graph.png"
-    if _has_matplotlib():
-        ex.draw_genotype_png(net.space, net.genotype, folder / "graph.png")
-    else:
-        png = "graph.png not drawn (needs matplotlib: pip install 'metanet[plot]')"
-    ckpt.atomic_write_bytes(folder / "alpha.txt", (ex.describe_soft(net.space, net.alpha) + "\n").encode())
-    x = net.example_x
-    lines = [
-        f"run: {run}",
-        f"support: {support} ({x.shape[0]} examples)",
-        net.summary(),
-        f"support {'accuracy' if net.kind == 'classification' else 'mse'}: {net.metric(x, y):.6g} (loss {net.loss(x, y):.6g})",
-        f"files: genotype.json, weights.safetensors, space.yaml, network.json, {exported}, graph.json, graph.graphml, graph.dot, {png}, alpha.txt",
-        "",
-        ex.describe_genotype(net.space, net.genotype),
-    ]
-    text = "\n".join(lines) + "\n"
-    ckpt.atomic_write_bytes(folder / "summary.txt", text.encode())
-    return text
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import os
-    import shutil
+    import warnings
 
     from .network import generate
     from .trainer import load_run
@@ -340,24 +286,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if metadata is None and npz_meta is not None:
         metadata = npz_meta
     net = _generate_checked("generate", generate, model, x, y, metadata, args.adapt_steps, args.sample)
-    # write everything into a temp folder beside --out, then rename: never half-written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        text = _write_network_folder(net, tmp, run, args.support, y)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    print(text.split("\n\n")[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net.save(out, support_y=y, about={"run": str(run), "support": f"{args.support} ({x.shape[0]} examples)"})
+    for w in caught:
+        print(f"metanet: warning: {w.message}", file=sys.stderr)
+    print((out / "summary.txt").read_text().split("\n\n")[0])
     print(f"wrote {out}/")
     return 0
 
@@ -460,6 +394,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     import torch
 
+    from . import draw as dr
     from . import export as ex
     from .graph import population_health
     from .network import generate, generate_batch
@@ -500,7 +435,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             nets = _generate_checked(cmd, generate_batch, model, xs, ys, meta)
             genotypes = [n.genotype for n in nets]
             if args.out is not None:
-                _write_png(args.out, lambda p: ex.draw_population_png(space, genotypes, p), announce=False)
+                _write_png(args.out, lambda p: dr.draw_population_png(space, genotypes, p), announce=False)
             elif args.format == "png":
                 raise UsageError(f"{cmd}: --format png needs --out FILE.png")
             families = None
@@ -558,9 +493,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 print(ex.to_graphml(g, Path(d) / "graph.graphml").read_text(), end="")
     else:
         if args.soft:
-            _write_png(args.out, lambda p: ex.draw_soft_png(space, alpha, p))
+            _write_png(args.out, lambda p: dr.draw_soft_png(space, alpha, p))
         else:
-            _write_png(args.out, lambda p: ex.draw_genotype_png(space, genotype, p))
+            _write_png(args.out, lambda p: dr.draw_genotype_png(space, genotype, p))
     return 0
 
 
@@ -575,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     sp = sub.add_parser("spaces", help="list, validate or show search spaces")
-    sp.add_argument("action", choices=("list", "validate", "show"))
+    sp.add_argument("action", choices=("list", "validate", "show"), help="list: the built-in spaces; validate: check YAML files; show: print a space's cells and ops")
     sp.add_argument("files", nargs="*", help="YAML files (or built-in space names for show)")
     sp.set_defaults(func=_cmd_spaces)
 
@@ -599,11 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split-file", dest="split_file", help="images: CSV of class,split lines")
     ev.add_argument("--domains", help="multidomain: the domains to evaluate on (a domain the run did not train on gets the unknown-domain metadata)")
     ev.add_argument("--ways", type=_positive_int, help="classes per task; any number where the run's head comes from prototypes")
-    ev.add_argument("--shots", type=_positive_int)
-    ev.add_argument("--queries", type=_positive_int)
-    ev.add_argument("--episodes", type=_positive_int, default=600)
-    ev.add_argument("--inner-steps", dest="inner_steps", type=_nonneg_int)
-    ev.add_argument("--seed", type=_nonneg_int, default=1234)
+    ev.add_argument("--shots", type=_positive_int, help="support examples per class (regression: per task); default: the run's")
+    ev.add_argument("--queries", type=_positive_int, help="query examples per class (regression: per task) scored after adaptation; default: the run's")
+    ev.add_argument("--episodes", type=_positive_int, default=600, help="fixed test tasks (default: 600)")
+    ev.add_argument("--inner-steps", dest="inner_steps", type=_nonneg_int, help="adaptation steps on each support set (default: the run's --eval-inner-steps)")
+    ev.add_argument("--seed", type=_nonneg_int, default=1234, help="seed of the test tasks: the same seed, the same tasks (default: 1234)")
     ev.set_defaults(func=_cmd_evaluate)
 
     ge = sub.add_parser("generate", help="generate one task's network from its support set")
@@ -620,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("source", help="run directory (with --support or --population), genotype.json, or a generated folder")
     ins.add_argument("--support", help=".npz with one task's support set x, y (with a run directory)")
     ins.add_argument("--metadata", help="task family id (or family name for multimodal runs)")
-    ins.add_argument("--format", choices=("text", "dot", "graphml", "json", "png"), default="text")
+    ins.add_argument("--format", choices=("text", "dot", "graphml", "json", "png"), default="text", help="text (default), Graphviz dot, GraphML, JSON, or a PNG drawing (needs matplotlib and --out)")
     ins.add_argument("--out", help="output file (default: print; required for png)")
     ins.add_argument("--soft", action="store_true", help="the soft encoding instead of the discrete network (run only)")
     ins.add_argument("--diff", help="compare with another task (.npz support set) or another genotype.json")

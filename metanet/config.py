@@ -27,7 +27,7 @@ import yaml
 
 from .meta import ORDERS, PRECISIONS, ModelConfig
 
-__all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "validate_config", "did_you_mean", "task_defaults", "add_train_options", "config_from_options", "option_flag", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
+__all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "validate_config", "did_you_mean", "task_defaults", "add_train_options", "config_from_options", "option_flag", "number_type", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
 
 DEFAULT_STEPS = 1000  # the budget of a config that names neither steps nor minutes
 STRATEGIES = ("auto", "loop", "vmap")
@@ -75,6 +75,7 @@ _CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "opt_pos_int": ("a positive integer or null", lambda v: v is None or (_is_int(v) and v >= 1)),
     "opt_pos_float": ("a finite number > 0 or null", lambda v: v is None or (_is_num(v) and v > 0)),
     "weights": ("comma-separated numbers >= 0 with a positive sum, one per domain", lambda v: v is None or _weights_ok(v)),
+    "share": ("a number in [0, 1)", lambda v: _is_num(v) and 0 <= v < 1),
 }
 
 _MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelConfig)}
@@ -124,6 +125,11 @@ class TrainConfig:
     meta_lr: float = _field(1e-3, "pos_float", "Adam learning rate of the outer loop")
     clip: float = _field(10.0, "pos_float", "meta-gradient norm clip")
     schedule: str = _field("cosine", SCHEDULES, "meta learning-rate schedule over the budget")
+    # against architecture collapse (conditional and shared architectures)
+    arch_lr: float | None = _field(None, "opt_pos_float", "the architecture generator's own Adam learning rate, on the same schedule (default: --meta-lr)")
+    arch_warmup: float = _field(0.0, "share", "share of the budget before the architecture generator learns: the weights train on the near-uniform supernet first")
+    param_prior: float = _field(0.0, "nonneg_float", "weight of a prior against parameter-free ops: the share of the architecture softmax on zero, skip and pooling")
+    op_dropout: float = _field(0.0, "share", "operation-level dropout: each parameter-free op is left out of a task's edge with this probability during meta-training (P-DARTS)")
     # the budget and the run
     steps: int | None = _field(None, "opt_pos_int", f"budget in meta-steps (default: {DEFAULT_STEPS} unless --minutes is given)")
     minutes: float | None = _field(None, "opt_pos_float", "budget in minutes of wall clock, validation included (instead of --steps)")
@@ -144,6 +150,7 @@ class TrainConfig:
     use_metadata: bool = _model("use_metadata", "bool", "withhold task metadata (family or domain id) from the generators", flag="--no-metadata")
     fused: bool = _model("fused", "bool", "run mixed ops unfused (the reference path)", flag="--no-fused")
     proto_head: bool = _model("proto_head", "bool", "classification: learn the head's initial weights instead of taking them from class prototypes (plain MAML)", flag="--no-proto-head")
+    arch_hidden: int = _model("arch_hidden", "nonneg_int", "conditional architectures: hidden units of an MLP from the task embedding to the architecture logits (0: a linear map)")
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -207,12 +214,15 @@ def task_defaults(tasks: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------ command line
 
 
+_CASTS = {"pos_int": int, "nonneg_int": int, "opt_pos_int": int, "pos_float": float, "nonneg_float": float, "finite": float, "opt_pos_float": float, "share": float}
 # how the command line words each check (a number typed, never null)
-_TYPED = {"pos_int": "a positive integer", "opt_pos_int": "a positive integer", "nonneg_int": "an integer >= 0", "pos_float": "a positive number", "opt_pos_float": "a positive number", "nonneg_float": "a number >= 0", "finite": "a finite number"}
+_TYPED = {"share": "a number in [0, 1)", "pos_int": "a positive integer", "opt_pos_int": "a positive integer", "nonneg_int": "an integer >= 0", "pos_float": "a positive number", "opt_pos_float": "a positive number", "nonneg_float": "a number >= 0", "finite": "a finite number"}
 
 
-def _number(cast: Callable[[str], Any], check: str) -> Callable[[str], Any]:
-    """An argparse type: ``cast`` the text, then require the field check ``check``."""
+def number_type(check: str) -> Callable[[str], Any]:
+    """An argparse type for a numeric check (``pos_int``, ``nonneg_int``, ``pos_float``,
+    ``nonneg_float``, ``finite``): parse the text, then require the check."""
+    cast = _CASTS[check]
     what, ok = _TYPED[check], _CHECKS[check][1]
 
     def parse(text: str) -> Any:
@@ -225,9 +235,6 @@ def _number(cast: Callable[[str], Any], check: str) -> Callable[[str], Any]:
         return v
 
     return parse
-
-
-_CASTS = {"pos_int": int, "nonneg_int": int, "opt_pos_int": int, "pos_float": float, "nonneg_float": float, "finite": float, "opt_pos_float": float}
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -262,7 +269,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(check, tuple):
             kw["choices"] = check
         elif check in _CASTS:
-            kw["type"] = _number(_CASTS[check], check)
+            kw["type"] = number_type(check)
         parser.add_argument(flag, **kw)
 
 

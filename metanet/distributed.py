@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .meta import Generated, MetaNet, meta_loss
+from .meta import MetaNet, meta_loss, outer_loss
 from .tasks import Episode
 
 __all__ = ["Context", "setup", "shard", "shard_loss", "env_rank", "env_world_size"]
@@ -171,38 +171,6 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 # ------------------------------------------------------------------- sharded meta-batches
 
 
-class _Pregenerated:
-    """A MetaNet whose ``generate`` returns generators' output computed beforehand.
-
-    ``meta_loss`` on a rank's block of tasks then uses the slice of the full meta-batch's
-    generation (same noise as one process) and is otherwise ``meta_loss`` unchanged.
-    """
-
-    def __init__(self, model: MetaNet, generated: Generated):
-        self._model, self._generated = model, generated
-
-    def generate(self, *args: Any, **kwargs: Any) -> Generated:
-        return self._generated
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
-def _slice_generated(g: Generated, part: slice) -> Generated:
-    return Generated(
-        g.alpha[part],
-        None if g.logits is None else g.logits[part],
-        {k: v[part] for k, v in g.params.items()},
-        g.kl[part],
-        g.embedding[part],
-        None if g.latent is None else g.latent[part],
-    )
-
-
-def _slice_episode(ep: Episode, part: slice) -> Episode:
-    return Episode(ep.support_x[part], ep.support_y[part], ep.query_x[part], ep.query_y[part], None if ep.metadata is None else ep.metadata[part])
-
-
 def shard_loss(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, **kw: Any) -> tuple[Tensor, dict[str, float]]:
     """This rank's share of the meta-objective of ``episode``, the whole meta-batch.
 
@@ -222,7 +190,8 @@ def shard_loss(model: MetaNet, episode: Episode, part: slice, noise: torch.Gener
     b = episode.batch_size
     if part.start == 0 and part.stop == b:
         return meta_loss(model, episode, generator=noise, **kw)
-    full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw["temperature"], gumbel=kw["gumbel"], hard=kw["hard"], sample=model.config.weights == "vae", generator=noise, strategy=kw["strategy"])
-    loss, m = meta_loss(_Pregenerated(model, _slice_generated(full, part)), _slice_episode(episode, part), generator=noise, **kw)  # type: ignore[arg-type]
+    full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw["temperature"], gumbel=kw["gumbel"], hard=kw["hard"], sample=model.config.weights == "vae", generator=noise, strategy=kw["strategy"], op_dropout=kw.get("op_dropout", 0.0))
+    step_kw = {k: v for k, v in kw.items() if k not in ("gumbel", "hard", "op_dropout")}  # the generation's
+    loss, m = outer_loss(model, full.slice(part), episode.slice(part), **step_kw)
     w = (part.stop - part.start) / b
     return loss * w, {k: v * w for k, v in m.items()}

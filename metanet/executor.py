@@ -42,6 +42,7 @@ __all__ = [
     "forward",
     "forward_genotype",
     "run",
+    "run_edge",
     "init_params",
     "STRATEGIES",
 ]
@@ -596,6 +597,19 @@ def forward(plan: Plan, alpha: Tensor, params: Params, x: Tensor, *, fused: bool
     all_edges = [[(e, edge) for e in cp.edges] for cp in plan.cells]
     all_nodes = [set(range(cp.spec.inputs, cp.spec.inputs + cp.spec.nodes)) for cp in plan.cells]
     return _network(plan, params, x, all_edges.__getitem__, all_nodes.__getitem__, features, fused)
+
+
+def run_edge(plan: Plan, cell: int, edge: int, alpha: Tensor, params: Params, source: Tensor, *, fused: bool = False) -> Tensor:
+    """One soft edge of one task on its own: ``sum_k alpha_k op_k(pre(source))``, with
+    ``pre`` the cell's pre-activation, the way ``forward`` runs it (``fused``: its linear ops merged into one convolution).
+
+    Args:
+        cell, edge: the cell's index in ``plan.cells`` and the edge's in ``CellPlan.edges``.
+        alpha: ``(edges, ops)`` op weights of the whole space.
+        source: the source node's value ``(N, C, H, W)`` (an image space).
+    """
+    cp = plan.cells[cell]
+    return _soft_edge(plan, alpha, params, fused)(cp, cp.edges[edge], _Source(source, cp.spec.preact))
 
 
 def forward_genotype(plan: Plan, genotype: Genotype, params: Params, x: Tensor, *, features: bool = False) -> Tensor:

@@ -33,18 +33,30 @@ def safe_name(name: str) -> str:
 class ArchitectureGenerator(nn.Module):
     """Task embedding ``(B, d)`` -> op weights ``(B, edges, ops)``.
 
-    Modes: ``conditional`` (per-task logits = shared logits + a linear map of the task
-    embedding), ``shared`` (one meta-learned encoding for all tasks, MetaNAS-style), and
-    ``fixed`` (a given genotype, one-hot: plain MAML on a fixed network).
+    Modes: ``conditional`` (per-task logits = shared logits + a map of the task embedding:
+    linear, or with ``hidden`` > 0 an MLP with that many hidden units, expressive enough to
+    give different domains different choices per edge), ``shared`` (one meta-learned
+    encoding for all tasks, MetaNAS-style), and ``fixed`` (a given genotype, one-hot:
+    plain MAML on a fixed network).
+
+    ``param_free`` ``(edges, ops)`` marks the candidate ops without weights (zero, skip,
+    pooling): ``drop`` in ``forward`` takes only those out, and ``param_free_share`` is the
+    share of alpha they hold (the collapse that favours ops that need no training).
     """
 
-    def __init__(self, plan: Plan, dim: int, mode: str = "conditional", genotype: Genotype | None = None):
+    def __init__(self, plan: Plan, dim: int, mode: str = "conditional", genotype: Genotype | None = None, hidden: int = 0):
         super().__init__()
         if mode not in ARCH_MODES:
             raise ValueError(f"architecture mode must be one of {', '.join(ARCH_MODES)}, got {mode!r}")
         space = plan.space
         self.mode, self.shape = mode, space.alpha_shape
         self.register_buffer("mask", space.alpha_mask.clone(), persistent=False)
+        free = torch.zeros(self.shape, dtype=torch.bool)
+        for cp in plan.cells:
+            for e in cp.edges:
+                for call in e.ops:
+                    free[e.index, call.col] = not call.params
+        self.register_buffer("param_free", free & space.alpha_mask, persistent=False)
         if mode == "fixed":
             if genotype is None:
                 if any(len(c.ops) > 1 for c in space.cells):
@@ -57,9 +69,10 @@ class ArchitectureGenerator(nn.Module):
             return
         self.bias = nn.Parameter(torch.zeros(self.shape))
         if mode == "conditional":
-            self.proj = nn.Linear(dim, math.prod(self.shape))
-            nn.init.normal_(self.proj.weight, std=0.01)  # tasks start from the shared encoding
-            nn.init.zeros_(self.proj.bias)
+            last = nn.Linear(hidden or dim, math.prod(self.shape))
+            nn.init.normal_(last.weight, std=0.01)  # tasks start from the shared encoding
+            nn.init.zeros_(last.bias)
+            self.proj = last if not hidden else nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), last)
 
     def logits(self, e: Tensor) -> Tensor:
         """Masked alpha logits ``(B, edges, ops)``; -inf outside each cell's ops."""
@@ -82,12 +95,28 @@ class ArchitectureGenerator(nn.Module):
         hard_t = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype) * self.mask
         return hard_t + soft - soft.detach()
 
-    def forward(self, e: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """Op weights ``(B, edges, ops)`` and logits (None when fixed)."""
+    def forward(self, e: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None, drop: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """Op weights ``(B, edges, ops)`` and logits (None when fixed).
+
+        ``drop``: operation-level dropout of the parameter-free ops (P-DARTS): each task's
+        each such op is left out of its edge with this probability (drawn from
+        ``generator``), on edges that keep an op with weights. The logits returned are
+        the undropped ones.
+        """
         if self.mode == "fixed":
             return self.fixed.expand(e.shape[0], *self.shape), None
         logits = self.logits(e)
-        return self.weights(logits, temperature, gumbel, hard, generator), logits
+        used = logits
+        if drop > 0:
+            draw = torch.rand(logits.shape, generator=generator, device=logits.device) < drop
+            out = draw & self.param_free
+            keeps = (self.mask & ~out).any(-1, keepdim=True) & (self.mask & ~self.param_free).any(-1, keepdim=True)
+            used = logits.masked_fill(out & keeps, float("-inf"))
+        return self.weights(used, temperature, gumbel, hard, generator), logits
+
+    def param_free_share(self, alpha: Tensor) -> Tensor:
+        """The share of each task's alpha on parameter-free ops, mean over edges ``(B,)``."""
+        return (alpha * self.param_free).sum(-1).mean(-1)
 
     def entropy(self, alpha: Tensor) -> Tensor:
         """Mean per-edge entropy of ``alpha`` ``(B, edges, ops)``, per task ``(B,)``."""

@@ -41,6 +41,8 @@ __all__ = [
     "adapt_discrete",
     "evaluate_task",
     "meta_loss",
+    "outer_loss",
+    "sgd",
     "ORDERS",
     "PRECISIONS",
     "precision",
@@ -65,6 +67,7 @@ class ModelConfig:
     use_metadata: bool = True
     fused: bool = True  # merged mixed ops (exact)
     proto_head: bool = True  # classification: head weights from class prototypes of the network's features
+    arch_hidden: int = 0  # conditional architectures: 0 a linear map from the embedding, else an MLP's hidden units
 
 
 @dataclass
@@ -77,6 +80,13 @@ class Generated:
     kl: Tensor  # (B,)
     embedding: Tensor  # (B, dim)
     latent: Tensor | None  # (B, latent)
+
+    def slice(self, part: slice) -> Generated:
+        """The tasks ``part`` of the meta-batch (e.g. one process's block under torchrun)."""
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[part]
+
+        return Generated(self.alpha[part], cut(self.logits), {k: v[part] for k, v in self.params.items()}, self.kl[part], self.embedding[part], cut(self.latent))
 
 
 def precision(name: str, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -127,7 +137,7 @@ class MetaNet(nn.Module):
         self.kind = space.task.kind
         self.plan: Plan = compile(space)
         self.encoder = TaskEncoder(self.kind, space.task.input, space.task.outputs, config.dim, n_families if config.use_metadata else 0)
-        self.arch = ArchitectureGenerator(self.plan, config.dim, config.arch, genotype)
+        self.arch = ArchitectureGenerator(self.plan, config.dim, config.arch, genotype, hidden=config.arch_hidden)
         self.weights = WeightGenerator(self.plan, config.dim, config.latent, config.weights)
         self.proto = config.proto_head and self.kind == "classification"
         self.proto_scale = nn.Parameter(torch.zeros(())) if self.proto else None  # log scale
@@ -150,8 +160,11 @@ class MetaNet(nn.Module):
         lr = self.lr(name)
         return lr.detach() if isinstance(lr, Tensor) else lr
 
-    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop", proto_head: bool = True, ways: int | None = None) -> Generated:
+    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop", proto_head: bool = True, ways: int | None = None, op_dropout: float = 0.0) -> Generated:
         """Run both generators on a meta-batch of support sets.
+
+        ``op_dropout``: meta-training's operation-level dropout of parameter-free ops
+        (``ArchitectureGenerator.forward``'s ``drop``).
 
         ``proto_head=False`` skips the supernet's prototype head (for callers that build the
         head from a discrete network's own features instead). ``ways``: the tasks' number of
@@ -161,7 +174,7 @@ class MetaNet(nn.Module):
         if not self.config.use_metadata:
             metadata = None
         e = self.encoder(support_x, support_y, metadata, ways=ways)
-        alpha, logits = self.arch(e, temperature, gumbel, hard, generator)
+        alpha, logits = self.arch(e, temperature, gumbel, hard, generator, drop=op_dropout)
         params, kl, z = self.weights(e, alpha, sample=sample, generator=generator)
         if self.proto and proto_head:
             feats = run(self.plan, alpha, params, support_x, fused=self.config.fused, strategy=strategy, features=True)
@@ -198,55 +211,84 @@ class MetaNet(nn.Module):
         return run(self.plan, alpha, params, x, fused=self.config.fused, strategy=strategy)
 
     def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """``steps`` SGD steps on the support sets of all tasks at once.
+        """``steps`` inner SGD steps (``sgd``) on the support sets of all tasks at once.
 
-        Returns the (possibly adapted) op weights and the adapted weights.
+        With ``create_graph`` the steps stay differentiable (second order); without, they
+        are added to the generated weights as constants, so the outer gradient reaches
+        the generators unchanged (first order). With ``adapt_alpha`` the architecture
+        logits take steps too, of size ``alpha_lr``. Returns the (possibly adapted) op
+        weights and the adapted weights.
         """
-        start, alpha, start_logits = dict(gen.params), gen.alpha, gen.logits
-        adapt_alpha = self.config.adapt_alpha and start_logits is not None
-        params, logits = start, start_logits
-        if not create_graph:
-            # First order: adapt detached copies, then add the step to the generated weights
-            # as a constant, so the outer gradient reaches the generators unchanged.
-            params = {k: v.detach() for k, v in start.items()}
-            if adapt_alpha:
-                logits = start_logits.detach()
+        adapt_alpha = self.config.adapt_alpha and gen.logits is not None
+        start = dict(gen.params)
+        if adapt_alpha:
+            start[_LOGITS] = gen.logits
 
-        def support_loss(p: dict[str, Tensor], lg: Tensor | None) -> Tensor:
-            a = self.arch.weights(lg, temperature) if adapt_alpha else alpha
+        def support_loss(p: dict[str, Tensor]) -> Tensor:
+            p = dict(p)
+            logits = p.pop(_LOGITS, None)
+            a = self.arch.weights(logits, temperature) if adapt_alpha else gen.alpha
             return task_loss(self.kind, self.predict(a, p, x, strategy), y).sum()
 
-        # torch.func.grad gives PARTIAL derivatives with respect to its arguments, even where one
-        # generated weight depends on another (the prototype head on the body), and stays
-        # differentiable for the outer (second-order) backward.
-        grad_fn = torch.func.grad(support_loss, argnums=(0, 1) if adapt_alpha else 0)
-        for _ in range(steps):
-            grads = grad_fn(params, logits)
-            g_params, g_logits = grads if adapt_alpha else (grads, None)
-            if not create_graph:
-                g_params = {k: g.detach() for k, g in g_params.items()}
-            params = {k: v - self.lr(k) * g_params[k] for k, v in params.items()}
-            if adapt_alpha:
-                logits = logits - self.config.alpha_lr * (g_logits if create_graph else g_logits.detach())
+        def lr(name: str) -> Tensor | float:
+            return self.config.alpha_lr if name == _LOGITS else self.lr(name)
+
+        params = sgd(support_loss, start, steps, lr, create_graph=create_graph)
         if not create_graph:
             params = {k: start[k] + (params[k] - start[k]).detach() for k in params}
-            if adapt_alpha:
-                logits = start_logits + (logits - start_logits).detach()
-        if adapt_alpha:
-            alpha = self.arch.weights(logits, temperature)
-        return alpha, params
+        logits = params.pop(_LOGITS, None)
+        return (self.arch.weights(logits, temperature) if adapt_alpha else gen.alpha), params
 
 
-def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-    """The outer objective for one meta-batch, and its metrics.
+_LOGITS = "~alpha_logits"  # the architecture logits' key among the adapted tensors (no slot has it)
+
+
+def sgd(loss: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor], steps: int, lr: Callable[[str], Tensor | float], *, create_graph: bool) -> dict[str, Tensor]:
+    """The inner loop of training and of evaluation: ``steps`` SGD steps on ``loss`` from ``params``.
+
+    ``create_graph=True``: differentiable steps (second-order MAML), taken with
+    ``torch.func.grad``, which gives PARTIAL derivatives with respect to each tensor even
+    where one generated weight depends on another (the prototype head on the body).
+    ``create_graph=False``: steps from detached copies, taken with ``torch.autograd.grad``
+    (nothing differentiates them again, so the backward runs native kernels); returns
+    detached tensors. A tensor that does not reach the loss (every edge after it dropped)
+    takes a zero step.
+    """
+    if create_graph:
+        grad_fn = torch.func.grad(loss)
+        params = dict(params)
+        for _ in range(steps):
+            grads = grad_fn(params)
+            params = {k: v - lr(k) * grads[k] for k, v in params.items()}
+        return params
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    with torch.enable_grad():
+        for _ in range(steps):
+            grads = torch.autograd.grad(loss(params), list(params.values()), allow_unused=True)
+            params = {k: (v if g is None else v - lr(k) * g).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
+    return {k: v.detach() for k, v in params.items()}
+
+
+def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None, op_dropout: float = 0.0, param_prior: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """The outer objective for one meta-batch, and its metrics: ``MetaNet.generate`` (drawing
+    the VAE, Gumbel and op-dropout noise from ``generator``), then ``outer_loss``."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator, strategy=strategy, op_dropout=op_dropout)
+    return outer_loss(model, gen, episode, inner_steps=inner_steps, order=order, beta=beta, entropy_weight=entropy_weight, temperature=temperature, strategy=strategy, param_prior=param_prior)
+
+
+def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, strategy: str = "loop", param_prior: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """The outer objective of generated networks ``gen`` for ``episode``'s tasks.
 
     ``second``: backpropagate through the inner steps. ``first``: treat the inner gradients
     as constants. ``reptile``: a surrogate whose gradient with respect to the initial
-    weights is ``theta_0 - theta_k`` (averaged over tasks).
+    weights is ``theta_0 - theta_k`` (averaged over tasks). ``param_prior`` weighs the
+    share of the tempered architecture softmax on parameter-free ops (a prior against
+    the collapse to ops that need no training); ``entropy_weight`` its mean edge entropy.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator, strategy=strategy)
     alpha, adapted = model.adapt(gen, episode.support_x, episode.support_y, inner_steps, create_graph=order == "second", strategy=strategy, temperature=temperature)
     b = episode.support_x.shape[0]
     if order == "reptile":
@@ -257,15 +299,19 @@ def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second
         pred = model.predict(alpha, adapted, episode.query_x, strategy)
         objective = task_loss(model.kind, pred, episode.query_y).mean()
     query = task_loss(model.kind, pred.detach(), episode.query_y).mean()
-    # Entropy of the tempered softmax of the logits, not of gen.alpha: with --hard (or a hard
-    # Gumbel sample) gen.alpha is one-hot in value, whose entropy is 0 whatever the logits.
-    ent = model.arch.entropy(torch.softmax(gen.logits / temperature, -1)).mean() if gen.logits is not None else gen.kl.new_zeros(())
-    loss = objective + beta * gen.kl.mean() + entropy_weight * ent
+    # Entropy and parameter-free share of the tempered softmax of the logits, not of
+    # gen.alpha: with --hard (or a hard Gumbel sample) gen.alpha is one-hot in value,
+    # whose entropy is 0 whatever the logits.
+    soft = torch.softmax(gen.logits / temperature, -1) if gen.logits is not None else None
+    ent = model.arch.entropy(soft).mean() if soft is not None else gen.kl.new_zeros(())
+    free = model.arch.param_free_share(soft).mean() if soft is not None else gen.kl.new_zeros(())
+    loss = objective + beta * gen.kl.mean() + entropy_weight * ent + param_prior * free
     metrics = {
         "loss": float(loss.detach()),
         "query_loss": float(query),
         "kl": float(gen.kl.detach().mean()),
         "entropy": float(ent.detach()),
+        "param_free": float(free.detach()),
         "metric": float(task_metric(model.kind, pred.detach(), episode.query_y).mean()),
     }
     return loss, metrics
@@ -275,15 +321,10 @@ def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second
 
 
 def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: Callable[[str], Tensor | float], kind: str) -> dict[str, Tensor]:
-    """``steps`` SGD steps of one task's discrete network on ``(x, y)``; returns new weights."""
-    params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-    for _ in range(steps):
-        loss = task_loss(kind, forward_genotype(plan, genotype, params, x), y)
-        # allow_unused: where every edge into a cell was dropped, the weights before it
-        # do not reach the output; their step is zero
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        params = {k: (v if g is None else v - lr(k) * g).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
-    return {k: v.detach() for k, v in params.items()}
+    """``steps`` SGD steps (``sgd``, the training inner loop's routine) of one task's
+    discrete network on ``(x, y)``; returns new weights. Where every edge into a cell was
+    dropped, the weights before it do not reach the output, and their step is zero."""
+    return sgd(lambda p: task_loss(kind, forward_genotype(plan, genotype, p, x), y), params, steps, lr, create_graph=False)
 
 
 @dataclass

@@ -10,12 +10,15 @@ Generation is ``meta.generate_networks`` and optional adaptation is ``meta.adapt
 with the model's step sizes, exactly as ``meta.evaluate_task`` calls it: the network a
 user gets is the network that validation scores.
 
-A saved network is a folder::
+A saved network is a folder (``GeneratedNetwork.save``, written whole or not at all)::
 
     genotype.json         the architecture (graph.Genotype JSON)
     weights.safetensors   the module's state_dict (names: slot names with '.' -> '__')
     space.yaml            the search space text
     network.json          space name, kind, input, outputs, soft encoding, latent, timings
+    model.pt2             the module as a torch.export program (any batch size)
+    graph.json, graph.graphml, graph.dot, graph.png   the architecture as a graph
+    alpha.txt, summary.txt                            the soft encoding; a summary
 
 ``space.yaml`` is the text of the space as written; a run may have resized its classifier
 to ``ways`` outputs, which ``network.json`` records and ``load_generated`` applies.
@@ -31,7 +34,10 @@ import dataclasses
 import io
 import json
 import math
+import os
+import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -273,18 +279,76 @@ class GeneratedNetwork:
             "params": self.num_params(),
         }
 
-    def save(self, folder: str | Path) -> Path:
-        """Write genotype.json, weights.safetensors, space.yaml and network.json to ``folder``.
+    def save(self, folder: str | Path, *, support_y: Tensor | None = None, about: Mapping[str, str] | None = None) -> Path:
+        """Write the whole network product to ``folder`` at once, replacing what is there.
 
-        Every file is written atomically; ``load_generated(folder)`` rebuilds the network.
+        The files: ``genotype.json``, ``weights.safetensors``, ``space.yaml`` and
+        ``network.json`` (what ``load_generated`` reads), ``model.pt2`` (``torch.export``,
+        any batch size), ``graph.json``, ``graph.graphml``, ``graph.dot``, ``graph.png``
+        (with matplotlib), ``alpha.txt`` (the soft encoding) and ``summary.txt``. They are
+        written into a temporary sibling folder that is then renamed to ``folder``, so
+        ``folder`` holds the old product or the whole new one, never a part; after an
+        error the old folder is back and no temporary one is left.
+
+        A ``torch.export`` failure or a missing matplotlib does not lose the rest: the file
+        is left out, ``summary.txt`` says why, and a ``UserWarning`` is issued.
+
+        Args:
+            folder: the product folder (created; an existing one is replaced).
+            support_y: the support targets of ``example_x``; ``summary.txt`` then gives
+                the network's support loss and metric.
+            about: leading ``key: value`` lines of ``summary.txt`` (e.g. the run).
         """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            self._write_product(tmp, support_y, about or {})
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not folder.exists():
+                os.replace(old, folder)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def _write_product(self, folder: Path, support_y: Tensor | None, about: Mapping[str, str]) -> None:
+        from . import export as ex
+        from .draw import draw_genotype_png
+
         ckpt.atomic_write_bytes(folder / "genotype.json", (self.genotype.to_json() + "\n").encode())
         ckpt.save_weights(folder / "weights.safetensors", self.module.state_dict(), {"format": FORMAT, "space": self.space.name})
         ckpt.atomic_write_bytes(folder / "space.yaml", self.space.text.encode())
         ckpt.atomic_write_bytes(folder / "network.json", (json.dumps(self.network_info(), indent=1, sort_keys=True) + "\n").encode())
-        return folder
+        exported = "model.pt2 (torch.export, any batch size)"
+        try:
+            self.export(folder / "model.pt2")
+        except Exception as e:  # noqa: BLE001 -- an export limitation must not lose the rest
+            exported = f"model.pt2 not written: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            warnings.warn(exported, stacklevel=3)
+        g = self.graph()
+        ckpt.atomic_write_bytes(folder / "graph.json", (ex.to_json(g) + "\n").encode())
+        ex.to_graphml(g, folder / "graph.graphml")
+        ckpt.atomic_write_bytes(folder / "graph.dot", ex.to_dot(g).encode())
+        png = "graph.png"
+        try:
+            draw_genotype_png(self.space, self.genotype, folder / "graph.png")
+        except ImportError:
+            png = "graph.png not drawn (needs matplotlib: pip install 'metanet[plot]')"
+        ckpt.atomic_write_bytes(folder / "alpha.txt", (ex.describe_soft(self.space, self.alpha) + "\n").encode())
+        lines = [f"{k}: {v}" for k, v in about.items()]
+        lines.append(self.summary())
+        if support_y is not None and self.example_x is not None:
+            x = self.example_x
+            lines.append(f"support {'accuracy' if self.kind == 'classification' else 'mse'}: {self.metric(x, support_y):.6g} (loss {self.loss(x, support_y):.6g})")
+        lines += [f"files: genotype.json, weights.safetensors, space.yaml, network.json, {exported}, graph.json, graph.graphml, graph.dot, {png}, alpha.txt", "", ex.describe_genotype(self.space, self.genotype)]
+        ckpt.atomic_write_bytes(folder / "summary.txt", ("\n".join(lines) + "\n").encode())
 
     def export(self, path: str | Path, example_x: Tensor | None = None, *, dynamic_batch: bool = True) -> Path:
         """Write the module as a ``torch.export`` program (``model.pt2``) to ``path``.

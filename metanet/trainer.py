@@ -40,7 +40,7 @@ from .rundir import FORMAT_VERSION, METRICS, MetricsLog, build_space, load_run, 
 from .space import SearchSpace
 from .tasks import DEFAULT_DOMAINS, Episode, TaskDistribution, fixed_episodes, make_tasks
 
-__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "architecture_health", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory"]
+__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "architecture_health", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory", "step_function", "compiled_step", "episode_args"]
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class NonFiniteError(RuntimeError):
 StepFn = Callable[..., tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]]
 
 
-def _step_function(model: MetaNet, part: slice, noise: torch.Generator, params: list[Tensor], step_kw: dict[str, Any], arithmetic: str = "fp32") -> StepFn:
+def step_function(model: MetaNet, part: slice, noise: torch.Generator, params: list[Tensor], step_kw: dict[str, Any], arithmetic: str = "fp32") -> StepFn:
     """One meta-step as a pure function of its data: ``(loss, meta-gradients, metrics)``.
 
     ``step(support_x, support_y, query_x, query_y, metadata, temperature, noise_state)``;
@@ -196,7 +196,7 @@ def _step_function(model: MetaNet, part: slice, noise: torch.Generator, params: 
     return step
 
 
-def _compiled_step(step: StepFn, episode: Episode, temperature: float, noise: torch.Generator) -> tuple[StepFn, dict[str, Any]]:
+def compiled_step(step: StepFn, episode: Episode, temperature: float, noise: torch.Generator) -> tuple[StepFn, dict[str, Any]]:
     """``torch.compile`` the meta-step if it gives eager's meta-gradients on ``episode``.
 
     Runs the eager and the compiled step once each on the run's first meta-batch, from the
@@ -211,7 +211,7 @@ def _compiled_step(step: StepFn, episode: Episode, temperature: float, noise: to
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        checked = checked_compile(step, (*_episode_args(episode), temperature, state))
+        checked = checked_compile(step, (*episode_args(episode), temperature, state))
     finally:
         quiet.setLevel(level)
         noise.set_state(state)
@@ -221,7 +221,7 @@ def _compiled_step(step: StepFn, episode: Episode, temperature: float, noise: to
     return checked.fn, info
 
 
-def _episode_args(ep: Episode) -> tuple[Tensor | None, ...]:
+def episode_args(ep: Episode) -> tuple[Tensor | None, ...]:
     return ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.metadata
 
 
@@ -352,7 +352,13 @@ class _Run:
             val = build_tasks(cfg, "val", queries=cfg.queries, space=self.space)
             self.val_episodes = fixed_episodes(val, cfg.val_tasks, min(cfg.meta_batch, cfg.val_tasks), seed=cfg.seed + 10_000)
         self.model = build_model(cfg, self.space, self.tasks.n_families).to(ctx.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.meta_lr)
+        self.arch_params = list(self.model.arch.parameters())
+        arch_ids = {id(p) for p in self.arch_params}
+        if cfg.arch_lr is None:  # one group, in the model's parameter order (as checkpoints hold it)
+            groups = [{"params": list(self.model.parameters()), "base_lr": cfg.meta_lr}]
+        else:  # the architecture generator on its own learning rate
+            groups = [{"params": [p for p in self.model.parameters() if id(p) not in arch_ids], "base_lr": cfg.meta_lr}, {"params": self.arch_params, "base_lr": cfg.arch_lr}]
+        self.opt = torch.optim.Adam(groups, lr=cfg.meta_lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # tasks (CPU), the same on every rank
         # The generators' noise (VAE, Gumbel) is drawn on the model's device.
         self.noise = self.gen if ctx.device.type == "cpu" else torch.Generator(ctx.device).manual_seed(cfg.seed + 20_000)
@@ -364,6 +370,8 @@ class _Run:
                 self.opt.load_state_dict(setup.saved["optimizer"])
             except (RuntimeError, ValueError, KeyError) as e:
                 raise ConfigError(f"{out / ckpt.LAST}: does not match the run's config.yaml ({str(e).splitlines()[0].strip()})") from None
+            for group, base in zip(self.opt.param_groups, (cfg.meta_lr, cfg.arch_lr)):
+                group.setdefault("base_lr", base)  # a checkpoint from before per-group rates
             self.state.update(setup.saved["state"])
             _restore_rng(setup.saved["rng"], self.gen, self.noise)
         else:  # a fresh start: the global RNGs from the seed too, so that last.pt's RNG state is reproducible
@@ -379,8 +387,8 @@ class _Run:
             self.state["strategy"] = ctx.broadcast_object(calibrate_strategy(self.model, probe, cfg))
             self.model.zero_grad(set_to_none=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=self.state["strategy"])
-        self.step_fn = _step_function(self.model, self.part, self.noise, self.params, step_kw, cfg.precision)
+        step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=self.state["strategy"], op_dropout=cfg.op_dropout, param_prior=cfg.param_prior)
+        self.step_fn = step_function(self.model, self.part, self.noise, self.params, step_kw, cfg.precision)
         self.compile_info: dict[str, Any] | None = None
         self.warned: set[str] = set()  # kinds of architecture collapse already warned about
         self._elapsed_t = torch.zeros(1, dtype=torch.float64, device=ctx.device)
@@ -403,18 +411,21 @@ class _Run:
         t0 = time.perf_counter()
         p = self.progress()
         for group in self.opt.param_groups:
-            group["lr"] = cfg.meta_lr * _lr_factor(cfg, p)
+            group["lr"] = group["base_lr"] * _lr_factor(cfg, p)
         tau = _temperature(cfg, p)
         episode = self.tasks.sample(cfg.meta_batch, self.gen).to(self.ctx.device)
         if cfg.compile and self.compile_info is None:  # on this process's first step
-            self.step_fn, self.compile_info = _compiled_step(self.step_fn, episode, tau, self.noise)
+            self.step_fn, self.compile_info = compiled_step(self.step_fn, episode, tau, self.noise)
             self.metrics.write({"step": state["step"], "compile": self.compile_info})
-        loss, grads, m = self.step_fn(*_episode_args(episode), tau)
+        loss, grads, m = self.step_fn(*episode_args(episode), tau)
         for p_, g in zip(self.params, grads):
             p_.grad = g
         finite = bool(torch.isfinite(loss))
         if self.ctx.distributed:
             finite, m = self.ctx.all_reduce_step(self.params, finite, m)
+        if p < cfg.arch_warmup:  # warm-up: the architecture generator does not learn yet
+            for p_ in self.arch_params:
+                p_.grad = None
         if finite:
             finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)))
         if finite:

@@ -1,9 +1,9 @@
 """``metanet train --compile``: the compiled meta-step against the eager one.
 
-Prints ONE JSON line. The trainer's own step function (``trainer._step_function``: the
+Prints ONE JSON line. The trainer's own step function (``trainer.step_function``: the
 VAE weight generator, the conditional architecture generator and a second-order inner
 step; loss and meta-gradients) on sinusoid regression with the ``mlp_regression`` space,
-compiled through the same check the trainer runs (``trainer._compiled_step``), then
+compiled through the same check the trainer runs (``trainer.compiled_step``), then
 timed against eager on the same meta-batches: interleaved, several repeats, median.
 
 The check compares the compiled loss and meta-gradients with eager on the first
@@ -24,7 +24,7 @@ import torch
 
 from _bench import interleaved  # scripts/_bench.py
 
-from metanet.trainer import TrainConfig, _compiled_step, _episode_args, _step_function, build_model, build_space, build_tasks
+from metanet.trainer import TrainConfig, compiled_step, episode_args, step_function, build_model, build_space, build_tasks
 
 
 def main() -> None:
@@ -42,9 +42,9 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     noise, gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=cfg.strategy)
-    eager = _step_function(model, slice(0, tasks), noise, params, kw)
-    compiled, info = _compiled_step(eager, dist.sample(tasks, gen), cfg.temperature, noise)
-    episodes = [_episode_args(dist.sample(tasks, gen)) for _ in range(3)]
+    eager = step_function(model, slice(0, tasks), noise, params, kw)
+    compiled, info = compiled_step(eager, dist.sample(tasks, gen), cfg.temperature, noise)
+    episodes = [episode_args(dist.sample(tasks, gen)) for _ in range(3)]
     turn = {"eager": 0, "compiled": 0}
 
     def run(name: str, fn) -> None:

@@ -124,10 +124,8 @@ def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int) -> dict:
 
 
 def edge_case(tasks: int, images: int, repeats: int) -> dict:
-    """The issue's single NB201 edge: naive vs merged on the edge alone."""
+    """A single NB201 edge: naive vs merged on the edge alone."""
     plan = X.compile(loads(EDGE_SPACE, "nb201_edge"))
-    cp = plan.cells[0]
-    e = cp.edges[0]
     alpha, params, _ = batch(plan, tasks, 1)
     # The source node's value (in a network: a norm's output); the edge applies the cell's
     # ReLU pre-activation. Either path keeps one full-size tensor for it (the naive convs
@@ -140,7 +138,7 @@ def edge_case(tasks: int, images: int, repeats: int) -> dict:
         outs = []
         for b in range(tasks):
             p = {k: v[b] for k, v in per_task.items()}
-            outs.append(X._soft_edge(alpha[b], p, fused)(cp, e, X._Source(x[b], "relu")))
+            outs.append(X.run_edge(plan, 0, 0, alpha[b], p, x[b], fused=fused))
         return torch.stack(outs)
 
     def step(fused: bool) -> None:

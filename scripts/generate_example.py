@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from metanet.export import diff_genotypes, draw_genotype_png, to_dot
+from metanet.draw import draw_genotype_png
+from metanet.export import diff_genotypes, to_dot
 from metanet.network import generate
 from metanet.tasks import FAMILY_NAMES, Multimodal
 from metanet.trainer import TrainConfig, load_run, train

@@ -12,7 +12,7 @@ import networkx as nx
 import pytest
 import torch
 
-from metanet import export
+from metanet import draw, export
 from metanet.graph import Genotype, discretise, entropy
 from metanet.space import builtin_spaces, load
 
@@ -386,9 +386,9 @@ def test_pngs_are_written(name, tmp_path):
     space = load(name)
     gts = [_genotype(space, s) for s in range(6)]
     paths = [
-        export.draw_genotype_png(space, gts[0], tmp_path / "genotype.png", title="a title"),
-        export.draw_soft_png(space, _alpha(space), tmp_path / "soft.png"),
-        export.draw_population_png(space, gts, tmp_path / "sub" / "population.png"),
+        draw.draw_genotype_png(space, gts[0], tmp_path / "genotype.png", title="a title"),
+        draw.draw_soft_png(space, _alpha(space), tmp_path / "soft.png"),
+        draw.draw_population_png(space, gts, tmp_path / "sub" / "population.png"),
     ]
     for p in paths:
         w, h = _png_size(p)
@@ -397,7 +397,7 @@ def test_pngs_are_written(name, tmp_path):
     if len(space.cells) > 2:
         w1, h1 = _png_size(paths[0])
         one = load("tiny")
-        w2, h2 = _png_size(export.draw_genotype_png(one, _genotype(one), tmp_path / "t.png"))
+        w2, h2 = _png_size(draw.draw_genotype_png(one, _genotype(one), tmp_path / "t.png"))
         assert h1 > h2
 
 
@@ -405,7 +405,7 @@ def test_png_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     space = load("tiny")
     with pytest.raises(ImportError, match=r"PNG output needs matplotlib: pip install 'metanet\[plot\]'"):
-        export.draw_genotype_png(space, _genotype(space), tmp_path / "x.png")
+        draw.draw_genotype_png(space, _genotype(space), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -422,13 +422,13 @@ def test_layout_flows_left_to_right_and_arrows_miss_other_nodes(name):
         [(list(range(s.inputs, s.inputs + s.nodes)), [(a, b, "x") for a, b in s.edges()]) for s in space.cells],
     ):
         for spec, (nodes, edges) in zip(space.cells, cells):
-            plan = export._plan_cell(spec, nodes, edges)
+            plan = draw._plan_cell(spec, nodes, edges)
             pos = plan["pos"]
             assert all(pos[i][0] == 0 for i in range(spec.inputs))
             assert all(pos[s][0] < pos[d][0] for s, d in plan["pairs"])
-            names, centres, half, boxes = export._obstacles(pos, plan["boxes"], plan["notes"])
+            names, centres, half, boxes = draw._obstacles(pos, plan["boxes"], plan["notes"])
             for (s, d), rad in zip(plan["pairs"], plan["rads"]):
-                pts = export._curve(pos[s], pos[d], rad, 50, 0.1, 0.9)
-                hit = export._inside(pts, centres, half, boxes, 0.0)
+                pts = draw._curve(pos[s], pos[d], rad, 50, 0.1, 0.9)
+                hit = draw._inside(pts, centres, half, boxes, 0.0)
                 others = torch.tensor([n not in (s, d) for n in names])
                 assert not hit[:, others].any(), f"{name}: edge {s}->{d} crosses a node or its note"

@@ -1,5 +1,5 @@
 """scripts/reproduce.py: the smoke run writes every row, plot and figure; the statistics and
-the metanet-vs-MAML sentence are right on hand-made numbers."""
+the metanet-vs-MAML sentence it takes from metanet.results are right on hand-made numbers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from metanet.meta import evaluate
+from metanet.results import aggregate_seeds, format_stat, pool, summary_lines, table_markdown, verdict, verdict_lines
 from metanet.tasks import Multimodal, Sinusoid, default_data_root, fixed_episodes, shared_data_root
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
@@ -47,57 +48,57 @@ def stat(mean: float, ci: float = 0.01, n: int = 600) -> dict:
     return {"mean": mean, "ci95": ci, "n": n}
 
 
-def test_verdict_mse_lower_is_a_win_with_the_percentage(rp):
-    s = rp.verdict("MSE", stat(0.5), stat(0.8))
+def test_verdict_mse_lower_is_a_win_with_the_percentage():
+    s = verdict("MSE", stat(0.5), stat(0.8))
     assert s == "metanet is 37.5% lower MSE than MAML (0.5 vs 0.8)"
 
 
-def test_verdict_mse_higher_does_not_beat(rp):
-    s = rp.verdict("MSE", stat(0.9), stat(0.6))
+def test_verdict_mse_higher_does_not_beat():
+    s = verdict("MSE", stat(0.9), stat(0.6))
     assert s == "metanet does not beat MAML: 50.0% higher MSE (0.9 vs 0.6)"
 
 
-def test_verdict_a_win_inside_the_intervals_is_called_not_significant(rp):
-    s = rp.verdict("MSE", stat(0.70, ci=0.05), stat(0.75, ci=0.05))
+def test_verdict_a_win_inside_the_intervals_is_called_not_significant():
+    s = verdict("MSE", stat(0.70, ci=0.05), stat(0.75, ci=0.05))
     assert s.startswith("metanet is 6.7% lower MSE than MAML")
     assert s.endswith("the 95% intervals overlap, so the difference is not significant")
-    assert "not significant" not in rp.verdict("MSE", stat(0.70, ci=0.02), stat(0.75, ci=0.02))
+    assert "not significant" not in verdict("MSE", stat(0.70, ci=0.02), stat(0.75, ci=0.02))
 
 
-def test_verdict_equal_is_not_a_win(rp):
-    assert rp.verdict("MSE", stat(0.5), stat(0.5)) == "metanet does not beat MAML: equal MSE (0.5 vs 0.5)"
+def test_verdict_equal_is_not_a_win():
+    assert verdict("MSE", stat(0.5), stat(0.5)) == "metanet does not beat MAML: equal MSE (0.5 vs 0.5)"
 
 
-def test_verdict_tiny_and_huge_ratios(rp):
-    assert "metanet is >99.9% lower MSE" in rp.verdict("MSE", stat(0.001), stat(5.0))
-    assert "does not beat MAML: 900.0% higher MSE" in rp.verdict("MSE", stat(5.0), stat(0.5))
+def test_verdict_tiny_and_huge_ratios():
+    assert "metanet is >99.9% lower MSE" in verdict("MSE", stat(0.001), stat(5.0))
+    assert "does not beat MAML: 900.0% higher MSE" in verdict("MSE", stat(5.0), stat(0.5))
 
 
-def test_verdict_accuracy_in_points(rp):
-    assert rp.verdict("accuracy", stat(0.95), stat(0.90)) == "metanet is 5.00 points higher accuracy than MAML (95.00% vs 90.00%)"
-    assert rp.verdict("accuracy", stat(0.85), stat(0.90)) == "metanet does not beat MAML: 5.00 points lower accuracy (85.00% vs 90.00%)"
+def test_verdict_accuracy_in_points():
+    assert verdict("accuracy", stat(0.95), stat(0.90)) == "metanet is 5.00 points higher accuracy than MAML (95.00% vs 90.00%)"
+    assert verdict("accuracy", stat(0.85), stat(0.90)) == "metanet does not beat MAML: 5.00 points lower accuracy (85.00% vs 90.00%)"
 
 
-def test_verdict_non_finite_and_empty(rp):
-    assert rp.verdict("MSE", stat(math.nan), stat(0.5)) == "cannot compare metanet with MAML: metanet has a non-finite MSE"
-    assert rp.verdict("MSE", stat(0.5), stat(math.inf)) == "cannot compare metanet with MAML: MAML has a non-finite MSE"
-    assert rp.verdict("MSE", stat(math.nan, n=0), stat(0.5)) == "cannot compare metanet with MAML: no test tasks"
+def test_verdict_non_finite_and_empty():
+    assert verdict("MSE", stat(math.nan), stat(0.5)) == "cannot compare metanet with MAML: metanet has a non-finite MSE"
+    assert verdict("MSE", stat(0.5), stat(math.inf)) == "cannot compare metanet with MAML: MAML has a non-finite MSE"
+    assert verdict("MSE", stat(math.nan, n=0), stat(0.5)) == "cannot compare metanet with MAML: no test tasks"
     diverged = {**stat(math.nan, n=600), "nonfinite": 3}
-    assert rp.verdict("MSE", stat(0.5), diverged) == "cannot compare metanet with MAML: MAML diverged on 3 of 600 test tasks"
-    assert rp._fmt(diverged, "MSE") == "diverged on 3 of 600 tasks"
+    assert verdict("MSE", stat(0.5), diverged) == "cannot compare metanet with MAML: MAML diverged on 3 of 600 test tasks"
+    assert format_stat(diverged, "MSE") == "diverged on 3 of 600 tasks"
 
 
-def test_pool_counts_diverged_tasks(rp):
+def test_pool_counts_diverged_tasks():
     ok = summary(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
     bad = summary(torch.tensor([0.1, math.inf, math.nan, 0.2], dtype=torch.float64))
     assert bad["nonfinite"] == 2
-    pooled = rp.pool([ok, bad])
+    pooled = pool([ok, bad])
     assert math.isnan(pooled["mean"]) and (pooled["n"], pooled["nonfinite"]) == (7, 2)
-    agg = rp.aggregate_seeds([ok, bad])
+    agg = aggregate_seeds([ok, bad])
     assert math.isnan(agg["mean"]) and agg["nonfinite"] == 2
 
 
-def test_summary_counts_wins_and_losses(rp):
+def test_summary_counts_wins_and_losses():
     def row(*means):
         return {"aggregate": {str(k): stat(m, ci=0.05) for k, m in zip((1, 10), means)}, "per_seed": [{}]}
 
@@ -105,7 +106,7 @@ def test_summary_counts_wins_and_losses(rp):
         "5-shot": {"metanet": row(0.50, 0.30), "maml": row(0.80, 0.32)},  # a clear win, a win inside the intervals
         "10-shot": {"metanet": row(0.90, 0.40), "maml": row(0.60, 0.20)},  # two losses
     }}  # fmt: skip
-    assert rp._summary(t) == [
+    assert summary_lines(t) == [
         "**Summary: metanet beats MAML in 2 of 4 (setting, steps) cells at this budget "
         "(1 with non-overlapping 95% intervals) and does not beat MAML in 2.**", "",
     ]
@@ -121,20 +122,20 @@ def summary(t: torch.Tensor) -> dict:
     return _summary(t.tolist())
 
 
-def test_pool_equals_the_statistics_of_all_scores_together(rp):
+def test_pool_equals_the_statistics_of_all_scores_together():
     g = torch.Generator().manual_seed(0)
     groups = [torch.rand(n, generator=g, dtype=torch.float64) * (i + 1) for i, n in enumerate((7, 1, 30, 12))]
-    pooled = rp.pool([summary(x) for x in groups] + [{"mean": math.nan, "ci95": math.nan, "n": 0}])
+    pooled = pool([summary(x) for x in groups] + [{"mean": math.nan, "ci95": math.nan, "n": 0}])
     direct = summary(torch.cat(groups))
     assert pooled["n"] == direct["n"] == 50
     assert pooled["mean"] == pytest.approx(direct["mean"], rel=1e-12)
     assert pooled["ci95"] == pytest.approx(direct["ci95"], rel=1e-9)
 
 
-def test_aggregate_seeds_means_the_seed_means_and_pools_the_interval(rp):
+def test_aggregate_seeds_means_the_seed_means_and_pools_the_interval():
     g = torch.Generator().manual_seed(1)
     seeds = [torch.rand(20, generator=g, dtype=torch.float64) + s for s in range(3)]
-    agg = rp.aggregate_seeds([summary(x) for x in seeds])
+    agg = aggregate_seeds([summary(x) for x in seeds])
     assert agg["mean"] == pytest.approx(sum(x.mean().item() for x in seeds) / 3)
     assert agg["ci95"] == pytest.approx(summary(torch.cat(seeds))["ci95"])
     assert agg["seed_sd"] == pytest.approx(torch.stack([x.mean() for x in seeds]).std().item())
@@ -218,7 +219,7 @@ def test_smoke_markdown_has_every_row(smoke):
 
 
 @pytest.mark.slow
-def test_smoke_verdicts_follow_the_numbers(rp, smoke):
+def test_smoke_verdicts_follow_the_numbers(smoke):
     out, data = smoke
     md = (out / "RESULTS.md").read_text()
     for table in _tables():
@@ -226,7 +227,7 @@ def test_smoke_verdicts_follow_the_numbers(rp, smoke):
         for setting in t["settings"]:
             rows = t["rows"][setting]
             for k in t["eval_steps"]:
-                sentence = rp.verdict(t["metric"], rows["metanet"]["aggregate"][str(k)], rows["maml"]["aggregate"][str(k)])
+                sentence = verdict(t["metric"], rows["metanet"]["aggregate"][str(k)], rows["maml"]["aggregate"][str(k)])
                 assert re.search(r"^(metanet is >?[\d.]+(%| points) (lower MSE|higher accuracy) than MAML|metanet does not beat MAML: )", sentence)
                 assert sentence in _section(_section(md, t["title"], "##"), setting, "###")
         assert "**Summary: metanet beats MAML in " in _section(md, t["title"], "##")
@@ -289,7 +290,7 @@ def _seed_model(data: dict, table: str, setting: str, method: str) -> tuple[dict
 
 
 @pytest.mark.slow
-def test_smoke_scores_are_metanet_evaluate_on_the_fixed_test_tasks(rp, smoke):
+def test_smoke_scores_are_metanet_evaluate_on_the_fixed_test_tasks(smoke):
     # Re-evaluate one saved run by hand: the table cell must be exactly evaluate's mean.
     _, data = smoke
     seed, model = _seed_model(data, "sinusoid", "10-shot", "maml")
@@ -310,7 +311,7 @@ def test_a_failed_run_is_reported_in_its_row_not_fatal(rp, smoke):
     results[0] = rp._run_job_safely(bad)
     assert results[0]["error"].startswith(("ConfigError", "SpaceError", "FileNotFoundError"))
     t = rp.collect("sinusoid", jobs, results, args, "python scripts/reproduce.py ...")
-    md = "\n".join(rp.table_markdown("sinusoid", t, "results"))
+    md = "\n".join(table_markdown("sinusoid", t, "results"))
     row = next(line for line in md.splitlines() if line.startswith("| maml |"))
     assert row.split(" | ")[1:4] == ["-", "failed", "failed"]
     assert f"- `maml` seed 0 failed: {results[0]['error']}" in md
@@ -348,12 +349,12 @@ def test_curve_and_multi_step_evaluate_equal_evaluate_at_every_step(rp, smoke):
     assert seed["curve"] == pytest.approx(curve, rel=1e-6)  # what the run recorded (smoke: 0..2 steps)
 
 
-def test_verdicts_name_the_strongest_other_baseline(rp):
+def test_verdicts_name_the_strongest_other_baseline():
     def row(mean):
         return {"aggregate": {"1": stat(mean, ci=0.01)}, "per_seed": [{}]}
 
     rows = {"maml": row(0.50), "protonet": row(0.90), "reptile": row(0.60), "metanet": row(0.85), "metanet-first-order": row(0.95)}
-    lines = rp._verdicts(rows, ["1"], "accuracy")
+    lines = verdict_lines(rows, ["1"], "accuracy")
     assert any("metanet is 35.00 points higher accuracy than MAML" in line for line in lines)
     best = [line for line in lines if "best other baseline" in line]
     assert best == ["- against the best other baseline, accuracy after 1 step: metanet does not beat protonet: 5.00 points lower accuracy (85.00% vs 90.00%)."]

@@ -87,6 +87,10 @@ class Episode:
         """Return task ``b`` alone, keeping a leading task dimension of 1."""
         return self._map(lambda t: t[b].unsqueeze(0))
 
+    def slice(self, part: slice) -> Episode:
+        """The tasks ``part`` of the meta-batch."""
+        return self._map(lambda t: t[part])
+
     def _map(self, fn: Callable[[Tensor], Tensor]) -> Episode:
         """Apply ``fn`` to every tensor of the episode."""
         return Episode(

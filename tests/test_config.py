@@ -1,0 +1,90 @@
+"""The training config: one budget, checks from the field declarations, per-task defaults,
+and a command line whose every option has help."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from metanet.cli import build_parser
+from metanet.config import DEFAULT_STEPS, ConfigError, TrainConfig, add_train_options, config_from_options
+from metanet.trainer import train
+
+
+def test_minutes_alone_is_the_budget_and_no_budget_is_the_default_steps() -> None:
+    assert (TrainConfig(minutes=3).steps, TrainConfig(minutes=3).minutes) == (None, 3)
+    assert (TrainConfig().steps, TrainConfig().minutes) == (DEFAULT_STEPS, None)
+    assert (TrainConfig(steps=7).steps, TrainConfig(steps=7).minutes) == (7, None)
+
+
+def test_a_minutes_run_trains_for_its_minutes(tmp_path) -> None:
+    cfg = TrainConfig(space="mlp_regression", tasks="sinusoid", minutes=0.02, meta_batch=2, val_every=10**6, val_tasks=2, eval_inner_steps=1, strategy="loop")
+    result = train(cfg, tmp_path / "run")
+    assert result["elapsed"] >= 0.02 * 60 and result["step"] > 1
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"steps": 10, "minutes": 2.0}, "config: steps=10 and minutes=2.0 both given; a run has one budget, give one of them"),
+        ({"meta_batch": 0}, "config: meta_batch must be a positive integer, got 0"),
+        ({"inner_lr": float("nan")}, "config: inner_lr must be a finite number > 0, got nan"),
+        ({"strategy": "vamp"}, "config: strategy must be one of auto, loop, vmap, got 'vamp' (did you mean 'vmap'?)"),
+        ({"hard": 1}, "config: hard must be true or false, got 1"),
+        ({"domain_weights": "1,x"}, "config: domain_weights must be comma-separated numbers >= 0 with a positive sum, one per domain, got '1,x'"),
+        ({"minutes": -1.0}, "config: minutes must be a finite number > 0 or null, got -1.0"),
+    ],
+)
+def test_a_bad_config_is_refused_when_built(given: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**given)
+    assert str(e.value) == message
+
+
+def test_replace_cannot_make_a_contradiction() -> None:
+    with pytest.raises(ConfigError, match="both given"):
+        dataclasses.replace(TrainConfig(steps=5), minutes=1.0)
+    assert dataclasses.replace(TrainConfig(steps=5), steps=None, minutes=1.0).minutes == 1.0
+
+
+def test_from_dict_names_the_file() -> None:
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({"ways": -1}, "run/config.yaml")
+    assert str(e.value) == "run/config.yaml: ways must be a positive integer, got -1"
+
+
+def test_task_defaults_come_from_the_task_class_under_what_is_given() -> None:
+    cfg = TrainConfig.for_tasks("omniglot", shots=5)
+    assert (cfg.space, cfg.queries, cfg.shots, cfg.meta_batch) == ("conv_omniglot", 15, 5, 16)
+    assert TrainConfig.for_tasks("sinusoid") == TrainConfig()
+
+
+def test_options_and_config_agree_on_every_field() -> None:
+    parser = argparse.ArgumentParser()
+    add_train_options(parser)
+    assert config_from_options(vars(parser.parse_args([]))) == TrainConfig()
+    args = vars(parser.parse_args(["--tasks", "miniimagenet", "--no-metadata", "--minutes", "2", "--order", "first", "--meta-sgd"]))
+    cfg = config_from_options(args)
+    assert (cfg.space, cfg.use_metadata, cfg.minutes, cfg.steps, cfg.order, cfg.meta_sgd) == ("conv_miniimagenet", False, 2.0, None, "first", True)
+    dests = {a.dest for a in parser._actions} - {"help"}
+    assert dests == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _options(parser: argparse.ArgumentParser, prefix: str) -> list[tuple[str, argparse.Action]]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += _options(sub, f"{prefix} {name}")
+        else:
+            out.append((prefix, action))
+    return out
+
+
+def test_every_option_of_every_subcommand_has_help() -> None:
+    options = _options(build_parser(), "metanet")
+    assert len(options) > 60
+    missing = [f"{where} {a.option_strings or a.dest}" for where, a in options if not a.help]
+    assert not missing, missing
