@@ -17,33 +17,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
+from .executor import STRATEGIES as _EXEC_STRATEGIES
+from .generators import ARCH_MODES, WEIGHT_MODES
 from .meta import ORDERS, PRECISIONS, ModelConfig
+from .tasks.base import did_you_mean
 
-__all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "validate_config", "did_you_mean", "task_defaults", "add_train_options", "config_from_options", "option_flag", "number_type", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
+__all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "validate_config", "task_defaults", "add_train_options", "config_from_options", "option_flag", "number_type", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
 
 DEFAULT_STEPS = 1000  # the budget of a config that names neither steps nor minutes
-STRATEGIES = ("auto", "loop", "vmap")
+STRATEGIES = ("auto", *_EXEC_STRATEGIES)  # auto: time the executor's on the first step
 SCHEDULES = ("cosine", "constant")
-ARCHS = ("conditional", "shared", "fixed")
-WEIGHTS = ("vae", "off")
+ARCHS, WEIGHTS = ARCH_MODES, WEIGHT_MODES
 
 
 class ConfigError(ValueError):
     """A training configuration that cannot run; the message is one line."""
-
-
-def did_you_mean(name: str, valid: Iterable[str]) -> str:
-    """``" (did you mean 'x'?)"`` for the closest of ``valid``, or ``""``."""
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # The checks a field can name (its metadata "check"): (what the error says it must be, test).

@@ -46,6 +46,8 @@ __all__ = [
     "ORDERS",
     "PRECISIONS",
     "precision",
+    "cpu_bf16_units",
+    "bf16_warning",
 ]
 
 ORDERS = ("second", "first", "reptile")
@@ -87,6 +89,38 @@ class Generated:
             return None if t is None else t[part]
 
         return Generated(self.alpha[part], cut(self.logits), {k: v[part] for k, v in self.params.items()}, self.kl[part], self.embedding[part], cut(self.latent))
+
+
+# bf16 on a CPU without bf16 matrix units, measured: the conv4 second-order MAML step of
+# bench_meta (5-way 1-shot, 15 queries, meta-batch 32) took 23.7 s against 2.757 s in
+# float32 on an AVX2 CPU (8.6x slower); with AMX-BF16 it is 1.45x faster (docs/PERFORMANCE.md).
+BF16_SLOWDOWN_WITHOUT_UNITS = 8.6
+
+
+def cpu_bf16_units(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bf16 matrix units (the ``amx_bf16`` or ``avx512_bf16`` flag of
+    ``/proc/cpuinfo``); None where that cannot be read (not Linux)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = {w for line in cpuinfo.splitlines() if line.startswith("flags") for w in line.split(":", 1)[-1].split()}
+    if not flags:
+        return None
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def bf16_warning(device: torch.device | str, cpuinfo: str | None = None) -> str | None:
+    """What to tell a user who asks for bf16 on ``device``: a sentence where the CPU has no
+    bf16 matrix units (autocast then emulates bf16, several times slower than float32),
+    else None. A warning rather than a refusal: the arithmetic is right, only slow, and a
+    config must run alike on every machine it travels to."""
+    if torch.device(device).type != "cpu" or cpu_bf16_units(cpuinfo) is not False:
+        return None
+    return (f"precision bf16 on a CPU without bf16 matrix units (no amx_bf16 or avx512_bf16 flag): measured "
+            f"{BF16_SLOWDOWN_WITHOUT_UNITS}x slower than fp32 on such a CPU (docs/PERFORMANCE.md, bench_precision); use --precision fp32")
 
 
 def precision(name: str, device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -35,7 +35,7 @@ from . import distributed
 from .compile import checked_compile
 from .graph import population_health
 from .config import ConfigError, TrainConfig, validate_config
-from .meta import MetaNet, evaluate, generate_networks, meta_loss, precision
+from .meta import MetaNet, bf16_warning, evaluate, generate_networks, meta_loss, precision
 from .rundir import FORMAT_VERSION, METRICS, MetricsLog, build_space, load_run, load_training_checkpoint, read_run_config, start_run
 from .space import SearchSpace
 from .tasks import DEFAULT_DOMAINS, Episode, TaskDistribution, fixed_episodes, make_tasks
@@ -379,6 +379,8 @@ class _Run:
         self.part = distributed.shard(cfg.meta_batch, ctx.rank, ctx.world_size)
         if ctx.distributed:
             log.info("rank %d/%d adapts tasks %d:%d of %d on %s", ctx.rank, ctx.world_size, self.part.start, self.part.stop, cfg.meta_batch, ctx.device)
+        if ctx.is_main and cfg.precision == "bf16" and (slow := bf16_warning(ctx.device)):
+            log.warning("%s", slow)
         if ctx.is_main:  # only now is anything written
             start_run(out, cfg, self.space, resume_step=self.state["step"] if resume else None)
         self.metrics = MetricsLog(out / METRICS if ctx.is_main else None)

@@ -1,6 +1,7 @@
 """bf16 mixed precision of the meta-step against float32 and float64 references."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -171,3 +172,23 @@ def test_cli_trains_plain_maml_in_bf16_on_omniglot_files(tmp_path, capsys) -> No
     assert "precision: bf16" in cfg_text and "proto_head: false" in cfg_text
     model, cfg = load_run(out)
     assert cfg.precision == "bf16" and not model.proto and model.proto_scale is None
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_with_the_measured_slowdown(tmp_path, monkeypatch, caplog) -> None:
+    from metanet import meta
+
+    avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
+    amx = "processor : 0\nflags : fpu sse2 avx avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    assert meta.cpu_bf16_units(avx2) is False and meta.cpu_bf16_units(amx) is True and meta.cpu_bf16_units("") is None
+    assert meta.bf16_warning("cpu", amx) is None and meta.bf16_warning("cpu", "") is None
+    message = meta.bf16_warning("cpu", avx2)
+    assert message.startswith("precision bf16 on a CPU without bf16 matrix units") and f"{meta.BF16_SLOWDOWN_WITHOUT_UNITS}x slower" in message
+    assert meta.bf16_warning("cuda", avx2) is None
+    monkeypatch.setattr(meta, "cpu_bf16_units", lambda cpuinfo=None: False)
+    cfg = TrainConfig(space="mlp_regression", tasks="sinusoid", steps=1, meta_batch=2, val_tasks=2, val_every=1, eval_inner_steps=1, strategy="loop")
+    with caplog.at_level("WARNING", logger="metanet.trainer"):
+        train(dataclasses.replace(cfg, precision="bf16"), tmp_path / "bf16")
+        assert "without bf16 matrix units" in caplog.text
+        caplog.clear()
+        train(cfg, tmp_path / "fp32")
+        assert "bf16" not in caplog.text

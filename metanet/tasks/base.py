@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["TaskError", "Episode", "TaskDistribution", "fixed_episodes", "shared_data_root"]
+__all__ = ["did_you_mean", "TaskError", "Episode", "TaskDistribution", "fixed_episodes", "shared_data_root"]
 
 
 def shared_data_root(name: str = "") -> Path | None:
@@ -38,7 +38,7 @@ class TaskError(ValueError):
     """A task distribution built from bad input; the message is one line."""
 
 
-def _suggest(name: str, valid: Iterable[str]) -> str:
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest valid name, or ``""``."""
     close = difflib.get_close_matches(name, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -48,7 +48,7 @@ def _unknown(field: str, name: str, valid: Iterable[str]) -> TaskError:
     """Build the error for a name that is not one of ``valid``."""
     valid = list(valid)
     listed = ", ".join(repr(v) for v in valid)
-    return TaskError(f"{field} {name!r} is not one of {listed}{_suggest(name, valid)}")
+    return TaskError(f"{field} {name!r} is not one of {listed}{did_you_mean(name, valid)}")
 
 
 def _check_positive(field: str, value: int) -> None:
