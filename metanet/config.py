@@ -120,6 +120,7 @@ class TrainConfig:
     meta_lr: float = _field(1e-3, "pos_float", "Adam learning rate of the outer loop")
     clip: float = _field(10.0, "pos_float", "meta-gradient norm clip")
     schedule: str = _field("cosine", SCHEDULES, "meta learning-rate schedule over the budget")
+    checkpoint_steps: bool = _field(False, "bool", "second order: recompute each inner step in the backward pass instead of keeping its activations (memory of one inner step, not of --inner-steps; about one more forward per step)")
     # against architecture collapse (conditional and shared architectures)
     arch_lr: float | None = _field(None, "opt_pos_float", "the architecture generator's own Adam learning rate, on the same schedule (default: --meta-lr)")
     arch_warmup: float = _field(0.0, "share", "share of the budget before the architecture generator learns: the weights train on the near-uniform supernet first")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -244,30 +245,35 @@ class MetaNet(nn.Module):
         """Batched supernet outputs ``(B, N, out)``."""
         return run(self.plan, alpha, params, x, fused=self.config.fused, strategy=strategy)
 
-    def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0, checkpoint: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """``steps`` inner SGD steps (``sgd``) on the support sets of all tasks at once.
 
         With ``create_graph`` the steps stay differentiable (second order); without, they
         are added to the generated weights as constants, so the outer gradient reaches
         the generators unchanged (first order). With ``adapt_alpha`` the architecture
-        logits take steps too, of size ``alpha_lr``. Returns the (possibly adapted) op
-        weights and the adapted weights.
+        logits take steps too, of size ``alpha_lr``. ``checkpoint``: recompute each
+        second-order step in the backward pass instead of keeping its activations (see
+        ``sgd``). Returns the (possibly adapted) op weights and the adapted weights.
         """
         adapt_alpha = self.config.adapt_alpha and gen.logits is not None
         start = dict(gen.params)
         if adapt_alpha:
             start[_LOGITS] = gen.logits
+        # the differentiable tensors the steps read besides the adapted ones
+        context = {"alpha": gen.alpha} if not adapt_alpha else {}
+        if self.lrs is not None:
+            context.update({f"lr:{k}": self.lrs[safe_name(k)] for k in gen.params})
 
-        def support_loss(p: dict[str, Tensor]) -> Tensor:
+        def support_loss(p: dict[str, Tensor], c: dict[str, Tensor]) -> Tensor:
             p = dict(p)
             logits = p.pop(_LOGITS, None)
-            a = self.arch.weights(logits, temperature) if adapt_alpha else gen.alpha
+            a = self.arch.weights(logits, temperature) if adapt_alpha else c["alpha"]
             return task_loss(self.kind, self.predict(a, p, x, strategy), y).sum()
 
-        def lr(name: str) -> Tensor | float:
-            return self.config.alpha_lr if name == _LOGITS else self.lr(name)
+        def lr(name: str, c: dict[str, Tensor]) -> Tensor | float:
+            return self.config.alpha_lr if name == _LOGITS else c.get(f"lr:{name}", self.config.inner_lr)
 
-        params = sgd(support_loss, start, steps, lr, create_graph=create_graph)
+        params = sgd(support_loss, start, steps, lr, create_graph=create_graph, context=context, checkpoint=checkpoint)
         if not create_graph:
             params = {k: start[k] + (params[k] - start[k]).detach() for k in params}
         logits = params.pop(_LOGITS, None)
@@ -276,43 +282,89 @@ class MetaNet(nn.Module):
 
 _LOGITS = "~alpha_logits"  # the architecture logits' key among the adapted tensors (no slot has it)
 
+Loss = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
+StepSize = Callable[[str, dict[str, Tensor]], "Tensor | float"]
 
-def sgd(loss: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor], steps: int, lr: Callable[[str], Tensor | float], *, create_graph: bool) -> dict[str, Tensor]:
+
+def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, create_graph: bool, context: Mapping[str, Tensor] | None = None, checkpoint: bool = False) -> dict[str, Tensor]:
     """The inner loop of training and of evaluation: ``steps`` SGD steps on ``loss`` from ``params``.
 
-    ``create_graph=True``: differentiable steps (second-order MAML), taken with
-    ``torch.func.grad``, which gives PARTIAL derivatives with respect to each tensor even
-    where one generated weight depends on another (the prototype head on the body).
+    ``loss(params, context)`` and ``lr(name, context)`` see ``context``: the tensors the
+    steps read but do not adapt (the op weights, Meta-SGD step sizes), which the outer
+    gradient reaches. ``create_graph=True``: differentiable steps (second-order MAML),
+    taken with ``torch.func.grad``, which gives PARTIAL derivatives with respect to each
+    tensor even where one generated weight depends on another (the prototype head on the
+    body). With ``checkpoint`` each such step keeps only its inputs and is recomputed in
+    the backward pass (``_Recompute``): memory for the activations of one step instead of
+    ``steps``, for one more forward per step; the meta-gradient is the same.
     ``create_graph=False``: steps from detached copies, taken with ``torch.autograd.grad``
     (nothing differentiates them again, so the backward runs native kernels); returns
     detached tensors. A tensor that does not reach the loss (every edge after it dropped)
     takes a zero step.
     """
+    context = dict(context or {})
     if create_graph:
         grad_fn = torch.func.grad(loss)
+
+        def step(p: dict[str, Tensor], c: dict[str, Tensor]) -> dict[str, Tensor]:
+            grads = grad_fn(p, c)
+            return {k: v - lr(k, c) * grads[k] for k, v in p.items()}
+
         params = dict(params)
         for _ in range(steps):
-            grads = grad_fn(params)
-            params = {k: v - lr(k) * grads[k] for k, v in params.items()}
+            params = _recomputed(step, params, context) if checkpoint else step(params, context)
         return params
     params = {k: v.detach().requires_grad_() for k, v in params.items()}
     with torch.enable_grad():
         for _ in range(steps):
-            grads = torch.autograd.grad(loss(params), list(params.values()), allow_unused=True)
-            params = {k: (v if g is None else v - lr(k) * g).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
+            grads = torch.autograd.grad(loss(params, context), list(params.values()), allow_unused=True)
+            params = {k: (v if g is None else v - lr(k, context) * g).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
     return {k: v.detach() for k, v in params.items()}
 
 
-def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None, op_dropout: float = 0.0, param_prior: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+class _Recompute(torch.autograd.Function):
+    """``fn(*inputs)`` whose graph is not kept: the backward pass runs ``fn`` again on the
+    saved inputs and differentiates that. ``torch.utils.checkpoint`` does not serve here:
+    its saved-tensor hooks are refused by ``torch.func.grad``, and its reentrant form by
+    ``torch.autograd.grad``, which the trainer calls."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Tensor, ...]:
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        return tuple(t.detach() for t in fn(*inputs))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        with torch.enable_grad():
+            outs = ctx.fn(*inputs)
+        wrt = [t for t in inputs if t.requires_grad]
+        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+        return (None, *(next(got) if t.requires_grad else None for t in inputs))
+
+
+def _recomputed(step: Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]], params: dict[str, Tensor], context: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``step(params, context)`` through ``_Recompute``."""
+    pk, ck = list(params), list(context)
+
+    def flat(*tensors: Tensor) -> tuple[Tensor, ...]:
+        out = step(dict(zip(pk, tensors[: len(pk)])), dict(zip(ck, tensors[len(pk) :])))
+        return tuple(out[k] for k in pk)
+
+    return dict(zip(pk, _Recompute.apply(flat, *params.values(), *context.values())))
+
+
+def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None, op_dropout: float = 0.0, param_prior: float = 0.0, checkpoint: bool = False) -> tuple[Tensor, dict[str, float]]:
     """The outer objective for one meta-batch, and its metrics: ``MetaNet.generate`` (drawing
     the VAE, Gumbel and op-dropout noise from ``generator``), then ``outer_loss``."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator, strategy=strategy, op_dropout=op_dropout)
-    return outer_loss(model, gen, episode, inner_steps=inner_steps, order=order, beta=beta, entropy_weight=entropy_weight, temperature=temperature, strategy=strategy, param_prior=param_prior)
+    return outer_loss(model, gen, episode, inner_steps=inner_steps, order=order, beta=beta, entropy_weight=entropy_weight, temperature=temperature, strategy=strategy, param_prior=param_prior, checkpoint=checkpoint)
 
 
-def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, strategy: str = "loop", param_prior: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, strategy: str = "loop", param_prior: float = 0.0, checkpoint: bool = False) -> tuple[Tensor, dict[str, float]]:
     """The outer objective of generated networks ``gen`` for ``episode``'s tasks.
 
     ``second``: backpropagate through the inner steps. ``first``: treat the inner gradients
@@ -320,10 +372,12 @@ def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, ord
     weights is ``theta_0 - theta_k`` (averaged over tasks). ``param_prior`` weighs the
     share of the tempered architecture softmax on parameter-free ops (a prior against
     the collapse to ops that need no training); ``entropy_weight`` its mean edge entropy.
+    ``checkpoint``: recompute each second-order inner step in the backward pass (memory
+    of one step's activations, not ``inner_steps``'; ``sgd``).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    alpha, adapted = model.adapt(gen, episode.support_x, episode.support_y, inner_steps, create_graph=order == "second", strategy=strategy, temperature=temperature)
+    alpha, adapted = model.adapt(gen, episode.support_x, episode.support_y, inner_steps, create_graph=order == "second", strategy=strategy, temperature=temperature, checkpoint=checkpoint)
     b = episode.support_x.shape[0]
     if order == "reptile":
         with torch.no_grad():
@@ -358,7 +412,7 @@ def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor],
     """``steps`` SGD steps (``sgd``, the training inner loop's routine) of one task's
     discrete network on ``(x, y)``; returns new weights. Where every edge into a cell was
     dropped, the weights before it do not reach the output, and their step is zero."""
-    return sgd(lambda p: task_loss(kind, forward_genotype(plan, genotype, p, x), y), params, steps, lr, create_graph=False)
+    return sgd(lambda p, c: task_loss(kind, forward_genotype(plan, genotype, p, x), y), params, steps, lambda name, c: lr(name), create_graph=False)
 
 
 @dataclass

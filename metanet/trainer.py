@@ -263,7 +263,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     reuse_freed_memory()
     ctx = distributed.setup(device)
     try:
-        run = _Run(ctx, _agreed_setup(ctx, cfg, Path(out), resume, overwrite), Path(out), resume)
+        setup, built = _agreed_setup(ctx, cfg, Path(out), resume, overwrite)
+        run = _Run(ctx, setup, Path(out), resume, built)
         try:
             result = _loop(run, progress, stop_after)
         finally:
@@ -316,22 +317,26 @@ def _prepare(cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) 
     return _Setup(cfg, None, None)
 
 
-def _agreed_setup(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) -> _Setup:
+def _agreed_setup(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) -> tuple[_Setup, tuple[SearchSpace, TaskDistribution] | None]:
     """Rank 0 checks everything (config, space, tasks) and tells the others, so that a
-    mistake is one error on every rank rather than a hang."""
+    mistake is one error on every rank rather than a hang. Returns the setup, and on rank
+    0 the space and training tasks it built (kept: an image dataset is slow to build)."""
     setup: _Setup | BaseException | None = None
+    built = None
     if ctx.is_main:
         try:
             setup = _prepare(cfg, out, resume, overwrite)
             space = build_space(setup.cfg, setup.space_text)
-            check_tasks(setup.cfg, space, build_tasks(setup.cfg, "train", space=space), ctx.world_size)
+            tasks = build_tasks(setup.cfg, "train", space=space)
+            check_tasks(setup.cfg, space, tasks, ctx.world_size)
+            built = (space, tasks)
         except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
             setup = e
     setup = ctx.broadcast_object(setup if ctx.is_main else None)
     if isinstance(setup, BaseException):
         raise setup
     assert setup is not None
-    return setup
+    return setup, built
 
 
 class _Run:
@@ -342,11 +347,12 @@ class _Run:
     non-finite counts, task strategy) is what a checkpoint carries besides the weights.
     """
 
-    def __init__(self, ctx: distributed.Context, setup: _Setup, out: Path, resume: bool) -> None:
+    def __init__(self, ctx: distributed.Context, setup: _Setup, out: Path, resume: bool, built: tuple[SearchSpace, TaskDistribution] | None = None) -> None:
         cfg = self.cfg = setup.cfg
         self.ctx, self.out = ctx, out
-        self.space = build_space(cfg, setup.space_text)
-        self.tasks = build_tasks(cfg, "train", space=self.space)
+        if built is None:  # a rank other than 0
+            built = (space := build_space(cfg, setup.space_text)), build_tasks(cfg, "train", space=space)
+        self.space, self.tasks = built
         self.val_episodes: list[Episode] = []
         if ctx.is_main:
             val = build_tasks(cfg, "val", queries=cfg.queries, space=self.space)
@@ -389,7 +395,7 @@ class _Run:
             self.state["strategy"] = ctx.broadcast_object(calibrate_strategy(self.model, probe, cfg))
             self.model.zero_grad(set_to_none=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=self.state["strategy"], op_dropout=cfg.op_dropout, param_prior=cfg.param_prior)
+        step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=self.state["strategy"], op_dropout=cfg.op_dropout, param_prior=cfg.param_prior, checkpoint=cfg.checkpoint_steps)
         self.step_fn = step_function(self.model, self.part, self.noise, self.params, step_kw, cfg.precision)
         self.compile_info: dict[str, Any] | None = None
         self.warned: set[str] = set()  # kinds of architecture collapse already warned about

@@ -24,7 +24,6 @@ setting: its prototype head serves any shot and way.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import datetime
 import difflib
@@ -42,11 +41,13 @@ from typing import Any
 
 import torch
 
-from metanet.export import draw_population_png, op_frequency
+from metanet.draw import draw_population_png
+from metanet.export import op_frequency
 from metanet.graph import population_health
 from metanet.meta import MetaNet, evaluate, generate_networks, meta_loss
 from metanet.network import generate_batch
-from metanet.tasks import TASKS, Episode, Omniglot, default_data_root, shared_data_root
+from metanet.results import aggregate_seeds, from_json, pool, table_markdown, to_json
+from metanet.tasks import Episode, default_data_root, make_tasks, shared_data_root
 from metanet.trainer import TrainConfig, load_run, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,80 +178,6 @@ class Setting:
         return (["--ways", str(self.ways)] if self.ways else []) + ["--shots", str(self.shots)]
 
 
-# ------------------------------------------------------------------------- statistics
-
-
-def pool(stats: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Statistics of the union of groups of scores, from each group's ``evaluate`` summary.
-
-    ``evaluate`` reports ``ci95 = 1.96 * sd / sqrt(n)`` with the sample sd (n - 1), so each
-    group's sd is recovered from its ``ci95`` and the pooled sd is exact (within-group sum
-    of squares plus between-group spread), as if every score had been kept.
-    """
-    stats = [s for s in stats if s["n"] > 0]
-    n = sum(int(s["n"]) for s in stats)
-    nonfinite = sum(int(s.get("nonfinite") or 0) for s in stats)
-    if n == 0:
-        return {"mean": math.nan, "ci95": math.nan, "n": 0, "nonfinite": 0}
-    if nonfinite:
-        return {"mean": math.nan, "ci95": math.nan, "n": n, "nonfinite": nonfinite}
-    mean = sum(s["mean"] * s["n"] for s in stats) / n
-    ss = 0.0
-    for s in stats:
-        sd = s["ci95"] * math.sqrt(s["n"]) / 1.96 if s["n"] > 1 else 0.0
-        ss += (s["n"] - 1) * sd**2 + s["n"] * (s["mean"] - mean) ** 2
-    ci = 1.96 * math.sqrt(ss / (n - 1)) / math.sqrt(n) if n > 1 else math.nan
-    return {"mean": mean, "ci95": ci, "n": n, "nonfinite": 0}
-
-
-def aggregate_seeds(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Mean over seeds of the per-seed means; 95% CI over every test task pooled across seeds.
-
-    ``seed_sd`` is the spread of the per-seed means (NaN for one seed): the pooled CI does
-    not contain seed-to-seed variation.
-    """
-    means = [s["mean"] for s in per_seed]
-    pooled = pool(per_seed)
-    sd = float(torch.tensor(means, dtype=torch.float64).std()) if len(means) > 1 else math.nan
-    return {"mean": sum(means) / len(means), "ci95": pooled["ci95"], "n": pooled["n"], "seeds": len(means), "seed_sd": sd, "nonfinite": pooled["nonfinite"]}
-
-
-def verdict(metric: str, ours: dict[str, float], base: dict[str, float], ours_name: str = "metanet", base_name: str = "MAML") -> str:
-    """One plain sentence comparing two aggregated results at equal budget.
-
-    MSE: "metanet is X% lower MSE than MAML" when it is lower, else "metanet does not beat
-    MAML: X% higher MSE". Accuracy: the same in percentage points. A win whose 95%
-    intervals overlap is called not significant.
-    """
-    a, b = ours["mean"], base["mean"]
-    if ours.get("n") == 0 or base.get("n") == 0:
-        return f"cannot compare {ours_name} with {base_name}: no test tasks"
-    if not (math.isfinite(a) and math.isfinite(b)):
-        bad = [(n, s) for n, s in ((ours_name, ours), (base_name, base)) if not math.isfinite(s["mean"])]
-        what = " and ".join(f"{n} diverged on {s['nonfinite']} of {s['n']} test tasks" if s.get("nonfinite") else f"{n} has a non-finite {metric}" for n, s in bad)
-        return f"cannot compare {ours_name} with {base_name}: {what}"
-    lower_is_better = metric == "MSE"
-    if metric == "MSE":
-        value = f"({a:.4g} vs {b:.4g})"
-        pct = 100.0 * abs(a - b) / abs(b) if b != 0 else math.inf
-        diff = f"{pct:.1f}%" if round(pct, 1) < 100.0 or pct >= 100.0 else ">99.9%"
-    else:
-        value = f"({100 * a:.2f}% vs {100 * b:.2f}%)"
-        diff = f"{100 * abs(a - b):.2f} points"
-    wins = a < b if lower_is_better else a > b
-    if a == b:
-        return f"{ours_name} does not beat {base_name}: equal {metric} {value}"
-    if not wins:
-        worse = "higher" if lower_is_better else "lower"
-        return f"{ours_name} does not beat {base_name}: {diff} {worse} {metric} {value}"
-    better = "lower" if lower_is_better else "higher"
-    sentence = f"{ours_name} is {diff} {better} {metric} than {base_name} {value}"
-    ca, cb = ours.get("ci95", math.nan), base.get("ci95", math.nan)
-    if math.isfinite(ca) and math.isfinite(cb) and abs(a - b) <= ca + cb:
-        sentence += "; the 95% intervals overlap, so the difference is not significant"
-    return sentence
-
-
 # ----------------------------------------------------------------------- test episodes
 
 
@@ -284,50 +211,22 @@ class FamilyEpisodes:
                 yield Episode(ep.support_x[keep], ep.support_y[keep], ep.query_x[keep], ep.query_y[keep], ep.metadata[keep])
 
 
-_OMNIGLOT_CACHE: dict[str, Omniglot] = {}
-_EPISODE_FIELDS = ("ways", "shots", "queries")
-
-
-def _cached_omniglot(**kwargs: Any) -> Omniglot:
-    """``Omniglot(**kwargs)`` sharing decoded images between runs.
-
-    The trainer builds its train and val distributions on every run, and ``Omniglot``
-    decodes and resizes the images at construction (~2 s per split on this CPU). Instances
-    that differ only in ways, shots or queries share one decoding here: a copy of the
-    cached instance with those fields replaced, after the checks the constructor makes.
-    """
-    key = json.dumps({k: str(v) for k, v in kwargs.items() if k not in _EPISODE_FIELDS}, sort_keys=True)
-    base = _OMNIGLOT_CACHE.get(key)
-    if base is None:
-        base = _OMNIGLOT_CACHE[key] = Omniglot(**kwargs)
-        return base
-    episode = {k: kwargs[k] for k in _EPISODE_FIELDS if k in kwargs}
-    shots, queries, ways = (episode.get(k, getattr(base, k)) for k in ("shots", "queries", "ways"))
-    if shots + queries > base.images.shape[1] or ways > base.n_classes or min(shots, queries, ways) < 1:
-        return Omniglot(**kwargs)  # raises the constructor's own error
-    inst = copy.copy(base)
-    for k, v in episode.items():
-        object.__setattr__(inst, k, v)  # frozen dataclass: the constructor's own idiom
-    return inst
-
-
 def _worker_setup() -> None:
-    """One intra-op thread per run, and the Omniglot cache in the task registry."""
+    """One intra-op thread per run: runs in parallel processes do not compete for cores."""
     torch.set_num_threads(1)
-    TASKS["omniglot"] = _cached_omniglot
 
 
 def _test_dist(test: dict[str, Any], domains: str | None = None) -> Any:
     if test["tasks"] == "multidomain":  # the held-apart classes of the training domains, or the given (left-out) ones
         names = tuple(test["domains"].split(","))
-        return TASKS["multidomain"](domains=tuple(domains.split(",")) if domains else names, data_root=test["data_root"], split=test["split"] if not domains else "all",
-                                    ways=test["ways"], shots=test["shots"], queries=test["queries"], family_names=names)  # fmt: skip
+        return make_tasks("multidomain", domains=tuple(domains.split(",")) if domains else names, data_root=test["data_root"], split=test["split"] if not domains else "all",
+                                      ways=test["ways"], shots=test["shots"], queries=test["queries"], family_names=names)  # fmt: skip
     if test["tasks"] == "miniimagenet":
-        return TASKS["miniimagenet"](root=test["data_root"], split=test["split"], ways=test["ways"], shots=test["shots"], queries=test["queries"])
+        return make_tasks("miniimagenet", root=test["data_root"], split=test["split"], ways=test["ways"], shots=test["shots"], queries=test["queries"])
     if test["tasks"] == "omniglot":
-        return TASKS["omniglot"](root=test["data_root"], split=test["split"], ways=test["ways"], shots=test["shots"], queries=test["queries"], rotations=test["rotations"])
+        return make_tasks("omniglot", root=test["data_root"], split=test["split"], ways=test["ways"], shots=test["shots"], queries=test["queries"], rotations=test["rotations"])
     kw = {"with_metadata": True} if test["tasks"] == "multimodal" else {}  # metadata to split by family
-    return TASKS[test["tasks"]](shots=test["shots"], queries=test["queries"], **kw)
+    return make_tasks(test["tasks"], shots=test["shots"], queries=test["queries"], **kw)
 
 
 # ------------------------------------------------------------------------------ a job
@@ -361,7 +260,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     spec = _job_spec(job)
     saved = None
     if job["reuse"] and cached.is_file():
-        saved = _from_json(json.loads(cached.read_text()))
+        saved = from_json(json.loads(cached.read_text()))
         if _with_new_defaults(saved.get("job"), spec) != spec:
             saved = None
         elif "error" in saved:  # a run that failed stays failed: --reuse must not retrain it until it passes
@@ -373,7 +272,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if saved is not None:
         summary, train_wall = saved["train"], saved["train_wall_s"]
     elif job.get("train_dir"):  # trained by the job of the table's train_shots setting
-        trained = _from_json(json.loads((Path(job["train_dir"]) / "result.json").read_text()))
+        trained = from_json(json.loads((Path(job["train_dir"]) / "result.json").read_text()))
         if "error" in trained:
             raise RuntimeError(f"its training run failed: {trained['error']}")
         summary, train_wall = trained["train"], trained["train_wall_s"]
@@ -413,7 +312,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         result["fused_check"] = _fused_check(model, next(iter(episodes)), cfg)
     result["eval_wall_s"] = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(_to_json(result), indent=1, allow_nan=False))
+    cached.write_text(json.dumps(to_json(result), indent=1, allow_nan=False))
     return result
 
 
@@ -617,7 +516,7 @@ def _run_job_safely(job: dict[str, Any]) -> dict[str, Any]:
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         run_dir = Path(job["run_dir"])
         if run_dir.is_dir():  # recorded, so that --reuse reports the failure instead of retraining
-            (run_dir / "result.json").write_text(json.dumps(_to_json({"job": _job_spec(job), "error": error}), indent=1, allow_nan=False))
+            (run_dir / "result.json").write_text(json.dumps(to_json({"job": _job_spec(job), "error": error}), indent=1, allow_nan=False))
         return {"error": error}
 
 
@@ -743,213 +642,11 @@ def row_command(table: str, setting: str, method: str, args: argparse.Namespace)
     return shlex.join(parts)
 
 
-def _to_json(v: Any) -> Any:
-    """Non-finite floats as null: strict JSON that any parser reads."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _to_json(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_to_json(x) for x in v]
-    return v
-
-
-_NUMERIC = {"mean", "ci95", "seed_sd", "generation_ms", "adapt_ms"}
-
-
-def _from_json(v: Any, key: str | None = None) -> Any:
-    """Undo ``_to_json`` for the figures the markdown reads (null -> NaN)."""
-    if isinstance(v, dict):
-        return {k: _from_json(x, k) for k, x in v.items()}
-    if isinstance(v, list):
-        return [math.nan if x is None and key == "curve" else _from_json(x) for x in v]
-    return math.nan if v is None and key in _NUMERIC else v
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 # ---------------------------------------------------------------------------- markdown
-
-
-def _fmt(stat: dict[str, float], metric: str) -> str:
-    m, ci = stat["mean"], stat["ci95"]
-    if stat["n"] == 0:
-        return "no test tasks"
-    if not math.isfinite(m):
-        nf = stat.get("nonfinite")
-        return f"diverged on {nf} of {stat['n']} tasks" if nf else "diverged (non-finite)"
-    if metric == "accuracy":
-        return f"{100 * m:.2f}% ± {100 * ci:.2f}" if math.isfinite(ci) else f"{100 * m:.2f}%"
-    return f"{m:.4g} ± {ci:.2g}" if math.isfinite(ci) else f"{m:.4g}"
-
-
-def _best(rows: dict[str, Any], key: str, metric: str, get) -> str | None:
-    vals = {name: get(row)[key]["mean"] for name, row in rows.items() if math.isfinite(get(row)[key]["mean"])}
-    if not vals:
-        return None
-    return (max if metric == "accuracy" else min)(vals, key=vals.get)
-
-
-def _steps_header(k: str, metric: str) -> str:
-    return f"{metric} after {k} step{'' if k == '1' else 's'}"
-
-
-def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
-    """The markdown section of one table."""
-    metric, ks = t["metric"], [str(k) for k in t["eval_steps"]]
-    test = t["test"] or {}
-    out = [f"## {t['title']}", ""]
-    if t["smoke"]:
-        out += ["**Smoke run: a few meta-steps per method, a handful of test tasks. The numbers test the pipeline and mean nothing.**", ""]
-    what = f"{test.get('n')} test tasks" + (f" x {test.get('queries')} query points" if not test.get("ways") else f", {test.get('queries')} queries per class")
-    split = f", split `{test.get('split')}`" if test.get("ways") else ""
-    out += [
-        f"- Command: `{t['command']}`",
-        f"- Date: {t['date']}",
-        f"- Machine: torch {t['machine']['torch']}, {t['machine']['cpus']} CPUs, one thread per run, {t['machine']['parallel_runs']} run(s) at a time.",
-        f"- Budget: {t['budget']} of meta-training per method and seed; {t['seeds']} seed(s); evaluated on {what}{split} (the same tasks for every method and seed).",
-        "",
-    ]
-    out += _summary(t)
-    for setting in t["settings"]:
-        rows = t["rows"][setting]
-        out += [f"### {setting}", ""]
-        head = ["method", "meta-steps"] + [_steps_header(k, metric) for k in ks] + ["generate (ms/task)", "budget", "seeds", "reproduce"]
-        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        best = {k: _best(rows, k, metric, lambda r: r["aggregate"]) for k in ks}
-        for method, row in rows.items():
-            failed = not row["per_seed"]
-            cells = [method, "-" if failed else f"{row['steps']:.0f}"]
-            for k in ks:
-                c = "failed" if failed else _fmt(row["aggregate"][k], metric)
-                cells.append(f"**{c}**" if best[k] == method else c)
-            seeds = f"{len(row['per_seed'])}" + (f" ({len(row['errors'])} failed)" if row.get("errors") else "")
-            cells += ["-" if failed else f"{row['generation_ms']:.2g}", t["budget"], seeds, f"`{row['command']}`"]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
-        for method, row in rows.items():
-            for e in row.get("errors", []):
-                out.append(f"- `{method}` seed {e['seed']} failed: {e['error']} (run directory `{e['run_dir']}`).")
-        if any(row.get("errors") for row in rows.values()):
-            out.append("")
-        fams = next((r["families"] for r in rows.values() if r.get("families")), None)
-        if fams:
-            for k in ks:
-                names = list(fams)
-                out += [f"Per family, {_steps_header(k, metric)} (test tasks filtered by their family metadata):", ""]
-                out += ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-                for method, row in rows.items():
-                    if row.get("families"):
-                        out.append(f"| {method} | " + " | ".join(_fmt(row["families"][f][k], metric) for f in names) + " |")
-                    else:
-                        out.append(f"| {method} | " + " | ".join("failed" for _ in names) + " |")
-                out.append("")
-        out += _verdicts(rows, ks, metric)
-        out += _populations(rows, figures_rel)
-        out += _fused(rows)
-    out += [
-        f"![learning curves]({figures_rel}/{name}_learning.png)",
-        "",
-        f"![{metric} vs adaptation steps]({figures_rel}/{name}_adaptation.png)",
-        "",
-        f"![cost per new task]({figures_rel}/{name}_cost.png)",
-        "",
-    ]
-    return out
-
-
-def _summary(t: dict[str, Any]) -> list[str]:
-    """One line: in how many (setting, steps) cells metanet beats MAML."""
-    outcomes = []
-    for setting in t["settings"]:
-        rows = t["rows"][setting]
-        if "metanet" in rows and "maml" in rows and rows["metanet"]["per_seed"] and rows["maml"]["per_seed"]:
-            for k in t["eval_steps"]:
-                outcomes.append(verdict(t["metric"], rows["metanet"]["aggregate"][str(k)], rows["maml"]["aggregate"][str(k)]))
-    if not outcomes:
-        return []
-    wins = [o for o in outcomes if o.startswith("metanet is ")]
-    solid = [o for o in wins if "not significant" not in o]
-    losses = [o for o in outcomes if "does not beat" in o]
-    line = (f"**Summary: metanet beats MAML in {len(wins)} of {len(outcomes)} (setting, steps) cells at this budget "
-            f"({len(solid)} with non-overlapping 95% intervals) and does not beat MAML in {len(losses)}.**")  # fmt: skip
-    return [line, ""]
-
-
-def _verdicts(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[str]:
-    if "metanet" not in rows or "maml" not in rows:
-        return ["Verdict: not computed (needs both the metanet and the maml rows).", ""]
-    out = ["Verdict, metanet against MAML at the same budget (computed from the rows above):", ""]
-    failed = [n for n in ("metanet", "maml") if not rows[n]["per_seed"]]
-    if failed:
-        return out + [f"- cannot compare: {' and '.join(failed)} failed in every seed.", ""]
-    for k in ks:
-        out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows['maml']['aggregate'][k])}.")
-    baselines = [m for m, r in rows.items() if not m.startswith("metanet") and m != "maml" and r["per_seed"]]
-    for k in ks:  # the strongest other baseline of each column, not only MAML
-        best = _best({m: rows[m] for m in baselines}, k, metric, lambda r: r["aggregate"]) if baselines else None
-        if best is not None:
-            out.append(f"- against the best other baseline, {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows[best]['aggregate'][k], base_name=best)}.")
-    fams = rows["metanet"].get("families")
-    if fams and rows["maml"].get("families"):
-        k = ks[-1]
-        for f in fams:
-            out.append(f"- {f}, {_steps_header(k, metric)}: {verdict(metric, fams[f][k], rows['maml']['families'][f][k])}.")
-    return out + [""]
-
-
-def _populations(rows: dict[str, Any], figures_rel: str) -> list[str]:
-    out = []
-    for method, row in rows.items():
-        pops = [s["population"] for s in row["per_seed"] if s.get("population")]
-        if not pops:
-            continue
-        arch = row["per_seed"][0]["config"]["arch"]
-        distinct = ", ".join(str(p["distinct"]) for p in pops)
-        collapsed = sum(p["collapsed"] for p in pops)
-        if arch == "shared":
-            note = "one shared architecture by construction"
-        elif collapsed == len(pops):
-            note = "**the generator collapsed: every test task gets the same architecture**" + (" (in every seed)" if len(pops) > 1 else "")
-        elif collapsed:
-            note = f"**the generator collapsed to one architecture in {collapsed} of {len(pops)} seeds**"
-        else:
-            note = "the generator did not collapse (test tasks get different architectures)"
-        top = ", ".join(f"{100 * p['top_share']:.0f}%" for p in pops)
-        health = ""
-        if "parametric_share" in pops[0]:  # recorded since graph.population_health
-            health += "; kept edges with weights " + ", ".join(f"{100 * p['parametric_share']:.0f}%" for p in pops)
-        if "mutual_information" in pops[0]:
-            per = "; ".join(", ".join(f"{f}: {n}" for f, n in p["distinct_per_family"].items()) for p in pops)
-            health += "; family-genotype mutual information " + ", ".join(f"{p['mutual_information']:.2f} bits" for p in pops) + f" (distinct genotypes per family id: {per})"
-        out.append(f"- Architectures of `{method}` over the {pops[0]['tasks']} test tasks: distinct genotypes per seed {distinct}; the most common covers {top}{health}; {note}.")
-        if method == "metanet":
-            p = pops[0]
-            out += ["", "  Op frequency per candidate edge (seed 0, `metanet.export.op_frequency`; rows sum to 1):", ""]
-            out += ["  | edge | " + " | ".join(p["labels"]) + " |", "  |" + "---|" * (len(p["labels"]) + 1)]
-            for e, fr in zip(p["edges"], p["freq"]):
-                out.append(f"  | {e} | " + " | ".join(f"{v:.2f}" if v else "." for v in fr) + " |")
-            out.append("")
-            png = row["per_seed"][0].get("population_png")
-            if png:
-                out += [f"  ![metanet architectures over the test tasks]({figures_rel}/{png})", ""]
-    return (["Population view of the generated architectures:", ""] + out + [""]) if out else []
-
-
-def _fused(rows: dict[str, Any]) -> list[str]:
-    checks = [(m, s["fused_check"]) for m, row in rows.items() for s in row["per_seed"] if s.get("fused_check")]
-    if not checks:
-        return []
-    out = ["Fused vs unfused mixed ops (the meta-objective of a few test tasks in float64, the same trained weights, both paths):", ""]
-    for m, c in checks:
-        out.append(f"- `{m}` weights: fused {c['fused']:.6g}, unfused {c['unfused']:.6g}, |difference| {c['abs_diff']:.2g} (relative {c['rel_diff']:.2g}).")
-    if all(rows.get(m, {}).get("per_seed") for m in ("metanet", "metanet-unfused")):
-        a, b = rows["metanet"]["steps"], rows["metanet-unfused"]["steps"]
-        out.append(f"- In the same budget the fused run made {a:.0f} meta-steps and the unfused one {b:.0f} ({a / max(b, 1):.2f}x): "
-                   "fusion changes speed, not the function; the unfused row's accuracy differs only through the steps it did not get.")  # fmt: skip
-    return out + [""]
 
 
 def write_markdown(path: Path, data: dict[str, Any], figures_rel: str) -> None:
@@ -1233,7 +930,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tables.remove("miniimagenet")
             print(f"miniimagenet: skipped ({reason})")
     prev_threads = torch.get_num_threads()
-    saved_factory = TASKS["omniglot"]
     _worker_setup()
     t0 = time.perf_counter()
     try:
@@ -1241,12 +937,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{len(jobs)} runs into {runs}; outputs in {out}", flush=True)
         results = run_jobs(jobs, args.jobs)
     finally:
-        TASKS["omniglot"] = saved_factory
         torch.set_num_threads(prev_threads)
     json_path = figures / "results.json"
     data: dict[str, Any] = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "tables": {}, "skipped": {}}
     if json_path.is_file():  # merge: tables run by earlier commands stay
-        old = _from_json(json.loads(json_path.read_text()))
+        old = from_json(json.loads(json_path.read_text()))
         if old.get("format") == RESULTS_FORMAT and old.get("version") == RESULTS_VERSION:
             data = old
     for name in tables:
@@ -1256,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, why in skipped.items():
         if name not in data["tables"]:
             data["skipped"][name] = why
-    json_path.write_text(json.dumps(_to_json(data), indent=1, allow_nan=False))
+    json_path.write_text(json.dumps(to_json(data), indent=1, allow_nan=False))
     write_markdown(out / "RESULTS.md", data, "results")
     print(f"wrote {out / 'RESULTS.md'} and {figures}/ in {time.perf_counter() - t0:.1f} s")
     return data

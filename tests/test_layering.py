@@ -3,7 +3,7 @@
 Layers, lowest first; a module imports only from lower layers (or its own package's
 lower modules, for ``metanet.tasks``), at the top of the file or inside a function alike:
 
-    ops, checkpoint, compile, tasks -> space -> graph -> plan -> executor, export
+    ops, checkpoint, compile, results, tasks -> space -> graph -> plan -> executor, export
     -> encoders, generators, draw -> meta -> config, distributed -> rundir -> trainer
     -> network -> cli -> the package's __init__ and __main__
 """

@@ -1,0 +1,104 @@
+"""Peak memory of a second-order meta-step against the number of inner steps.
+
+Prints ONE JSON line. conv4 second-order MAML (5-way 1-shot, 15 queries, 28x28, the
+``bench_meta`` setting) at 1, 5, 10 and 20 inner steps: metanet's meta-step keeping every
+inner step's activations, metanet's with ``--checkpoint-steps`` (each inner step
+recomputed in the backward pass), and the clone-and-adapt loop a learn2learn user writes
+(one backward per task). Each figure is measured in a fresh process, after one
+warm-up step on one task: the rise of the peak resident set over the resident set just
+before the step (``ru_maxrss``), in MB; the step's wall time beside it. ``ratio_10_to_1`` is each path's 10-step peak over its
+1-step peak (the goal: at most 1.5 with checkpointing).
+
+    python scripts/bench_memory.py            # about 3 minutes on 2 cores
+    python scripts/bench_memory.py --quick    # 1 and 5 steps, meta-batch 2: seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench_meta import INNER_LR, conv4_module, copy_weights, episode  # scripts/bench_meta.py
+from metanet.meta import MetaNet, ModelConfig, meta_loss
+from metanet.space import load
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def clone_step(net: torch.nn.Sequential, ep, steps: int) -> None:
+    """learn2learn-style second-order MAML with ``steps`` inner steps, one backward per task."""
+    params = dict(net.named_parameters())
+    b = ep.support_x.shape[0]
+    for t in range(b):
+        fast = params
+        for _ in range(steps):
+            support = F.cross_entropy(torch.func.functional_call(net, fast, (ep.support_x[t],)), ep.support_y[t])
+            grads = torch.autograd.grad(support, list(fast.values()), create_graph=True)
+            fast = {k: p - INNER_LR * g for (k, p), g in zip(fast.items(), grads)}
+        query = F.cross_entropy(torch.func.functional_call(net, fast, (ep.query_x[t],)), ep.query_y[t])
+        (query / b).backward()
+
+
+def run(path: str, model: MetaNet, net: torch.nn.Sequential, ep, steps: int) -> None:
+    if path == "clone_loop":
+        clone_step(net, ep, steps)
+    else:
+        loss, _ = meta_loss(model, ep, inner_steps=steps, order="second", strategy="loop", checkpoint=path == "ours_checkpointed")
+        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+
+def one(path: str, steps: int, tasks: int) -> dict[str, float]:
+    """Build, then run one meta-step of ``path`` and measure its peak; in this process."""
+    torch.manual_seed(0)
+    model = MetaNet(load("conv4"), 0, ModelConfig(arch="fixed", weights="off", proto_head=False, inner_lr=INNER_LR))
+    ep = episode(tasks)
+    net = conv4_module(5)
+    copy_weights(model, net)
+    run(path, model, net, episode(1, seed=1), 1)  # first-call costs (kernels, their caches) are not the step's
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    run(path, model, net, ep, steps)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    return {"peak_rise_mb": round(peak - before, 1), "step_s": round(wall, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 and 5 inner steps, meta-batch 2")
+    ap.add_argument("--tasks", type=int, help="meta-batch (default: 8; quick: 2)")
+    ap.add_argument("--one", nargs=2, metavar=("PATH", "STEPS"), help=argparse.SUPPRESS)  # a child process
+    args = ap.parse_args()
+    tasks = args.tasks or (2 if args.quick else 8)
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), tasks)))
+        return
+    steps = (1, 5) if args.quick else (1, 5, 10, 20)
+    paths = ("ours", "ours_checkpointed", "clone_loop")
+    out: dict = {"bench": "memory", "quick": args.quick, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "network": "conv4",
+                 "setting": "5-way 1-shot, 15 queries, 28x28, second order", "meta_batch": tasks, "inner_steps": list(steps)}  # fmt: skip
+    here = Path(__file__).resolve()
+    for path in paths:
+        out[path] = {}
+        for k in steps:  # a fresh process per figure: peaks do not carry over
+            res = subprocess.run([sys.executable, str(here), "--one", path, str(k), "--tasks", str(tasks)], capture_output=True, text=True, check=True)
+            out[path][str(k)] = json.loads(res.stdout.strip().splitlines()[-1])
+    hi = "10" if "10" in out["ours"] else str(steps[-1])
+    out[f"ratio_{hi}_to_1"] = {p: round(out[p][hi]["peak_rise_mb"] / max(out[p]["1"]["peak_rise_mb"], 1e-9), 2) for p in paths}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
