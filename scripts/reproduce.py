@@ -72,9 +72,11 @@ class Method:
     search: bool = True  # searchable space (mlp_regression / conv_omniglot) or the fixed one
     tables: tuple[str, ...] = ("sinusoid", "multimodal", "omniglot")
     # the image tables beyond omniglot take only the main baselines and metanet
+    default: bool = True  # run unless --methods names others; False: only when named
 
 
 _FIXED = {"arch": "fixed", "weights": "off", "proto_head": False}
+_REMEDY_TABLES = ("multimodal", "omniglot", "multidomain")
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("maml", "MAML: fixed network, learned initial weights, second order", dict(_FIXED), search=False,
            tables=("sinusoid", "multimodal", "omniglot", "miniimagenet", "multidomain")),
@@ -96,6 +98,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("metanet-no-metadata", "ablation: task metadata withheld", {"use_metadata": False}, tables=("multimodal",)),
     Method("metanet-first-order", "ablation: first-order outer gradient", {"order": "first"}),
     Method("metanet-unfused", "ablation: unfused mixed ops (same maths, slower)", {"fused": False}),
+    # remedies against architecture collapse, one at a time and together; run when named (--methods)
+    *(Method(name, about, over, tables=_REMEDY_TABLES, default=False) for name, about, over in (
+        ("metanet-warmup", "remedy: the architecture generator frozen for the first 25% of the budget", {"arch_warmup": 0.25}),
+        ("metanet-archlr", "remedy: the architecture generator on its own learning rate, 3e-4", {"arch_lr": 3e-4}),
+        ("metanet-prior", "remedy: a prior against parameter-free ops (weight 0.5)", {"param_prior": 0.5}),
+        ("metanet-opdrop", "remedy: operation-level dropout of parameter-free ops, p = 0.3", {"op_dropout": 0.3}),
+        ("metanet-mlp", "remedy: an MLP (64 hidden) from the task embedding to the architecture", {"arch_hidden": 64}),
+        ("metanet-gumbel", "remedy: per-task Gumbel architectures, temperature 1 -> 0.3", {"gumbel": True, "final_temperature": 0.3}),
+        ("metanet-remedies", "remedies together: warm-up, prior, op dropout, MLP", {"arch_warmup": 0.25, "param_prior": 0.5, "op_dropout": 0.3, "arch_hidden": 64}),
+    )),
 )}  # fmt: skip
 
 
@@ -416,7 +428,7 @@ def settings_for(table: str, args: argparse.Namespace) -> list[Setting]:
 
 
 def methods_for(table: str, args: argparse.Namespace) -> list[Method]:
-    wanted = args.methods or list(METHODS)
+    wanted = args.methods or [m for m in METHODS if METHODS[m].default]
     return [METHODS[m] for m in wanted if table in METHODS[m].tables]
 
 
@@ -687,7 +699,10 @@ def write_markdown(path: Path, data: dict[str, Any], figures_rel: str) -> None:
         "| method | what | overrides | space |",
         "|---|---|---|---|",
     ]
+    present = {m for t in tables.values() for rows in t["rows"].values() for m in rows}
     for m in METHODS.values():
+        if not m.default and m.name not in present:  # a row run only when named: listed where it ran
+            continue
         ov = ", ".join(f"{k}={v}" for k, v in m.overrides.items()) or "(defaults: arch=conditional, weights=vae)"
         names = dict.fromkeys(t.search_space if m.search else t.fixed_space for t in shown if t.name in m.tables)
         if not names:  # the method has no row in the tables shown

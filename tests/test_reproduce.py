@@ -402,3 +402,13 @@ def test_precision_reaches_every_row_and_its_command(rp):
     default = rp.parse_args(["--table", "sinusoid", "--methods", "maml", "--shots", "5"])
     assert rp.make_config(table, setting, rp.METHODS["maml"], 0, default).precision == "fp32"
     assert "--precision" not in rp.row_command("sinusoid", setting.label, "maml", default)
+
+
+def test_remedy_rows_run_only_when_named_and_carry_their_options(rp, tmp_path):
+    remedies = [m for m in rp.METHODS.values() if not m.default]
+    assert {m.name for m in remedies} >= {"metanet-warmup", "metanet-prior", "metanet-opdrop", "metanet-mlp", "metanet-remedies"}
+    default = rp.plan_jobs(rp.parse_args(["--table", "multimodal"]), ["multimodal"], tmp_path, tmp_path)
+    assert not {j["method"] for j in default} & {m.name for m in remedies}
+    named = rp.plan_jobs(rp.parse_args(["--table", "multimodal", "--methods", "metanet", "metanet-remedies"]), ["multimodal"], tmp_path, tmp_path)
+    cfg = next(j["cfg"] for j in named if j["method"] == "metanet-remedies")
+    assert (cfg["arch_warmup"], cfg["param_prior"], cfg["op_dropout"], cfg["arch_hidden"]) == (0.25, 0.5, 0.3, 64)
