@@ -19,6 +19,8 @@ area averaging (antialiased) once, at construction.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import zipfile
@@ -171,6 +173,50 @@ def _to_strokes(images: np.ndarray, size: int) -> Tensor:
     return out  # (N, D, 1, S, S)
 
 
+def _signature(root: Path, file_split: str) -> tuple:
+    """What identifies a split file's contents: its path, size and modification time (a
+    PNG folder: its own and its alphabet folders' times; a drawing rewritten in place
+    without a new file keeps them, a case the memo below does not see)."""
+    npz, folder = root / f"images_{file_split}.npz", root / f"images_{file_split}"
+    sidecar = root / f"alphabets_{file_split}.json"
+    paths = [npz, sidecar] if npz.is_file() else [folder, *sorted(folder.glob("*"))] if folder.is_dir() else []
+    return tuple((str(p), st.st_size, st.st_mtime_ns) for p in paths if p.exists() and (st := p.stat()))
+
+
+@functools.lru_cache(maxsize=6)
+def _strokes(root: Path, file_split: str, signature: tuple, split: str, val_alphabets: tuple[str, ...], size: int) -> tuple[Tensor, tuple[str, ...] | None]:
+    """The strokes ``(characters, drawings, 1, S, S)`` and alphabets of one split, read and
+    resized once per process for a given file ``signature``: meta-training builds the
+    train split more than once (checks, then the run), and every scored job its test split."""
+    chars = _read_split(root, file_split)
+    if split in ("train", "val"):
+        chars = _by_alphabet(chars, split, val_alphabets)
+    return _to_strokes(chars.images, size), chars.alphabets
+
+
+def _by_alphabet(chars: _Characters, split: str, val_alphabets: tuple[str, ...]) -> _Characters:
+    """Keep the characters of the train or val alphabets of the background split."""
+    if chars.alphabets is None:
+        raise TaskError(
+            f"split {split!r} needs the alphabet of each character, which "
+            f"{chars.source} lacks: add alphabets_background.json beside it"
+        )
+    known = sorted(set(chars.alphabets))
+    if not val_alphabets:
+        raise TaskError("val_alphabets must name at least one background alphabet")
+    for name in val_alphabets:
+        if name not in known:
+            raise _unknown("val alphabet", name, known)
+    if set(val_alphabets) == set(known):
+        raise TaskError(
+            "val_alphabets hold every background alphabet, leaving none for 'train'"
+        )
+    want_val = split == "val"
+    keep = np.array([(a in val_alphabets) == want_val for a in chars.alphabets])
+    alphabets = tuple(a for a, k in zip(chars.alphabets, keep) if k)
+    return _Characters(chars.images[keep], alphabets, chars.source)
+
+
 @dataclass(frozen=True, eq=False)
 class Omniglot:
     """N-way K-shot classification episodes over Omniglot characters."""
@@ -203,44 +249,21 @@ class Omniglot:
         root = Path(self.root)
         if not root.is_dir():
             raise TaskError(f"root {str(root)!r} does not exist or is not a folder")
-        chars = _read_split(root, "evaluation" if self.split == "evaluation" else "background")
-        if self.split in ("train", "val"):
-            chars = self._by_alphabet(chars)
-        n_drawings = chars.images.shape[1]
+        file_split = "evaluation" if self.split == "evaluation" else "background"
+        strokes, alphabets = _strokes(root.resolve(), file_split, _signature(root, file_split), self.split, self.val_alphabets, self.image_size)
+        n_drawings = strokes.shape[1]
         if self.shots + self.queries > n_drawings:
             raise TaskError(
                 f"shots + queries = {self.shots + self.queries} exceeds the {n_drawings} "
                 f"drawings per character"
             )
-        n_classes = len(chars.images) * (4 if self.rotations else 1)
+        n_classes = len(strokes) * (4 if self.rotations else 1)
         if self.ways > n_classes:
             raise TaskError(
                 f"ways = {self.ways} exceeds the {n_classes} classes of split {self.split!r}"
             )
-        object.__setattr__(self, "images", _to_strokes(chars.images, self.image_size))
-        object.__setattr__(self, "character_alphabets", chars.alphabets)
-
-    def _by_alphabet(self, chars: _Characters) -> _Characters:
-        """Keep the characters of the train or val alphabets of the background split."""
-        if chars.alphabets is None:
-            raise TaskError(
-                f"split {self.split!r} needs the alphabet of each character, which "
-                f"{chars.source} lacks: add alphabets_background.json beside it"
-            )
-        known = sorted(set(chars.alphabets))
-        if not self.val_alphabets:
-            raise TaskError("val_alphabets must name at least one background alphabet")
-        for name in self.val_alphabets:
-            if name not in known:
-                raise _unknown("val alphabet", name, known)
-        if set(self.val_alphabets) == set(known):
-            raise TaskError(
-                "val_alphabets hold every background alphabet, leaving none for 'train'"
-            )
-        want_val = self.split == "val"
-        keep = np.array([(a in self.val_alphabets) == want_val for a in chars.alphabets])
-        alphabets = tuple(a for a, k in zip(chars.alphabets, keep) if k)
-        return _Characters(chars.images[keep], alphabets, chars.source)
+        object.__setattr__(self, "images", strokes)
+        object.__setattr__(self, "character_alphabets", alphabets)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
