@@ -26,7 +26,7 @@ import yaml
 
 from .executor import STRATEGIES as _EXEC_STRATEGIES
 from .generators import ARCH_MODES, WEIGHT_MODES
-from .meta import ORDERS, PRECISIONS, ModelConfig
+from .meta import INNER_OPTIMIZERS, ORDERS, PRECISIONS, ModelConfig
 from .tasks.base import did_you_mean
 
 __all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "validate_config", "task_defaults", "add_train_options", "config_from_options", "option_flag", "number_type", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
@@ -141,7 +141,8 @@ class TrainConfig:
     dim: int = _model("dim", "pos_int", "task embedding size")
     latent: int = _model("latent", "pos_int", "VAE latent size")
     inner_lr: float = _model("inner_lr", "pos_float", "inner-loop step size")
-    meta_sgd: bool = _model("meta_sgd", "bool", "learn a step size per weight (Meta-SGD)")
+    meta_sgd: bool = _model("meta_sgd", "bool", "learn a step size per weight (Meta-SGD; the same as --inner-optimizer metasgd)")
+    inner_optimizer: str = _model("inner_optimizer", INNER_OPTIMIZERS, "the inner loop's update: sgd, metasgd (a learned step size per weight) or lstm (a coordinate-wise LSTM meta-learner, Ravi & Larochelle 2017, starting as SGD)")
     adapt_alpha: bool = _model("adapt_alpha", "bool", "adapt the architecture logits in the inner loop too")
     use_metadata: bool = _model("use_metadata", "bool", "withhold task metadata (family or domain id) from the generators", flag="--no-metadata")
     fused: bool = _model("fused", "bool", "run mixed ops unfused (the reference path)", flag="--no-fused")
@@ -190,6 +191,8 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {f.name} must be {_CHECKS[check][0]}, got {v!r}")
     if cfg.steps is not None and cfg.minutes is not None:
         raise ConfigError(f"{source}: steps={cfg.steps} and minutes={cfg.minutes} both given; a run has one budget, give one of them")
+    if cfg.checkpoint_steps and cfg.inner_optimizer == "lstm":
+        raise ConfigError(f"{source}: checkpoint_steps does not carry the LSTM inner optimizer's state through a recomputed step; use one or the other")
     if cfg.compile and cfg.precision != "fp32":
         # Measured: the compiled bf16 sinusoid step differed from eager bf16 by 1.8e-4, and
         # bf16 meta-gradients differ from fp32 ones by per cent; a tolerance that admits

@@ -32,6 +32,7 @@ from .encoders import TaskEncoder
 from .executor import Plan, compile, forward_genotype, run
 from .generators import ArchitectureGenerator, WeightGenerator, safe_name
 from .graph import Genotype, discretise
+from .inner import LSTMRule
 from .space import SearchSpace
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "outer_loss",
     "sgd",
     "ORDERS",
+    "INNER_OPTIMIZERS",
     "PRECISIONS",
     "precision",
     "cpu_bf16_units",
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 ORDERS = ("second", "first", "reptile")
+INNER_OPTIMIZERS = ("sgd", "metasgd", "lstm")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -71,6 +74,7 @@ class ModelConfig:
     fused: bool = True  # merged mixed ops (exact)
     proto_head: bool = True  # classification: head weights from class prototypes of the network's features
     arch_hidden: int = 0  # conditional architectures: 0 a linear map from the embedding, else an MLP's hidden units
+    inner_optimizer: str = "sgd"  # sgd | metasgd (= meta_sgd) | lstm (inner.LSTMRule, meta-learned)
 
 
 @dataclass
@@ -176,11 +180,14 @@ class MetaNet(nn.Module):
         self.weights = WeightGenerator(self.plan, config.dim, config.latent, config.weights)
         self.proto = config.proto_head and self.kind == "classification"
         self.proto_scale = nn.Parameter(torch.zeros(())) if self.proto else None  # log scale
+        if config.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner_optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, got {config.inner_optimizer!r}")
         self.lrs = (
             nn.ParameterDict({safe_name(s.name): nn.Parameter(torch.full(s.shape, config.inner_lr)) for s in self.plan.slots})
-            if config.meta_sgd
+            if config.meta_sgd or config.inner_optimizer == "metasgd"
             else None
         )
+        self.inner_rule = LSTMRule() if config.inner_optimizer == "lstm" else None
 
     def forward(self, episode, **kwargs) -> tuple[Tensor, dict[str, float]]:
         """The meta-objective of a meta-batch (see ``meta_loss`` for the keyword arguments)."""
@@ -268,12 +275,12 @@ class MetaNet(nn.Module):
             p = dict(p)
             logits = p.pop(_LOGITS, None)
             a = self.arch.weights(logits, temperature) if adapt_alpha else c["alpha"]
-            return task_loss(self.kind, self.predict(a, p, x, strategy), y).sum()
+            return task_loss(self.kind, self.predict(a, p, x, strategy), y)
 
         def lr(name: str, c: dict[str, Tensor]) -> Tensor | float:
             return self.config.alpha_lr if name == _LOGITS else c.get(f"lr:{name}", self.config.inner_lr)
 
-        params = sgd(support_loss, start, steps, lr, create_graph=create_graph, context=context, checkpoint=checkpoint)
+        params = sgd(support_loss, start, steps, lr, create_graph=create_graph, context=context, checkpoint=checkpoint, rule=self.inner_rule)
         if not create_graph:
             params = {k: start[k] + (params[k] - start[k]).detach() for k in params}
         logits = params.pop(_LOGITS, None)
@@ -286,29 +293,45 @@ Loss = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
 StepSize = Callable[[str, dict[str, Tensor]], "Tensor | float"]
 
 
-def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, create_graph: bool, context: Mapping[str, Tensor] | None = None, checkpoint: bool = False) -> dict[str, Tensor]:
-    """The inner loop of training and of evaluation: ``steps`` SGD steps on ``loss`` from ``params``.
+def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, create_graph: bool, context: Mapping[str, Tensor] | None = None, checkpoint: bool = False, rule: LSTMRule | None = None) -> dict[str, Tensor]:
+    """The inner loop of training and of evaluation: ``steps`` steps on ``loss`` from ``params``.
 
-    ``loss(params, context)`` and ``lr(name, context)`` see ``context``: the tensors the
-    steps read but do not adapt (the op weights, Meta-SGD step sizes), which the outer
-    gradient reaches. ``create_graph=True``: differentiable steps (second-order MAML),
-    taken with ``torch.func.grad``, which gives PARTIAL derivatives with respect to each
-    tensor even where one generated weight depends on another (the prototype head on the
-    body). With ``checkpoint`` each such step keeps only its inputs and is recomputed in
-    the backward pass (``_Recompute``): memory for the activations of one step instead of
-    ``steps``, for one more forward per step; the meta-gradient is the same.
+    ``loss(params, context)`` gives the support loss per task (``(B,)``, or a scalar for
+    one task); the steps descend their sum. ``loss`` and ``lr(name, context)`` see
+    ``context``: the tensors the steps read but do not adapt (the op weights, Meta-SGD
+    step sizes), which the outer gradient reaches. Each step is SGD, ``v - lr * g``, or
+    with ``rule`` the learned LSTM update (``inner.LSTMRule``), which also reads each
+    task's loss and keeps a state per weight across the steps.
+
+    ``create_graph=True``: differentiable steps (second-order MAML), taken with
+    ``torch.func.grad``, which gives PARTIAL derivatives with respect to each tensor even
+    where one generated weight depends on another (the prototype head on the body). With
+    ``checkpoint`` each such step keeps only its inputs and is recomputed in the backward
+    pass (``_Recompute``): memory for the activations of one step instead of ``steps``,
+    for one more forward per step; the meta-gradient is the same (not with ``rule``).
     ``create_graph=False``: steps from detached copies, taken with ``torch.autograd.grad``
     (nothing differentiates them again, so the backward runs native kernels); returns
     detached tensors. A tensor that does not reach the loss (every edge after it dropped)
     takes a zero step.
     """
     context = dict(context or {})
+    if checkpoint and rule is not None:
+        raise ValueError("checkpointed inner steps do not carry a learned rule's state; use one or the other")
+    states: dict[str, Any] = {}
+
+    def update(k: str, v: Tensor, g: Tensor, per_task: Tensor, c: dict[str, Tensor]) -> Tensor:
+        if rule is None:
+            return v - lr(k, c) * g
+        task_loss_ = per_task.reshape(*per_task.shape, *([1] * (v.dim() - per_task.dim())))
+        new, states[k] = rule.step(v, g, task_loss_, lr(k, c), states.get(k))
+        return new
+
     if create_graph:
-        grad_fn = torch.func.grad(loss)
+        grad_fn = torch.func.grad(lambda p, c: (lambda per: (per.sum(), per))(loss(p, c)), has_aux=True)
 
         def step(p: dict[str, Tensor], c: dict[str, Tensor]) -> dict[str, Tensor]:
-            grads = grad_fn(p, c)
-            return {k: v - lr(k, c) * grads[k] for k, v in p.items()}
+            grads, per_task = grad_fn(p, c)
+            return {k: update(k, v, grads[k], per_task, c) for k, v in p.items()}
 
         params = dict(params)
         for _ in range(steps):
@@ -317,8 +340,10 @@ def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, c
     params = {k: v.detach().requires_grad_() for k, v in params.items()}
     with torch.enable_grad():
         for _ in range(steps):
-            grads = torch.autograd.grad(loss(params, context), list(params.values()), allow_unused=True)
-            params = {k: (v if g is None else v - lr(k, context) * g).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
+            per_task = loss(params, context)
+            grads = torch.autograd.grad(per_task.sum(), list(params.values()), allow_unused=True)
+            with torch.no_grad():
+                params = {k: (v if g is None else update(k, v, g, per_task, context)).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
     return {k: v.detach() for k, v in params.items()}
 
 
@@ -408,11 +433,11 @@ def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, ord
 # --------------------------------------------------------------------- evaluation path
 
 
-def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: Callable[[str], Tensor | float], kind: str) -> dict[str, Tensor]:
+def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: Callable[[str], Tensor | float], kind: str, rule: LSTMRule | None = None) -> dict[str, Tensor]:
     """``steps`` SGD steps (``sgd``, the training inner loop's routine) of one task's
     discrete network on ``(x, y)``; returns new weights. Where every edge into a cell was
     dropped, the weights before it do not reach the output, and their step is zero."""
-    return sgd(lambda p, c: task_loss(kind, forward_genotype(plan, genotype, p, x), y), params, steps, lambda name, c: lr(name), create_graph=False)
+    return sgd(lambda p, c: task_loss(kind, forward_genotype(plan, genotype, p, x), y), params, steps, lambda name, c: lr(name), create_graph=False, rule=rule)
 
 
 @dataclass
@@ -454,7 +479,7 @@ def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y
 
     Returns the query metric (accuracy or MSE) and the adapted weights.
     """
-    params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, model.step_size, model.kind)
+    params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, model.step_size, model.kind, model.inner_rule)
     with torch.no_grad():
         pred = forward_genotype(model.plan, net.genotype, params, query_x)
     return float(task_metric(model.kind, pred[None], query_y[None])[0]), params

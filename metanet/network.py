@@ -537,7 +537,7 @@ def _generate(model: MetaNet, x: Tensor, y: Tensor, meta: Tensor | None, adapt_s
         adapt_ms = 0.0
         if adapt_steps:
             start = time.perf_counter()
-            params = adapt_discrete(model.plan, net.genotype, net.params, x[b], y[b], adapt_steps, model.step_size, model.kind)
+            params = adapt_discrete(model.plan, net.genotype, net.params, x[b], y[b], adapt_steps, model.step_size, model.kind, model.inner_rule)
             with torch.no_grad():
                 for name, value in params.items():
                     getattr(module, safe_name(name)).copy_(value)

@@ -33,7 +33,7 @@ LAYERS = [
     {"graph"},
     {"plan"},
     {"executor", "export"},
-    {"encoders", "generators", "draw"},
+    {"encoders", "generators", "draw", "inner"},
     {"meta"},
     {"config", "distributed"},
     {"rundir"},
