@@ -124,7 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.resume:
-        given = [option_flag(k) for k, v in vars(args).items() if k not in _RUN_OPTIONS and v not in (None, False)]
+        # every config option is None unless given; --first-order and --reptile are False
+        given = [option_flag(k) for k, v in vars(args).items() if k not in _RUN_OPTIONS and v is not None and not (k in ("first_order", "reptile") and v is False)]
         if given:
             raise UsageError(f"train --resume: {given[0]} cannot change a run being resumed (its config.yaml holds the settings)")
         if args.overwrite:
@@ -270,7 +271,7 @@ def _has_matplotlib() -> bool:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import warnings
 
-    from .network import generate
+    from .network import ProductWarning, generate
     from .trainer import load_run
 
     out, run = Path(args.out), Path(args.run)
@@ -287,10 +288,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         metadata = npz_meta
     net = _generate_checked("generate", generate, model, x, y, metadata, args.adapt_steps, args.sample)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        net.save(out, support_y=y, about={"run": str(run), "support": f"{args.support} ({x.shape[0]} examples)"})
+        warnings.simplefilter("always", ProductWarning)
+        net.save(out, support_y=y, about={"run": str(run), "support": f"{args.support} ({x.shape[0]} examples)"}, replace=True)
     for w in caught:
-        print(f"metanet: warning: {w.message}", file=sys.stderr)
+        if issubclass(w.category, ProductWarning):
+            print(f"metanet: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     print((out / "summary.txt").read_text().split("\n\n")[0])
     print(f"wrote {out}/")
     return 0

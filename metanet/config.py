@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,7 @@ from .tasks.base import did_you_mean
 
 __all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "validate_config", "task_defaults", "add_train_options", "config_from_options", "option_flag", "number_type", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
 
+log = logging.getLogger(__name__)
 DEFAULT_STEPS = 1000  # the budget of a config that names neither steps nor minutes
 STRATEGIES = ("auto", *_EXEC_STRATEGIES)  # auto: time the executor's on the first step
 SCHEDULES = ("cosine", "constant")
@@ -99,7 +101,7 @@ class TrainConfig:
     shots: int = _field(5, "pos_int", "support examples per class (regression: per task)")
     queries: int = _field(10, "pos_int", "query examples per class (regression: per task) that score the adapted network")
     data_root: str | None = _field(None, "opt_name", "dataset folder (omniglot, miniimagenet, images); for multidomain the folder that holds the named domains (default: ../shared/data)")
-    rotations: bool = _field(True, "bool", "omniglot: rotated characters (90, 180, 270 degrees) as new classes", flag="--no-rotations")
+    rotations: bool = _field(True, "bool", "omniglot: no rotated characters (90, 180, 270 degrees) as new classes", flag="--no-rotations")
     split_file: str | None = _field(None, "opt_name", "images: CSV of class,split lines assigning classes to train/val/test (default: a seeded 60/20/20 split of the classes)")
     domains: str | None = _field(None, "opt_name", "multidomain: comma-separated domains: omniglot, miniimagenet, a folder name under --data-root, or NAME=FOLDER (default: omniglot,miniimagenet,chars74k_fnt)")
     domain_weights: str | None = _field(None, "weights", "multidomain: comma-separated sampling weights, one per domain (default: equal)")
@@ -150,9 +152,15 @@ class TrainConfig:
     arch_hidden: int = _model("arch_hidden", "nonneg_int", "conditional architectures: hidden units of an MLP from the task embedding to the architecture logits (0: a linear map)")
 
     def __post_init__(self) -> None:
-        if self.steps is None and self.minutes is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS)
         validate_config(self)
+
+    @property
+    def max_steps(self) -> int | None:
+        """The step budget: ``steps``, else ``DEFAULT_STEPS`` when no ``minutes`` are given,
+        else None (a time budget)."""
+        if self.steps is not None:
+            return self.steps
+        return DEFAULT_STEPS if self.minutes is None else None
 
     @classmethod
     def for_tasks(cls, tasks: str = "sinusoid", **given: Any) -> TrainConfig:
@@ -174,6 +182,10 @@ class TrainConfig:
         unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
             raise ConfigError(f"{source}: unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), known)}")
+        if data.get("steps") is not None and data.get("minutes") is not None:
+            # written before a run had one budget: the steps ended such a run
+            log.warning("%s: steps and minutes both given; reading it as the run it was, steps=%s", source, data["steps"])
+            data = {**data, "minutes": None}
         try:
             return cls(**data)
         except ConfigError as e:  # the same check, named after the file
@@ -191,6 +203,10 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {f.name} must be {_CHECKS[check][0]}, got {v!r}")
     if cfg.steps is not None and cfg.minutes is not None:
         raise ConfigError(f"{source}: steps={cfg.steps} and minutes={cfg.minutes} both given; a run has one budget, give one of them")
+    if cfg.checkpoint_steps and cfg.precision != "fp32":
+        raise ConfigError(f"{source}: checkpoint_steps needs precision fp32: a recomputed step runs outside the forward's autocast; use one or the other")
+    if cfg.op_dropout > 0 and cfg.adapt_alpha:
+        raise ConfigError(f"{source}: op_dropout does not reach an inner loop that adapts the architecture (adapt_alpha); use one or the other")
     if cfg.checkpoint_steps and cfg.inner_optimizer == "lstm":
         raise ConfigError(f"{source}: checkpoint_steps does not carry the LSTM inner optimizer's state through a recomputed step; use one or the other")
     if cfg.compile and cfg.precision != "fp32":
@@ -247,7 +263,7 @@ def option_flag(name: str) -> str:
 
 
 def _per_task(name: str) -> str:
-    """``", omniglot: 15, ..."``: the task distributions whose own default differs."""
+    """``"; omniglot: 15, images: 15"``: the task distributions with their own default."""
     from .tasks import TASKS
 
     own = [f"{task}: {defaults[name]}" for task, cls in TASKS.items() if name in (defaults := getattr(cls, "train_defaults", {}))]

@@ -337,7 +337,7 @@ def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, c
         for _ in range(steps):
             params = _recomputed(step, params, context) if checkpoint else step(params, context)
         return params
-    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     with torch.enable_grad():
         for _ in range(steps):
             per_task = loss(params, context)

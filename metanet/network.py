@@ -56,6 +56,7 @@ from .tasks import Episode
 
 __all__ = [
     "GenerateError",
+    "ProductWarning",
     "DiscreteNetwork",
     "GeneratedNetwork",
     "generate",
@@ -71,6 +72,10 @@ __all__ = [
 FORMAT = "metanet.generated"
 FORMAT_VERSION = 1
 OPTIMIZERS = ("sgd", "adam")
+
+
+class ProductWarning(UserWarning):
+    """A part of a network product that could not be written (the rest was)."""
 
 
 class GenerateError(ValueError):
@@ -279,27 +284,38 @@ class GeneratedNetwork:
             "params": self.num_params(),
         }
 
-    def save(self, folder: str | Path, *, support_y: Tensor | None = None, about: Mapping[str, str] | None = None) -> Path:
-        """Write the whole network product to ``folder`` at once, replacing what is there.
+    def save(self, folder: str | Path, *, support_y: Tensor | None = None, about: Mapping[str, str] | None = None, replace: bool = False) -> Path:
+        """Write the whole network product to ``folder`` at once.
 
         The files: ``genotype.json``, ``weights.safetensors``, ``space.yaml`` and
         ``network.json`` (what ``load_generated`` reads), ``model.pt2`` (``torch.export``,
         any batch size), ``graph.json``, ``graph.graphml``, ``graph.dot``, ``graph.png``
         (with matplotlib), ``alpha.txt`` (the soft encoding) and ``summary.txt``. They are
-        written into a temporary sibling folder that is then renamed to ``folder``, so
-        ``folder`` holds the old product or the whole new one, never a part; after an
-        error the old folder is back and no temporary one is left.
+        written into a temporary sibling folder that is then renamed to ``folder``: a
+        reader finds the old product or the whole new one, never a part of one, and after
+        an error the old folder is back and no temporary one is left (a process killed
+        between the two renames leaves the old folder as ``.NAME.old-PID`` beside it).
 
         A ``torch.export`` failure or a missing matplotlib does not lose the rest: the file
-        is left out, ``summary.txt`` says why, and a ``UserWarning`` is issued.
+        is left out, ``summary.txt`` says why, and a ``ProductWarning`` is issued.
 
         Args:
-            folder: the product folder (created; an existing one is replaced).
+            folder: the product folder: created, or replaced if it is empty or holds a
+                saved network (``network.json``); any other folder only with ``replace``.
             support_y: the support targets of ``example_x``; ``summary.txt`` then gives
                 the network's support loss and metric.
             about: leading ``key: value`` lines of ``summary.txt`` (e.g. the run).
+            replace: replace ``folder`` whatever it holds.
+
+        Raises:
+            GenerateError: ``folder`` is a file, or a non-empty folder that is not a saved
+                network, without ``replace``.
         """
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise GenerateError(f"{folder} is a file; give a folder for the network")
+        if not replace and folder.is_dir() and any(folder.iterdir()) and not (folder / "network.json").is_file():
+            raise GenerateError(f"{folder} is not empty and holds no saved network; give replace=True to replace it")
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
         old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -331,7 +347,7 @@ class GeneratedNetwork:
             self.export(folder / "model.pt2")
         except Exception as e:  # noqa: BLE001 -- an export limitation must not lose the rest
             exported = f"model.pt2 not written: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            warnings.warn(exported, stacklevel=3)
+            warnings.warn(exported, ProductWarning, stacklevel=3)
         g = self.graph()
         ckpt.atomic_write_bytes(folder / "graph.json", (ex.to_json(g) + "\n").encode())
         ex.to_graphml(g, folder / "graph.graphml")

@@ -122,8 +122,10 @@ class ExecOptions:
 class Plan:
     """A compiled search space: static structure, weight slots and execution choices.
 
-    Build with ``compile(space, options)``: the layout flags are worked out together there
-    and checked here, so a plan cannot carry a combination that ``compile`` would not make.
+    Build with ``compile(space, options)``: the layout flags are worked out together there;
+    ``__post_init__`` refuses the combinations that cannot run (channels-last without the
+    channels-last stem, the stem without im2col and batch norm), not every one that
+    ``compile`` would not choose.
     """
 
     space: SearchSpace

@@ -124,7 +124,7 @@ def calibrate_strategy(model: MetaNet, episode: Episode, cfg: TrainConfig, repea
         for _ in range(repeats):
             t = time.perf_counter()
             with precision(cfg.precision, episode.support_x.device):
-                loss, _ = meta_loss(model, episode, inner_steps=cfg.inner_steps, order=cfg.order, strategy=strategy)
+                loss, _ = meta_loss(model, episode, inner_steps=cfg.inner_steps, order=cfg.order, strategy=strategy, checkpoint=cfg.checkpoint_steps, op_dropout=cfg.op_dropout, param_prior=cfg.param_prior)
             torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
             best = min(best, time.perf_counter() - t)
         times[strategy] = best
@@ -278,7 +278,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
 
 def _loop(run: _Run, progress: bool, stop_after: int | None) -> dict[str, Any]:
     """The outer loop: step until the budget is spent, validating and checkpointing on schedule."""
-    shown = _Progress(run.cfg.steps, run.state["step"]) if progress and run.ctx.is_main else None
+    shown = _Progress(run.cfg.max_steps, run.state["step"]) if progress and run.ctx.is_main else None
     done_here = 0
     try:
         while not run.spent():
@@ -317,10 +317,11 @@ def _prepare(cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) 
     return _Setup(cfg, None, None)
 
 
-def _agreed_setup(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) -> tuple[_Setup, tuple[SearchSpace, TaskDistribution] | None]:
-    """Rank 0 checks everything (config, space, tasks) and tells the others, so that a
-    mistake is one error on every rank rather than a hang. Returns the setup, and on rank
-    0 the space and training tasks it built (kept: an image dataset is slow to build)."""
+def _agreed_setup(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) -> tuple[_Setup, tuple[SearchSpace, TaskDistribution, list[Episode]] | None]:
+    """Rank 0 checks everything (config, space, tasks, validation tasks) and tells the
+    others, so that a mistake is one error on every rank rather than a hang. Returns the
+    setup, and on rank 0 the space, training tasks and validation episodes it built
+    (kept: an image dataset is slow to build)."""
     setup: _Setup | BaseException | None = None
     built = None
     if ctx.is_main:
@@ -329,7 +330,9 @@ def _agreed_setup(ctx: distributed.Context, cfg: TrainConfig | None, out: Path, 
             space = build_space(setup.cfg, setup.space_text)
             tasks = build_tasks(setup.cfg, "train", space=space)
             check_tasks(setup.cfg, space, tasks, ctx.world_size)
-            built = (space, tasks)
+            c = setup.cfg
+            val = build_tasks(c, "val", queries=c.queries, space=space)
+            built = (space, tasks, fixed_episodes(val, c.val_tasks, min(c.meta_batch, c.val_tasks), seed=c.seed + 10_000))
         except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
             setup = e
     setup = ctx.broadcast_object(setup if ctx.is_main else None)
@@ -347,16 +350,12 @@ class _Run:
     non-finite counts, task strategy) is what a checkpoint carries besides the weights.
     """
 
-    def __init__(self, ctx: distributed.Context, setup: _Setup, out: Path, resume: bool, built: tuple[SearchSpace, TaskDistribution] | None = None) -> None:
+    def __init__(self, ctx: distributed.Context, setup: _Setup, out: Path, resume: bool, built: tuple[SearchSpace, TaskDistribution, list[Episode]] | None = None) -> None:
         cfg = self.cfg = setup.cfg
         self.ctx, self.out = ctx, out
-        if built is None:  # a rank other than 0
-            built = (space := build_space(cfg, setup.space_text)), build_tasks(cfg, "train", space=space)
-        self.space, self.tasks = built
-        self.val_episodes: list[Episode] = []
-        if ctx.is_main:
-            val = build_tasks(cfg, "val", queries=cfg.queries, space=self.space)
-            self.val_episodes = fixed_episodes(val, cfg.val_tasks, min(cfg.meta_batch, cfg.val_tasks), seed=cfg.seed + 10_000)
+        if built is None:  # a rank other than 0: no validation
+            built = (space := build_space(cfg, setup.space_text)), build_tasks(cfg, "train", space=space), []
+        self.space, self.tasks, self.val_episodes = built
         self.model = build_model(cfg, self.space, self.tasks.n_families).to(ctx.device)
         self.arch_params = list(self.model.arch.parameters())
         arch_ids = {id(p) for p in self.arch_params}
@@ -403,12 +402,12 @@ class _Run:
 
     def progress(self) -> float:
         """The share of the budget spent (steps, or minutes of wall clock)."""
-        if self.cfg.steps is not None:
-            return self.state["step"] / self.cfg.steps
+        if self.cfg.max_steps is not None:
+            return self.state["step"] / self.cfg.max_steps
         return self.state["elapsed"] / (60.0 * self.cfg.minutes)
 
     def spent(self) -> bool:
-        if self.ctx.distributed and self.cfg.steps is None:  # the time budget ends on the same step everywhere
+        if self.ctx.distributed and self.cfg.max_steps is None:  # the time budget ends on the same step everywhere
             self._elapsed_t[0] = self.state["elapsed"]
             self.state["elapsed"] = float(self.ctx.broadcast(self._elapsed_t)[0])
         return self.progress() >= 1.0

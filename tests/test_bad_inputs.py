@@ -150,6 +150,8 @@ def test_train_refuses_a_file_as_out_and_an_existing_run(run_dir, tmp_path, caps
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     one_line_error(*run_cli(["train", "--out", run_dir], capsys)[::2], "already holds a run; use --resume to continue it or --overwrite to start again")
     one_line_error(*run_cli(["train", "--resume", "--steps", "9", "--out", run_dir], capsys)[::2], "train --resume: --steps cannot change a run being resumed")
+    one_line_error(*run_cli(["train", "--resume", "--no-fused", "--out", run_dir], capsys)[::2], "train --resume: --no-fused cannot change a run being resumed")
+    one_line_error(*run_cli(["train", "--resume", "--inner-steps", "0", "--out", run_dir], capsys)[::2], "train --resume: --inner-steps cannot change a run being resumed")
     one_line_error(*run_cli(["train", "--resume", "--overwrite", "--out", run_dir], capsys)[::2], "--resume and --overwrite exclude each other")
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 

@@ -14,9 +14,10 @@ from metanet.trainer import train
 
 
 def test_minutes_alone_is_the_budget_and_no_budget_is_the_default_steps() -> None:
-    assert (TrainConfig(minutes=3).steps, TrainConfig(minutes=3).minutes) == (None, 3)
-    assert (TrainConfig().steps, TrainConfig().minutes) == (DEFAULT_STEPS, None)
-    assert (TrainConfig(steps=7).steps, TrainConfig(steps=7).minutes) == (7, None)
+    assert (TrainConfig(minutes=3).max_steps, TrainConfig(minutes=3).minutes) == (None, 3)
+    assert (TrainConfig().steps, TrainConfig().max_steps, TrainConfig().minutes) == (None, DEFAULT_STEPS, None)
+    assert (TrainConfig(steps=7).max_steps, TrainConfig(steps=7).minutes) == (7, None)
+    assert dataclasses.replace(TrainConfig(), minutes=5.0).max_steps is None  # the default is not a given budget
 
 
 def test_a_minutes_run_trains_for_its_minutes(tmp_path) -> None:
@@ -35,6 +36,8 @@ def test_a_minutes_run_trains_for_its_minutes(tmp_path) -> None:
         ({"hard": 1}, "config: hard must be true or false, got 1"),
         ({"domain_weights": "1,x"}, "config: domain_weights must be comma-separated numbers >= 0 with a positive sum, one per domain, got '1,x'"),
         ({"minutes": -1.0}, "config: minutes must be a finite number > 0 or null, got -1.0"),
+        ({"checkpoint_steps": True, "precision": "bf16"}, "config: checkpoint_steps needs precision fp32: a recomputed step runs outside the forward's autocast; use one or the other"),
+        ({"op_dropout": 0.2, "adapt_alpha": True}, "config: op_dropout does not reach an inner loop that adapts the architecture (adapt_alpha); use one or the other"),
     ],
 )
 def test_a_bad_config_is_refused_when_built(given: dict, message: str) -> None:
@@ -47,6 +50,12 @@ def test_replace_cannot_make_a_contradiction() -> None:
     with pytest.raises(ConfigError, match="both given"):
         dataclasses.replace(TrainConfig(steps=5), minutes=1.0)
     assert dataclasses.replace(TrainConfig(steps=5), steps=None, minutes=1.0).minutes == 1.0
+
+
+def test_a_config_written_with_both_budgets_reads_as_the_steps_run_it_was(caplog) -> None:
+    with caplog.at_level("WARNING", logger="metanet.config"):
+        cfg = TrainConfig.from_dict({"steps": 1000, "minutes": 3.0}, "old/config.yaml")
+    assert (cfg.steps, cfg.minutes) == (1000, None) and "old/config.yaml: steps and minutes both given" in caplog.text
 
 
 def test_from_dict_names_the_file() -> None:

@@ -120,12 +120,21 @@ def _modules() -> list[types.ModuleType]:
     return [importlib.import_module(n) for n in names if not n.endswith("__main__")]
 
 
+# Module-level memo caches of pure functions (the same arguments, the same value): they
+# fill at run time without changing what anything computes. Any other cache is state.
+PURE_CACHES = {"metanet.plan._constant_kernel", "metanet.executor._constant_kernel", "metanet.tasks.omniglot._strokes"}
+
+
 def _state(modules: list[types.ModuleType]) -> dict[tuple[str, str], object]:
-    """Every module-level binding: the object's identity, and a deep copy of plain data."""
+    """Every module-level binding: the object's identity, and a deep copy of plain data;
+    for a memo cache outside ``PURE_CACHES``, its size."""
     out: dict[tuple[str, str], object] = {}
     for mod in modules:
         for name, value in vars(mod).items():
             if name.startswith("__") or isinstance(value, types.ModuleType):
+                continue
+            if hasattr(value, "cache_info") and f"{mod.__name__}.{name}" not in PURE_CACHES:
+                out[(mod.__name__, name)] = (id(value), value.cache_info().currsize)
                 continue
             try:
                 data = copy.deepcopy(value) if isinstance(value, (dict, list, set, tuple, int, float, str, bool, frozenset, type(None))) else None
@@ -178,3 +187,13 @@ def test_the_state_check_sees_a_flipped_switch_and_a_grown_cache() -> None:
     mod.CACHE["k"] = 1
     mod.fn = sum
     assert sorted(_diff(before, _state([mod]))) == ["fake.CACHE", "fake.SWITCH", "fake.fn"]
+
+
+def test_the_state_check_sees_a_cache_that_is_not_declared_pure() -> None:
+    import functools
+
+    mod = types.ModuleType("fake")
+    mod.memo = functools.lru_cache(maxsize=None)(lambda x: x)
+    before = _state([mod])
+    mod.memo(1)
+    assert _diff(before, _state([mod])) == ["fake.memo"]

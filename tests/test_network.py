@@ -124,7 +124,8 @@ def test_saved_network_reloads_from_its_files_alone(name, tmp_path):
     sx, sy, qx, _ = _task(name)
     net = generate(model, sx, sy, adapt_steps=1)
     net.save(tmp_path / "net")
-    assert sorted(p.name for p in (tmp_path / "net").iterdir()) == ["genotype.json", "network.json", "space.yaml", "weights.safetensors"]
+    # the whole product (what load_generated reads, and the exports, graphs and summary)
+    assert sorted(p.name for p in (tmp_path / "net").iterdir()) == ["alpha.txt", "genotype.json", "graph.dot", "graph.graphml", "graph.json", "graph.png", "model.pt2", "network.json", "space.yaml", "summary.txt", "weights.safetensors"]
     del model
     back = load_generated(tmp_path / "net")
     assert back.genotype == net.genotype
@@ -286,3 +287,32 @@ def test_bad_metadata_and_steps_are_refused():
     net = generate(model, sx, sy, metadata=-1)
     with pytest.raises(GenerateError, match="optimizer must be one of sgd, adam, got 'lbfgs'"):
         net.finetune(sx, sy, 1, 0.1, optimizer="lbfgs")
+
+
+def test_save_replaces_a_saved_network_but_not_a_foreign_folder(tmp_path):
+    model = _model("mlp_regression")
+    sx, sy, _, _ = _task("mlp_regression")
+    net = generate(model, sx, sy)
+    net.save(tmp_path / "net")
+    net.save(tmp_path / "net")  # a saved network: replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(GenerateError, match="is not empty and holds no saved network; give replace=True"):
+        net.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "net"]  # no temporary folder left
+
+
+def test_a_failed_save_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from metanet import export
+
+    model = _model("mlp_regression")
+    sx, sy, _, _ = _task("mlp_regression")
+    net = generate(model, sx, sy)
+    net.save(tmp_path / "net")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "net").iterdir()}
+    monkeypatch.setattr(export, "to_dot", lambda g: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        net.save(tmp_path / "net")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "net").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]

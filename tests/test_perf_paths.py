@@ -404,9 +404,16 @@ def test_constant_kernels_are_cached_per_dtype_and_carry_no_graph() -> None:
         assert_close(k1, k2, rtol=0, atol=0)
         expected = sum(w[e.ops[i].col] * F.pad(e.ops[i].kernel(p, cp.spec.channels, e.stride, x.to(dtype)), [(e.merged_size - e.ops[i].kernel_size) // 2] * 4) for i in e.merged)
         assert_close(k1, expected)
-    const = [c for c in e.ops if not c.params and c.kernel_size]
-    cached = [X._constant_kernel(c.op.name, c.kwargs, c.kernel_size, cp.spec.channels, e.stride, e.merged_size, dtype, x.device) for c in const]
-    assert cached and X._constant_kernel.cache_info().hits >= len(cached) and all(not v.requires_grad for v in cached)
+    const = [e.ops[i] for i in e.merged if not e.ops[i].params]
+    X._constant_kernel.cache_clear()
+    for dtype in (torch.float32, DT):
+        k1 = X._merged_kernel(e, w.to(dtype), {k: v.to(dtype) for k, v in params.items()}, cp.spec.channels, x.to(dtype))
+        assert k1.requires_grad
+    assert X._constant_kernel.cache_info().currsize == 2 * len(const) > 0  # one per (op, dtype)
+    for dtype in (torch.float32, DT):
+        cached = [X._constant_kernel(c.op.name, c.kwargs, c.kernel_size, cp.spec.channels, e.stride, e.merged_size, dtype, x.device) for c in const]
+        again = [X._constant_kernel(c.op.name, c.kwargs, c.kernel_size, cp.spec.channels, e.stride, e.merged_size, dtype, x.device) for c in const]
+        assert all(a is b and a.dtype == dtype and not a.requires_grad for a, b in zip(cached, again))
 
 
 def test_edge_groups_share_a_source_stride_and_kernel_size() -> None:

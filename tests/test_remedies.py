@@ -127,8 +127,9 @@ def test_arch_lr_gives_the_architecture_generator_its_own_rate(tmp_path, monkeyp
     model = build_model(cfg, build_space(cfg), 0)
     n_arch = len(list(model.arch.parameters()))
     assert groups[0] == [(len(list(model.parameters())) - n_arch, 1e-3), (n_arch, 3e-4)]
-    # resume keeps both groups and their rates
-    train(cfg, tmp_path / "run2", stop_after=2)
+    # resume (from a last.pt written at step 2) keeps both groups and their rates
+    train(dataclasses.replace(cfg, ckpt_every=1), tmp_path / "run2", stop_after=2)
+    assert (tmp_path / "run2" / "last.pt").is_file()
     train(None, tmp_path / "run2", resume=True)  # type: ignore[arg-type]
     assert groups[-1] == groups[0]
 

@@ -175,19 +175,21 @@ def _to_strokes(images: np.ndarray, size: int) -> Tensor:
 
 def _signature(root: Path, file_split: str) -> tuple:
     """What identifies a split file's contents: its path, size and modification time (a
-    PNG folder: its own and its alphabet folders' times; a drawing rewritten in place
-    without a new file keeps them, a case the memo below does not see)."""
+    PNG folder: its own, its alphabet and its character folders' times, which change
+    when a drawing is added, removed or renamed; a drawing rewritten in place under the
+    same name keeps them, a case the memo below does not see)."""
     npz, folder = root / f"images_{file_split}.npz", root / f"images_{file_split}"
     sidecar = root / f"alphabets_{file_split}.json"
-    paths = [npz, sidecar] if npz.is_file() else [folder, *sorted(folder.glob("*"))] if folder.is_dir() else []
+    paths = [npz, sidecar] if npz.is_file() else [folder, *sorted(folder.glob("*")), *sorted(folder.glob("*/*"))] if folder.is_dir() else []
     return tuple((str(p), st.st_size, st.st_mtime_ns) for p in paths if p.exists() and (st := p.stat()))
 
 
 @functools.lru_cache(maxsize=6)
 def _strokes(root: Path, file_split: str, signature: tuple, split: str, val_alphabets: tuple[str, ...], size: int) -> tuple[Tensor, tuple[str, ...] | None]:
     """The strokes ``(characters, drawings, 1, S, S)`` and alphabets of one split, read and
-    resized once per process for a given file ``signature``: meta-training builds the
-    train split more than once (checks, then the run), and every scored job its test split."""
+    resized once per process for a given file ``signature`` (the results report builds a
+    split for every job it scores). The tensor is shared by the distributions built from
+    it, which only read it."""
     chars = _read_split(root, file_split)
     if split in ("train", "val"):
         chars = _by_alphabet(chars, split, val_alphabets)
