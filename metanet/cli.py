@@ -394,14 +394,7 @@ def _health_lines(health: dict) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import tempfile
-
-    import torch
-
-    from . import draw as dr
-    from . import export as ex
-    from .graph import population_health
-    from .network import generate, generate_batch
+    from .network import generate
     from .trainer import load_run
 
     cmd = "inspect"
@@ -416,72 +409,98 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     exclusive = [f for f, on in (("--soft", args.soft), ("--diff", args.diff), ("--population", args.population)) if on]
     if len(exclusive) > 1:
         raise UsageError(f"{cmd}: {' and '.join(exclusive)} exclude each other")
+    metadata = None
     if not is_run:
         needs_run = [f for f, on in (("--support", args.support), ("--soft", args.soft), ("--population", args.population), ("--metadata", args.metadata)) if on]
         if needs_run:
             raise UsageError(f"{cmd}: {needs_run[0]} needs a run directory; {src} is a genotype file")
         genotype, space = _read_genotype(src, cmd)
-        alpha = None
-        model = cfg = None
+        alpha = model = None
     else:
         model, cfg = load_run(src)
         space = model.space
         metadata = _metadata_arg(args.metadata, cfg, model, cmd)
         if args.population:
-            if args.support:
-                raise UsageError(f"{cmd}: give --support or --population, not both")
-            if args.format not in ("text", "png"):
-                raise UsageError(f"{cmd}: --population prints a table and draws a PNG heatmap to --out; --format {args.format} does not apply")
-            xs, ys, npz_meta = _support(model, args.population, "--population", cmd, tasks=True)
-            meta = metadata if metadata is not None else npz_meta
-            if metadata is None and model.encoder.family is None:
-                meta = None  # the run takes no metadata: the npz's ids only group the tasks below
-            nets = _generate_checked(cmd, generate_batch, model, xs, ys, meta)
-            genotypes = [n.genotype for n in nets]
-            if args.out is not None:
-                _write_png(args.out, lambda p: dr.draw_population_png(space, genotypes, p), announce=False)
-            elif args.format == "png":
-                raise UsageError(f"{cmd}: --format png needs --out FILE.png")
-            families = None
-            ids = metadata if metadata is not None else npz_meta
-            if ids is not None:
-                import numpy as np
-
-                flat = np.asarray(ids).reshape(-1)
-                if flat.size not in (1, len(nets)) or not np.issubdtype(flat.dtype, np.number):
-                    raise UsageError(f"{cmd}: metadata must be one family id or one per task ({len(nets)}), got {flat.size} values")
-                families = np.broadcast_to(flat.astype(np.int64), (len(nets),)).tolist()
-            print(_frequency_table(space, genotypes))
-            print(_health_lines(population_health(space, genotypes, families, torch.stack([n.alpha for n in nets]))))
-            if args.out is not None:
-                print(f"wrote {args.out}")
-            return 0
+            return _inspect_population(args, model, metadata)
         if not args.support:
             raise UsageError(f"{cmd}: a run directory needs --support FILE.npz (one task's support set) or --population FILE.npz")
         x, y, npz_meta = _support(model, args.support, "--support", cmd)
         net = _generate_checked(cmd, generate, model, x, y, metadata if metadata is not None else npz_meta)
         genotype, alpha = net.genotype, net.alpha
     if args.diff:
-        other = Path(args.diff)
-        if other.suffix == ".npz":
-            if model is None:
-                raise UsageError(f"{cmd}: --diff {other}: a support set needs a run directory to generate from; {src} is a genotype file")
-            ox, oy, ometa = _support(model, str(other), "--diff", cmd)
-            other_genotype = _generate_checked(cmd, generate, model, ox, oy, metadata if metadata is not None else ometa).genotype
-        else:
-            if other.is_dir() and (other / "genotype.json").is_file():
-                other = other / "genotype.json"
-            other_genotype, other_space = _read_genotype(other, cmd)
-            if other_space.name != space.name:
-                raise UsageError(f"{cmd}: --diff {other}: a genotype of space '{other_space.name}' cannot be compared with one of '{space.name}'")
-        if args.format != "text":
-            raise UsageError(f"{cmd}: --diff prints text; --format {args.format} does not apply")
-        _emit(f"--- {src}\n+++ {args.diff}\n" + ex.diff_genotypes(space, genotype, other_genotype), args.out)
-        return 0
-    if args.soft:
-        g = ex.soft_graph(space, alpha)
+        return _inspect_diff(args, src, model, space, genotype, metadata)
+    return _inspect_views(args, space, genotype, alpha)
+
+
+def _inspect_population(args: argparse.Namespace, model, metadata) -> int:
+    """``inspect RUN --population TASKS.npz``: op frequencies and the population's health."""
+    import numpy as np
+    import torch
+
+    from . import draw as dr
+    from .graph import population_health
+    from .network import generate_batch
+
+    cmd, space = "inspect", model.space
+    if args.support:
+        raise UsageError(f"{cmd}: give --support or --population, not both")
+    if args.format not in ("text", "png"):
+        raise UsageError(f"{cmd}: --population prints a table and draws a PNG heatmap to --out; --format {args.format} does not apply")
+    xs, ys, npz_meta = _support(model, args.population, "--population", cmd, tasks=True)
+    meta = metadata if metadata is not None else npz_meta
+    if metadata is None and model.encoder.family is None:
+        meta = None  # the run takes no metadata: the npz's ids only group the tasks below
+    nets = _generate_checked(cmd, generate_batch, model, xs, ys, meta)
+    genotypes = [n.genotype for n in nets]
+    if args.out is not None:
+        _write_png(args.out, lambda p: dr.draw_population_png(space, genotypes, p), announce=False)
+    elif args.format == "png":
+        raise UsageError(f"{cmd}: --format png needs --out FILE.png")
+    families = None
+    ids = metadata if metadata is not None else npz_meta
+    if ids is not None:
+        flat = np.asarray(ids).reshape(-1)
+        if flat.size not in (1, len(nets)) or not np.issubdtype(flat.dtype, np.number):
+            raise UsageError(f"{cmd}: metadata must be one family id or one per task ({len(nets)}), got {flat.size} values")
+        families = np.broadcast_to(flat.astype(np.int64), (len(nets),)).tolist()
+    print(_frequency_table(space, genotypes))
+    print(_health_lines(population_health(space, genotypes, families, torch.stack([n.alpha for n in nets]))))
+    if args.out is not None:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _inspect_diff(args: argparse.Namespace, src: Path, model, space, genotype, metadata) -> int:
+    """``inspect ... --diff OTHER``: how another task's (or genotype's) architecture differs."""
+    from . import export as ex
+    from .network import generate
+
+    cmd, other = "inspect", Path(args.diff)
+    if other.suffix == ".npz":
+        if model is None:
+            raise UsageError(f"{cmd}: --diff {other}: a support set needs a run directory to generate from; {src} is a genotype file")
+        ox, oy, ometa = _support(model, str(other), "--diff", cmd)
+        other_genotype = _generate_checked(cmd, generate, model, ox, oy, metadata if metadata is not None else ometa).genotype
     else:
-        g = ex.genotype_graph(space, genotype)
+        if other.is_dir() and (other / "genotype.json").is_file():
+            other = other / "genotype.json"
+        other_genotype, other_space = _read_genotype(other, cmd)
+        if other_space.name != space.name:
+            raise UsageError(f"{cmd}: --diff {other}: a genotype of space '{other_space.name}' cannot be compared with one of '{space.name}'")
+    if args.format != "text":
+        raise UsageError(f"{cmd}: --diff prints text; --format {args.format} does not apply")
+    _emit(f"--- {src}\n+++ {args.diff}\n" + ex.diff_genotypes(space, genotype, other_genotype), args.out)
+    return 0
+
+
+def _inspect_views(args: argparse.Namespace, space, genotype, alpha) -> int:
+    """One architecture (or, with ``--soft``, its soft encoding) in ``--format``."""
+    import tempfile
+
+    from . import draw as dr
+    from . import export as ex
+
+    g = ex.soft_graph(space, alpha) if args.soft else ex.genotype_graph(space, genotype)
     if args.format == "text":
         _emit(ex.describe_soft(space, alpha) if args.soft else ex.describe_genotype(space, genotype), args.out)
     elif args.format == "dot":
@@ -495,11 +514,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         else:
             with tempfile.TemporaryDirectory() as d:
                 print(ex.to_graphml(g, Path(d) / "graph.graphml").read_text(), end="")
+    elif args.soft:
+        _write_png(args.out, lambda p: dr.draw_soft_png(space, alpha, p))
     else:
-        if args.soft:
-            _write_png(args.out, lambda p: dr.draw_soft_png(space, alpha, p))
-        else:
-            _write_png(args.out, lambda p: dr.draw_genotype_png(space, genotype, p))
+        _write_png(args.out, lambda p: dr.draw_genotype_png(space, genotype, p))
     return 0
 
 
