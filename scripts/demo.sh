@@ -10,7 +10,7 @@ source scripts/_install.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 M=.venv/bin/metanet
 RUN=${RUN:-runs/demo}
-STEPS=${STEPS:-600}
+STEPS=${STEPS:-1500}
 
 echo "== ready search spaces"
 $M spaces list
