@@ -193,7 +193,8 @@ def main() -> None:
     out["edge"] = {"tasks": tasks, "images": images, "channels": 32, "size": 14, **edge_case(tasks, images, repeats)}
     # (tasks, images, repeats): darts_cnn's naive supernet saves ~0.6 GB per task of 80
     # images, so it runs fewer tasks (8 of them exhaust 23 GB).
-    sizes = {"conv_omniglot": (2, 40, repeats) if quick else (8, 80, repeats), "darts_cnn": (1, 40, 1) if quick else (2, 80, 3)}
+    sizes = {"conv_omniglot": (2, 40, repeats) if quick else (8, 80, repeats), "darts_cnn": (1, 40, 1) if quick else (2, 80, 3),
+             "conv_miniimagenet": (1, 10, repeats) if quick else (4, 80, repeats)}  # 3x84x84 RGB  # fmt: skip
     for name, (st, si, reps) in sizes.items():
         plan = X.compile(load(name))
         out[name] = {"tasks": st, "images": si, "repeats": reps, **supernet_case(plan, st, si, reps)}

@@ -65,26 +65,26 @@ WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
 INNER_LR = 0.4
 
 
-def episode(tasks: int, seed: int = 0) -> Episode:
-    """Random 28x28 images, labels grouped by class (timing does not depend on the data)."""
+def episode(tasks: int, seed: int = 0, shape: tuple[int, int, int] = (1, SIZE, SIZE)) -> Episode:
+    """Random images of ``shape`` (C, H, W), labels grouped by class (timing does not depend on the data)."""
     g = torch.Generator().manual_seed(seed)
     ys = torch.arange(WAYS).repeat_interleave(SHOTS).expand(tasks, -1).contiguous()
     yq = torch.arange(WAYS).repeat_interleave(QUERIES).expand(tasks, -1).contiguous()
     return Episode(
-        torch.randn(tasks, WAYS * SHOTS, 1, SIZE, SIZE, generator=g), ys,
-        torch.randn(tasks, WAYS * QUERIES, 1, SIZE, SIZE, generator=g), yq,
+        torch.randn(tasks, WAYS * SHOTS, *shape, generator=g), ys,
+        torch.randn(tasks, WAYS * QUERIES, *shape, generator=g), yq,
     )  # fmt: skip
 
 
-def conv4_module(ways: int) -> nn.Sequential:
+def conv4_module(ways: int, c_in: int = 1, channels: int = 64) -> nn.Sequential:
     """The conv4 network as a plain nn.Module (what a learn2learn user writes)."""
     def bn() -> nn.Module:
-        return nn.BatchNorm2d(64, affine=False, track_running_stats=False)
+        return nn.BatchNorm2d(channels, affine=False, track_running_stats=False)
 
-    layers: list[nn.Module] = [nn.Conv2d(1, 64, 3, padding=1, bias=False), bn()]
+    layers: list[nn.Module] = [nn.Conv2d(c_in, channels, 3, padding=1, bias=False), bn()]
     for _ in range(3):
-        layers += [nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False), bn()]
-    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, ways)]
+        layers += [nn.ReLU(), nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False), bn()]
+    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, ways)]
     return nn.Sequential(*layers)
 
 
@@ -168,7 +168,7 @@ def check_agreement(model: MetaNet, net: nn.Sequential, tasks: int = 2) -> tuple
     """Largest relative difference of the meta-gradients, in float64 on a few tasks: ours
     vs the clone loop, and the per-task-backward variant vs ours."""
     model, net = copy.deepcopy(model).double(), copy.deepcopy(net).double()
-    e = episode(tasks, seed=1)
+    e = episode(tasks, seed=1, shape=tuple(model.space.task.input))
     e = Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y)
     params = [model.weights.base[k.replace(".", "__")] for k in model.weights.names]
     g_ours = dict(zip(model.weights.names, grads_of(params, lambda: ours_step(model, e, "loop"))))
@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-vmap", action="store_true", help="skip the vmap strategy (slow on CPU)")
+    ap.add_argument("--space", default="conv4", choices=("conv4", "conv4_miniimagenet", "conv4_miniimagenet_64"), help="the conv4 network: Omniglot's 1x28x28, 64 channels (default), or mini-ImageNet's 3x84x84 with 32 or 64 channels")
     ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
     args = ap.parse_args()
     reused = reuse_freed_memory() if args.reuse_freed_memory else False
@@ -265,11 +266,11 @@ def main() -> None:
     tasks = args.meta_batch or (4 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 5)
     torch.manual_seed(0)
-    space = load("conv4")
+    space = load(args.space)
     model = MetaNet(space, 0, ModelConfig(arch="fixed", weights="off", proto_head=False, inner_lr=INNER_LR, use_metadata=False))
-    net = conv4_module(space.task.outputs)
+    net = conv4_module(space.task.outputs, space.task.input[0], space.stem.channels)
     copy_weights(model, net)
-    ep = episode(tasks)
+    ep = episode(tasks, shape=tuple(space.task.input))
 
     agree, agree_task = check_agreement(model, net)
 
@@ -300,7 +301,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "network": "conv4",
+        "network": args.space,
+        "input": list(space.task.input),
         "setting": f"{WAYS}-way {SHOTS}-shot, {QUERIES} queries, second order, 1 inner step",
         "meta_batch": tasks,
         "repeats": repeats,
