@@ -117,6 +117,11 @@ def _train_config(args: argparse.Namespace):
     return config_from_options(options)
 
 
+def _progress_line(line: str) -> None:
+    """Training progress in a log: one line on stderr (a terminal gets a bar instead)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import option_flag
     from .distributed import env_rank
@@ -130,10 +135,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(f"train --resume: {given[0]} cannot change a run being resumed (its config.yaml holds the settings)")
         if args.overwrite:
             raise UsageError("train: --resume and --overwrite exclude each other")
-        result = train(None, out, resume=True, progress=not args.quiet)  # type: ignore[arg-type]
+        result = train(None, out, resume=True, progress=False if args.quiet else _progress_line)  # type: ignore[arg-type]
     else:
         cfg = _train_config(args)
-        result = train(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
+        result = train(cfg, out, progress=False if args.quiet else _progress_line, overwrite=args.overwrite)
     if env_rank() == 0:  # under torchrun only rank 0 reports
         print(json.dumps(result))
     return 0

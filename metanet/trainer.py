@@ -237,7 +237,7 @@ class _Setup:
     saved: dict[str, Any] | None  # last.pt when resuming from a checkpoint
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = False, stop_after: int | None = None, overwrite: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool | Callable[[str], None] = False, stop_after: int | None = None, overwrite: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
     """Meta-train and write the run directory; returns the final metrics.
 
     Everything the user gave is checked before the run directory is created or touched.
@@ -249,8 +249,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         out: run directory.
         resume: continue from ``out/last.pt``, or from the start of the saved config when
             the run never reached a checkpoint.
-        progress: show progress (rank 0): a tqdm bar on a terminal, else a line every
-            half minute.
+        progress: show progress (rank 0): a tqdm bar where stderr is a terminal; else,
+            given a function (the CLI passes one that prints), a line to it every half
+            minute; else nothing.
         stop_after: stop (as if killed) after this many steps in this call; for tests.
         overwrite: start afresh in a folder that already holds a run (the CLI asks for
             ``--overwrite``); with False that is a ``ConfigError``.
@@ -276,9 +277,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     return result
 
 
-def _loop(run: _Run, progress: bool, stop_after: int | None) -> dict[str, Any]:
+def _loop(run: _Run, progress: bool | Callable[[str], None], stop_after: int | None) -> dict[str, Any]:
     """The outer loop: step until the budget is spent, validating and checkpointing on schedule."""
-    shown = _Progress(run.cfg.max_steps, run.state["step"]) if progress and run.ctx.is_main else None
+    shown = _Progress(run.cfg.max_steps, run.state["step"], progress if callable(progress) else None) if progress and run.ctx.is_main else None
     done_here = 0
     try:
         while not run.spent():
@@ -500,10 +501,10 @@ class _Run:
 
 class _Progress:
     """Training progress for a person: a tqdm bar on a terminal; in a log (stderr not a
-    terminal) one plain line every ``every`` seconds instead of a bar's redraws."""
+    terminal) one plain line to ``write`` every ``every`` seconds instead of a bar's redraws."""
 
-    def __init__(self, total: int | None, initial: int, every: float = 30.0) -> None:
-        self.total, self.every, self.last = total, every, time.monotonic()
+    def __init__(self, total: int | None, initial: int, write: Callable[[str], None] | None = None, every: float = 30.0) -> None:
+        self.total, self.every, self.last, self.write = total, every, time.monotonic(), write
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -514,10 +515,10 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(query=f"{query_loss:.3f}")
-        elif time.monotonic() - self.last >= self.every:
+        elif self.write is not None and time.monotonic() - self.last >= self.every:
             self.last = time.monotonic()
             of = f"/{self.total}" if self.total else ""
-            print(f"step {step}{of}, {elapsed:.0f} s, query loss {query_loss:.3f}", file=sys.stderr, flush=True)
+            self.write(f"step {step}{of}, {elapsed:.0f} s, query loss {query_loss:.3f}")
 
     def close(self) -> None:
         if self.bar is not None:
