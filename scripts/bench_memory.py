@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from bench_meta import INNER_LR, conv4_module, copy_weights, episode  # scripts/bench_meta.py
+from bench_meta import INNER_LR, clone_step, conv4_module, copy_weights, episode  # scripts/bench_meta.py
 from metanet.meta import MetaNet, ModelConfig, meta_loss
 from metanet.space import load
 
@@ -49,20 +48,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def clone_step(net: torch.nn.Sequential, ep, steps: int) -> None:
-    """learn2learn-style second-order MAML with ``steps`` inner steps, one backward per task."""
-    params = dict(net.named_parameters())
-    b = ep.support_x.shape[0]
-    for t in range(b):
-        fast = params
-        for _ in range(steps):
-            support = F.cross_entropy(torch.func.functional_call(net, fast, (ep.support_x[t],)), ep.support_y[t])
-            grads = torch.autograd.grad(support, list(fast.values()), create_graph=True)
-            fast = {k: p - INNER_LR * g for (k, p), g in zip(fast.items(), grads)}
-        query = F.cross_entropy(torch.func.functional_call(net, fast, (ep.query_x[t],)), ep.query_y[t])
-        (query / b).backward()
 
 
 def run(path: str, model: MetaNet, net: torch.nn.Sequential, ep, steps: int) -> None:

@@ -100,14 +100,16 @@ def copy_weights(model: MetaNet, net: nn.Sequential) -> None:
         net[-1].bias.copy_(base["head.b"])
 
 
-def clone_step(net: nn.Sequential, ep: Episode) -> None:
-    """learn2learn-style second-order MAML: clone, adapt one step, query loss, backward per task."""
+def clone_step(net: nn.Sequential, ep: Episode, steps: int = 1) -> None:
+    """learn2learn-style second-order MAML: clone, adapt ``steps`` steps, query loss, backward per task."""
     params = dict(net.named_parameters())
     b = ep.support_x.shape[0]
     for t in range(b):
-        support = F.cross_entropy(torch.func.functional_call(net, params, (ep.support_x[t],)), ep.support_y[t])
-        grads = torch.autograd.grad(support, list(params.values()), create_graph=True)
-        fast = {k: p - INNER_LR * g for (k, p), g in zip(params.items(), grads)}
+        fast = params
+        for _ in range(steps):
+            support = F.cross_entropy(torch.func.functional_call(net, fast, (ep.support_x[t],)), ep.support_y[t])
+            grads = torch.autograd.grad(support, list(fast.values()), create_graph=True)
+            fast = {k: p - INNER_LR * g for (k, p), g in zip(fast.items(), grads)}
         query = F.cross_entropy(torch.func.functional_call(net, fast, (ep.query_x[t],)), ep.query_y[t])
         (query / b).backward()
 
