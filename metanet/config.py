@@ -266,7 +266,7 @@ def _per_task(name: str) -> str:
     """``"; omniglot: 15, images: 15"``: the task distributions with their own default."""
     from .tasks import TASKS
 
-    own = [f"{task}: {defaults[name]}" for task, cls in TASKS.items() if name in (defaults := getattr(cls, "train_defaults", {}))]
+    own = [f"{task}: {defaults[name]}" for task in TASKS if name in (defaults := task_defaults(task))]
     return "; " + ", ".join(own) if own else ""
 
 

@@ -57,6 +57,8 @@ class ArchitectureGenerator(nn.Module):
                 for call in e.ops:
                     free[e.index, call.col] = not call.params
         self.register_buffer("param_free", free & space.alpha_mask, persistent=False)
+        # edges with an op that has weights: only there may op dropout take ops out
+        self.register_buffer("droppable", self.param_free & (space.alpha_mask & ~self.param_free).any(-1, keepdim=True), persistent=False)
         if mode == "fixed":
             if genotype is None:
                 if any(len(c.ops) > 1 for c in space.cells):
@@ -109,9 +111,7 @@ class ArchitectureGenerator(nn.Module):
         used = logits
         if drop > 0:
             draw = torch.rand(logits.shape, generator=generator, device=logits.device) < drop
-            out = draw & self.param_free
-            keeps = (self.mask & ~out).any(-1, keepdim=True) & (self.mask & ~self.param_free).any(-1, keepdim=True)
-            used = logits.masked_fill(out & keeps, float("-inf"))
+            used = logits.masked_fill(draw & self.droppable, float("-inf"))
         return self.weights(used, temperature, gumbel, hard, generator), logits
 
     def param_free_share(self, alpha: Tensor) -> Tensor:

@@ -68,7 +68,8 @@ class LSTMRule(nn.Module):
             The new weights and the new state.
         """
         n = v.numel()
-        x = torch.cat([preprocess(g).reshape(n, 2), preprocess(loss.expand_as(v)).reshape(n, 2)], -1)
+        loss_features = preprocess(loss).expand(*v.shape, 2)  # one loss per task, read by each of its weights
+        x = torch.cat([preprocess(g).reshape(n, 2), loss_features.reshape(n, 2)], -1)
         if state is None:
             zeros = x.new_zeros(n, self.hidden)
             state = (zeros, zeros)

@@ -383,8 +383,6 @@ def _recomputed(step: Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str,
 def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None, op_dropout: float = 0.0, param_prior: float = 0.0, checkpoint: bool = False) -> tuple[Tensor, dict[str, float]]:
     """The outer objective for one meta-batch, and its metrics: ``MetaNet.generate`` (drawing
     the VAE, Gumbel and op-dropout noise from ``generator``), then ``outer_loss``."""
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator, strategy=strategy, op_dropout=op_dropout)
     return outer_loss(model, gen, episode, inner_steps=inner_steps, order=order, beta=beta, entropy_weight=entropy_weight, temperature=temperature, strategy=strategy, param_prior=param_prior, checkpoint=checkpoint)
 
@@ -491,7 +489,9 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
     ``steps`` an int: ``{"mean", "ci95", "n"}`` after that many inner steps. A sequence of
     step counts: ``{k: {"mean", "ci95", "n"}}``, from one pass per task that adapts on
     from one count to the next (SGD steps are sequential, so each entry equals what
-    ``evaluate(model, episodes, k)`` gives) instead of one pass per count.
+    ``evaluate(model, episodes, k)`` gives) instead of one pass per count; with a learned
+    update rule (``inner.LSTMRule``), whose state lives within one adaptation, each count
+    adapts from the generated weights.
     """
     ks = [steps] if isinstance(steps, int) else sorted(set(steps))
     scores: dict[int, list[float]] = {k: [] for k in ks}
@@ -504,8 +504,9 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
             done = 0
             for k in ks:
                 score, params = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], k - done)
-                net, done = dataclasses.replace(net, params=params), k
                 scores[k].append(score)
+                if model.inner_rule is None:  # a learned rule's state does not carry over calls: each k from the start
+                    net, done = dataclasses.replace(net, params=params), k
     model.train(was_training)
     out = {k: _summary(v) for k, v in scores.items()}
     return out[steps] if isinstance(steps, int) else out

@@ -40,7 +40,7 @@ from .rundir import FORMAT_VERSION, METRICS, MetricsLog, build_space, load_run, 
 from .space import SearchSpace
 from .tasks import DEFAULT_DOMAINS, Episode, TaskDistribution, fixed_episodes, make_tasks
 
-__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "architecture_health", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory", "step_function", "compiled_step", "episode_args"]
+__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "architecture_health", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory", "step_function", "step_keywords", "compiled_step", "episode_args"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,12 @@ def build_model(cfg: TrainConfig, space: SearchSpace, n_families: int) -> MetaNe
         raise ConfigError(f"space '{space.name}': {str(e).splitlines()[0]}") from None
 
 
+def step_keywords(cfg: TrainConfig, strategy: str) -> dict[str, Any]:
+    """``meta_loss``'s keyword arguments for a config's meta-step (all but the noise)."""
+    return {"inner_steps": cfg.inner_steps, "order": cfg.order, "beta": cfg.beta, "entropy_weight": cfg.entropy_weight, "gumbel": cfg.gumbel, "hard": cfg.hard,
+            "strategy": strategy, "op_dropout": cfg.op_dropout, "param_prior": cfg.param_prior, "checkpoint": cfg.checkpoint_steps}  # fmt: skip
+
+
 def calibrate_strategy(model: MetaNet, episode: Episode, cfg: TrainConfig, repeats: int = 2) -> str:
     """Time one meta-step with each task-execution strategy and return the faster one."""
     times = {}
@@ -124,7 +130,7 @@ def calibrate_strategy(model: MetaNet, episode: Episode, cfg: TrainConfig, repea
         for _ in range(repeats):
             t = time.perf_counter()
             with precision(cfg.precision, episode.support_x.device):
-                loss, _ = meta_loss(model, episode, inner_steps=cfg.inner_steps, order=cfg.order, strategy=strategy, checkpoint=cfg.checkpoint_steps, op_dropout=cfg.op_dropout, param_prior=cfg.param_prior)
+                loss, _ = meta_loss(model, episode, **step_keywords(cfg, strategy))
             torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
             best = min(best, time.perf_counter() - t)
         times[strategy] = best
@@ -395,8 +401,7 @@ class _Run:
             self.state["strategy"] = ctx.broadcast_object(calibrate_strategy(self.model, probe, cfg))
             self.model.zero_grad(set_to_none=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        step_kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=self.state["strategy"], op_dropout=cfg.op_dropout, param_prior=cfg.param_prior, checkpoint=cfg.checkpoint_steps)
-        self.step_fn = step_function(self.model, self.part, self.noise, self.params, step_kw, cfg.precision)
+        self.step_fn = step_function(self.model, self.part, self.noise, self.params, step_keywords(cfg, self.state["strategy"]), cfg.precision)
         self.compile_info: dict[str, Any] | None = None
         self.warned: set[str] = set()  # kinds of architecture collapse already warned about
         self._elapsed_t = torch.zeros(1, dtype=torch.float64, device=ctx.device)

@@ -24,7 +24,7 @@ import torch
 
 from _bench import interleaved  # scripts/_bench.py
 
-from metanet.trainer import TrainConfig, compiled_step, episode_args, step_function, build_model, build_space, build_tasks
+from metanet.trainer import TrainConfig, build_model, build_space, build_tasks, compiled_step, episode_args, step_function, step_keywords
 
 
 def main() -> None:
@@ -41,8 +41,7 @@ def main() -> None:
     model = build_model(cfg, space, dist.n_families)
     params = [p for p in model.parameters() if p.requires_grad]
     noise, gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    kw = dict(inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, entropy_weight=cfg.entropy_weight, gumbel=cfg.gumbel, hard=cfg.hard, strategy=cfg.strategy)
-    eager = step_function(model, slice(0, tasks), noise, params, kw)
+    eager = step_function(model, slice(0, tasks), noise, params, step_keywords(cfg, cfg.strategy))
     compiled, info = compiled_step(eager, dist.sample(tasks, gen), cfg.temperature, noise)
     episodes = [episode_args(dist.sample(tasks, gen)) for _ in range(3)]
     turn = {"eager": 0, "compiled": 0}

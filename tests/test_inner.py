@@ -105,3 +105,28 @@ def test_a_run_with_the_lstm_optimizer_saves_and_reloads_it(tmp_path) -> None:
 
     episodes = [Sinusoid().sample(2, torch.Generator().manual_seed(5))]
     assert evaluate(model, episodes, 2)["n"] == 2
+
+
+def test_evaluating_at_several_step_counts_equals_each_alone_with_the_lstm_rule() -> None:
+    """The rule's state lives within one adaptation, so ``evaluate(.., [1, 3])`` must adapt
+    each count from the generated weights, as ``evaluate(.., 3)`` does; adapting on from
+    the 1-step weights with a fresh state would give another figure (checked too)."""
+    import dataclasses
+
+    from metanet.meta import evaluate_task
+    from metanet.tasks import Sinusoid
+
+    torch.manual_seed(0)
+    model = MetaNet(spaces.load("mlp_regression"), 0, ModelConfig(dim=8, latent=4, inner_lr=0.01, inner_optimizer="lstm")).double()
+    with torch.no_grad():
+        model.inner_rule.readout.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+        model.inner_rule.forget_scale.fill_(0.2)
+    raw = Sinusoid(shots=5, queries=10).sample(2, torch.Generator().manual_seed(3))
+    ep = Episode(*(t.double() for t in (raw.support_x, raw.support_y, raw.query_x, raw.query_y)))
+    both = evaluate(model, [ep], [1, 3])
+    assert both[3] == evaluate(model, [ep], 3) and both[1] == evaluate(model, [ep], 1)
+    net = generate_networks(model, ep)[0]
+    _, after_one = evaluate_task(model, net, ep.support_x[0], ep.support_y[0], ep.query_x[0], ep.query_y[0], 1)
+    on, _ = evaluate_task(model, dataclasses.replace(net, params=after_one), ep.support_x[0], ep.support_y[0], ep.query_x[0], ep.query_y[0], 2)
+    fresh, _ = evaluate_task(model, net, ep.support_x[0], ep.support_y[0], ep.query_x[0], ep.query_y[0], 3)
+    assert on != fresh

@@ -49,7 +49,7 @@ TASKS_ORDER = ["base", "regression", "omniglot", "images", "__init__"]  # inside
 def _imports(text: str, module: tuple[str, ...]) -> set[str]:
     """The ``metanet`` modules that ``text``, the source of ``module`` (``("metanet",
     "ops")``), imports: absolute or relative, at the top or inside a function."""
-    package = list(module[:-1]) if module[-1] != "__init__" else list(module[:-1])
+    package = list(module[:-1])  # a package's __init__ sits in the package too
     found = set()
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ImportFrom):
