@@ -27,6 +27,7 @@ import yaml
 
 from .executor import STRATEGIES as _EXEC_STRATEGIES
 from .generators import ARCH_MODES, WEIGHT_MODES
+from .heads import HEADS
 from .meta import INNER_OPTIMIZERS, ORDERS, PRECISIONS, ModelConfig
 from .tasks.base import did_you_mean
 
@@ -149,6 +150,7 @@ class TrainConfig:
     use_metadata: bool = _model("use_metadata", "bool", "withhold task metadata (family or domain id) from the generators", flag="--no-metadata")
     fused: bool = _model("fused", "bool", "run mixed ops unfused (the reference path)", flag="--no-fused")
     proto_head: bool = _model("proto_head", "bool", "classification: learn the head's initial weights instead of taking them from class prototypes (plain MAML)", flag="--no-proto-head")
+    head: str = _model("head", HEADS, "classification: linear (the space's head, from prototypes unless --no-proto-head), or an episodic head with no inner loop: matching (Matching Networks), relation (Relation Networks), memory (a memory-augmented network, Santoro et al. 2016)")
     arch_hidden: int = _model("arch_hidden", "nonneg_int", "conditional architectures: hidden units of an MLP from the task embedding to the architecture logits (0: a linear map)")
 
     def __post_init__(self) -> None:
@@ -209,6 +211,8 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: op_dropout does not reach an inner loop that adapts the architecture (adapt_alpha); use one or the other")
     if cfg.checkpoint_steps and cfg.inner_optimizer == "lstm":
         raise ConfigError(f"{source}: checkpoint_steps does not carry the LSTM inner optimizer's state through a recomputed step; use one or the other")
+    if cfg.head != "linear" and (cfg.inner_steps or cfg.eval_inner_steps):
+        raise ConfigError(f"{source}: head {cfg.head} compares queries with the support set and has no inner loop; give inner_steps 0 and eval_inner_steps 0 (got {cfg.inner_steps} and {cfg.eval_inner_steps})")
     if cfg.compile and cfg.precision != "fp32":
         # Measured: the compiled bf16 sinusoid step differed from eager bf16 by 1.8e-4, and
         # bf16 meta-gradients differ from fp32 ones by per cent; a tolerance that admits

@@ -32,6 +32,7 @@ from .encoders import TaskEncoder
 from .executor import Plan, compile, forward_genotype, run
 from .generators import ArchitectureGenerator, WeightGenerator, safe_name
 from .graph import Genotype, discretise
+from .heads import make_head
 from .inner import LSTMRule
 from .space import SearchSpace
 
@@ -75,6 +76,7 @@ class ModelConfig:
     proto_head: bool = True  # classification: head weights from class prototypes of the network's features
     arch_hidden: int = 0  # conditional architectures: 0 a linear map from the embedding, else an MLP's hidden units
     inner_optimizer: str = "sgd"  # sgd | metasgd (= meta_sgd) | lstm (inner.LSTMRule, meta-learned)
+    head: str = "linear"  # classification: linear (the space's head) | matching | relation | memory (heads.py)
 
 
 @dataclass
@@ -178,7 +180,11 @@ class MetaNet(nn.Module):
         self.encoder = TaskEncoder(self.kind, space.task.input, space.task.outputs, config.dim, n_families if config.use_metadata else 0)
         self.arch = ArchitectureGenerator(self.plan, config.dim, config.arch, genotype, hidden=config.arch_hidden)
         self.weights = WeightGenerator(self.plan, config.dim, config.latent, config.weights)
-        self.proto = config.proto_head and self.kind == "classification"
+        # an episodic head (heads.py) classifies from the network's features; no linear head then
+        self.head = make_head(config.head, self.plan.shapes()["head.w"][1], space.task.outputs)
+        if self.head is not None and self.kind != "classification":
+            raise ValueError(f"head {config.head!r} classifies; space '{space.name}' is for {self.kind}")
+        self.proto = config.proto_head and self.kind == "classification" and self.head is None
         self.proto_scale = nn.Parameter(torch.zeros(())) if self.proto else None  # log scale
         if config.inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, got {config.inner_optimizer!r}")
@@ -229,7 +235,10 @@ class MetaNet(nn.Module):
         A prototype head has one row per class of the support set, so any number of ways
         works; a learned head has exactly the space's number of outputs.
         """
-        if self.kind == "classification" and not self.proto and ways != self.space.task.outputs:
+        if self.head is not None:
+            if not self.head.any_ways and ways != self.space.task.outputs:
+                raise ValueError(f"this model's {self.config.head} head is learned for {self.space.task.outputs}-way tasks (its label input and output are per class), so it cannot classify {ways}-way tasks")
+        elif self.kind == "classification" and not self.proto and ways != self.space.task.outputs:
             raise ValueError(f"this model's classifier head is learned for {self.space.task.outputs}-way tasks (trained without the prototype head), so it cannot classify {ways}-way tasks")
 
     def proto_head(self, feats: Tensor, y: Tensor, ways: int | None = None) -> tuple[Tensor, Tensor]:
@@ -248,9 +257,24 @@ class MetaNet(nn.Module):
         scale = self.proto_scale.exp()
         return 2.0 * scale * protos, -scale * protos.pow(2).sum(-1)
 
+    @property
+    def any_ways(self) -> bool:
+        """Whether the classifier serves any number of classes (a prototype head, or an
+        episodic head with nothing learned per class)."""
+        return self.proto or (self.head is not None and self.head.any_ways)
+
     def predict(self, alpha: Tensor, params: Mapping[str, Tensor], x: Tensor, strategy: str = "loop") -> Tensor:
         """Batched supernet outputs ``(B, N, out)``."""
         return run(self.plan, alpha, params, x, fused=self.config.fused, strategy=strategy)
+
+    def predict_query(self, alpha: Tensor, params: Mapping[str, Tensor], episode, strategy: str = "loop") -> Tensor:
+        """Batched supernet outputs on ``episode``'s query sets: ``predict``, or with an
+        episodic head the head's logits from the support and query features."""
+        if self.head is None:
+            return self.predict(alpha, params, episode.query_x, strategy)
+        def feats(x: Tensor) -> Tensor:
+            return run(self.plan, alpha, params, x, fused=self.config.fused, strategy=strategy, features=True)
+        return self.head(feats(episode.support_x), episode.support_y, feats(episode.query_x), self.space.task.outputs)
 
     def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0, checkpoint: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """``steps`` inner SGD steps (``sgd``) on the support sets of all tasks at once.
@@ -262,6 +286,8 @@ class MetaNet(nn.Module):
         second-order step in the backward pass instead of keeping its activations (see
         ``sgd``). Returns the (possibly adapted) op weights and the adapted weights.
         """
+        if self.head is not None and steps:
+            raise ValueError(f"the {self.config.head} head compares queries with the support set; it has no inner loop (inner steps must be 0, got {steps})")
         adapt_alpha = self.config.adapt_alpha and gen.logits is not None
         start = dict(gen.params)
         if adapt_alpha:
@@ -404,10 +430,10 @@ def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, ord
     b = episode.support_x.shape[0]
     if order == "reptile":
         with torch.no_grad():
-            pred = model.predict(alpha, adapted, episode.query_x, strategy)
+            pred = model.predict_query(alpha, adapted, episode, strategy)
         objective = sum((p0 * (p0 - adapted[k]).detach()).sum() for k, p0 in gen.params.items()) / b
     else:
-        pred = model.predict(alpha, adapted, episode.query_x, strategy)
+        pred = model.predict_query(alpha, adapted, episode, strategy)
         objective = task_loss(model.kind, pred, episode.query_y).mean()
     query = task_loss(model.kind, pred.detach(), episode.query_y).mean()
     # Entropy and parameter-free share of the tempered softmax of the logits, not of
@@ -453,7 +479,8 @@ def generate_networks(model: MetaNet, episode, *, sample: bool = False, ways: in
     """Generate each task's discrete network (architecture by the space's rule + weights).
 
     ``ways``: classification tasks' number of classes, where it differs from the space's
-    outputs; only a prototype head serves any number (``MetaNet.check_ways``).
+    outputs; only a prototype head or an episodic head without per-class weights serves
+    any number (``MetaNet.check_ways``).
     """
     if ways is not None:
         model.check_ways(ways)
@@ -475,8 +502,16 @@ def generate_networks(model: MetaNet, episode, *, sample: bool = False, ways: in
 def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, steps: int) -> tuple[float, dict[str, Tensor]]:
     """Adapt one generated network ``steps`` steps on its support set and score the query set.
 
-    Returns the query metric (accuracy or MSE) and the adapted weights.
+    Returns the query metric (accuracy or MSE) and the adapted weights. An episodic head
+    (``heads.py``) has no inner loop: it classifies the queries from the support set's
+    features, whatever ``steps``.
     """
+    if model.head is not None:
+        with torch.no_grad():
+            # support and query apart, as in training (a batch norm's statistics are per set)
+            sf, qf = (forward_genotype(model.plan, net.genotype, net.params, x, features=True) for x in (support_x, query_x))
+            pred = model.head(sf[None], support_y[None], qf[None], int(support_y.max()) + 1)
+        return float(task_metric(model.kind, pred, query_y[None])[0]), net.params
     params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, model.step_size, model.kind, model.inner_rule)
     with torch.no_grad():
         pred = forward_genotype(model.plan, net.genotype, params, query_x)
@@ -499,12 +534,15 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
     model.eval()
     for ep in episodes:
         # a prototype head takes the episode's own number of classes (any N-way)
-        ways = int(ep.support_y.max()) + 1 if model.kind == "classification" and model.proto else None
+        ways = int(ep.support_y.max()) + 1 if model.kind == "classification" and model.any_ways else None
         for b, net in enumerate(generate_networks(model, ep, ways=ways)):
             done = 0
             for k in ks:
                 score, params = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], k - done)
                 scores[k].append(score)
+                if model.head is not None:  # no inner loop: the same score at every step count
+                    scores.update({j: scores[j] + [score] for j in ks if j != k})
+                    break
                 if model.inner_rule is None:  # a learned rule's state does not carry over calls: each k from the start
                     net, done = dataclasses.replace(net, params=params), k
     model.train(was_training)

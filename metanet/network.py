@@ -542,6 +542,8 @@ def _generate(model: MetaNet, x: Tensor, y: Tensor, meta: Tensor | None, adapt_s
     """Checked support sets ``(T, N, ...)`` in, one network per task out."""
     if isinstance(adapt_steps, bool) or not (isinstance(adapt_steps, int) and adapt_steps >= 0):
         raise GenerateError(f"adapt_steps must be an integer >= 0, got {adapt_steps!r}")
+    if model.head is not None:
+        raise GenerateError(f"this model's {model.config.head} head classifies queries by comparing them with the support set, so it has no standalone network to emit; score it with metanet evaluate")
     t = x.shape[0]
     meta = None if meta is None else meta.to(x.device)
     start = time.perf_counter()

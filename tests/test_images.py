@@ -133,7 +133,7 @@ def test_mini_imagenet_class_folder_layout(tmp_path):
 
 
 def test_multidomain_tasks_come_from_one_domain_with_its_id(tmp_path):
-    a = make_folder(tmp_path / "a", classes=4, per_class=3)  # gray, pixel values < 40
+    make_folder(tmp_path / "a", classes=4, per_class=3)  # gray, pixel values < 40
     b = make_folder(tmp_path / "b", classes=4, per_class=3, mode="RGB", size=20)
     dist = MultiDomain(domains=("a", f"bee={b}"), data_root=tmp_path, split="all", ways=2, shots=1, queries=1, image_size=10, channels=3)
     assert dist.names == ("a", "bee") and dist.n_families == 2 and dist.input_shape == (3, 10, 10)

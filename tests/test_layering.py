@@ -4,7 +4,7 @@ Layers, lowest first; a module imports only from lower layers (or its own packag
 lower modules, for ``metanet.tasks``), at the top of the file or inside a function alike:
 
     ops, checkpoint, compile, results, tasks -> space -> graph -> plan -> executor, export
-    -> encoders, generators, draw -> meta -> config, distributed -> rundir -> trainer
+    -> encoders, generators, draw, inner, heads -> meta -> config, distributed -> rundir -> trainer
     -> network -> cli -> the package's __init__ and __main__
 """
 
@@ -33,7 +33,7 @@ LAYERS = [
     {"graph"},
     {"plan"},
     {"executor", "export"},
-    {"encoders", "generators", "draw", "inner"},
+    {"encoders", "generators", "draw", "inner", "heads"},
     {"meta"},
     {"config", "distributed"},
     {"rundir"},
