@@ -91,9 +91,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # the other meta-learners of the literature, on the same fixed conv4 and the same trainer
     *(Method(name, about, {"arch": "fixed", "weights": "off", "proto_head": False, "head": head, "inner_steps": 0, "eval_inner_steps": 0},
              search=False, tables=("omniglot", "miniimagenet"), default=False) for name, about, head in (
-        ("matchingnet", "Matching Networks: cosine attention over the support set (no full-context embeddings); no inner loop, the same at every step count", "matching"),
-        ("relationnet", "Relation Networks: a learned relation module scores (query, class) pairs; no inner loop, the same at every step count", "relation"),
-        ("mann", "memory-augmented network: LSTM controller, LRU memory over the support sequence; no inner loop, the same at every step count", "memory"),
+        ("matchingnet", "Matching Networks: cosine attention over the support set (no full-context embeddings); no inner loop (the same at every step count; 'generate' is the time to classify a task)", "matching"),
+        ("relationnet", "Relation Networks: a learned relation module scores (query, class) pairs; no inner loop (the same at every step count; 'generate' is the time to classify a task)", "relation"),
+        ("mann", "memory-augmented network: LSTM controller, LRU memory over the support sequence; no inner loop (the same at every step count; 'generate' is the time to classify a task)", "memory"),
     )),
     Method("lstm-meta", "LSTM meta-learner (Ravi & Larochelle): MAML whose inner update is a learned coordinate-wise LSTM", dict(_FIXED, inner_optimizer="lstm"),
            search=False, tables=("omniglot", "miniimagenet"), default=False),
@@ -254,9 +254,27 @@ def _test_dist(test: dict[str, Any], domains: str | None = None) -> Any:
 # ------------------------------------------------------------------------------ a job
 
 
+_NOT_IDENTITY = ("reuse", "population_png")  # how a job is run and where its plot goes, not what it computes
+
+
 def _job_spec(job: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a job's result (``--reuse`` compares it): the job without its reuse mode."""
-    return {k: v for k, v in job.items() if k != "reuse"}
+    """What identifies a job's result (``--reuse`` compares it): the job without its reuse
+    mode and its plot's path (another ``--out`` must not retrain a finished run)."""
+    return {k: v for k, v in job.items() if k not in _NOT_IDENTITY}
+
+
+def _differences(saved: Any, spec: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys (``cfg.inner_lr``) where a saved job differs from ``spec``."""
+    if not isinstance(saved, dict):
+        return [prefix.rstrip(".") or "job"]
+    out = []
+    for k in sorted(set(saved) | set(spec), key=str):
+        a, b = saved.get(k), spec.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def _with_new_defaults(saved_job: Any, spec: dict[str, Any]) -> Any:
@@ -283,7 +301,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     saved = None
     if job["reuse"] and cached.is_file():
         saved = from_json(json.loads(cached.read_text()))
-        if _with_new_defaults(saved.get("job"), spec) != spec:
+        saved_job = _with_new_defaults(saved.get("job"), spec)
+        saved_job = _job_spec(saved_job) if isinstance(saved_job, dict) else saved_job
+        if saved_job != spec:
+            print(f"{run_dir}: redone, its saved job differs in {', '.join(_differences(saved_job, spec)[:5])}", file=sys.stderr, flush=True)
             saved = None
         elif "error" in saved:  # a run that failed stays failed: --reuse must not retrain it until it passes
             return {"error": saved["error"], "reused": True}
@@ -341,9 +362,22 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 def _cost(model: MetaNet, ep: Episode, tasks: int, steps: int, repeats: int) -> dict[str, float]:
     """Per new task: generation time (generators + discretise + build the module) and ``steps`` inner steps.
 
-    Generation is timed ``repeats`` more times after a warm-up, and the fastest kept.
+    Generation is timed ``repeats`` more times after a warm-up, and the fastest kept. An
+    episodic head (Matching, Relation, memory networks) emits no network: its cost per
+    new task is classifying the task's queries from its support set (``evaluate``).
     """
     t = min(tasks, ep.batch_size)
+    if model.head is not None:
+        sub = ep.slice(slice(0, t))
+
+        def classify_ms() -> float:
+            start = time.perf_counter()
+            evaluate(model, [sub], 0)
+            return 1e3 * (time.perf_counter() - start) / t
+
+        ms = min(classify_ms() for _ in range(1 + repeats))
+        weights = sum(v.numel() for v in generate_networks(model, sub)[0].params.values()) + sum(p.numel() for p in model.head.parameters())
+        return {"generation_ms": ms, "adapt_ms": 0.0, "adapt_steps": 0, "params": weights, "tasks": t}
     meta = ep.metadata[:t] if ep.metadata is not None and model.encoder.family is not None else None
     args = (model, ep.support_x[:t], ep.support_y[:t], meta)
     if repeats:

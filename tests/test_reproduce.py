@@ -320,6 +320,37 @@ def test_a_failed_run_is_reported_in_its_row_not_fatal(rp, smoke):
 
 
 @pytest.mark.slow
+def test_reuse_with_another_output_folder_does_not_redo_a_run(rp, smoke, capsys):
+    """Where the plots go is not what a job computes: a finished run stays finished."""
+    out, _ = smoke
+    args = rp.parse_args(["--smoke", "--table", "sinusoid", "--methods", "metanet", "--shots", "5", "--reuse", "--out", str(out / "elsewhere")])
+    jobs = rp.plan_jobs(args, ["sinusoid"], out / "runs", out / "elsewhere" / "results")
+    assert all("elsewhere" in j["population_png"] for j in jobs)
+    assert all(rp._run_job_safely(j).get("reused") for j in jobs)
+    changed = dict(jobs[0], cfg=dict(jobs[0]["cfg"], inner_lr=0.5), run_dir=str(out / "changed"))
+    Path(changed["run_dir"]).mkdir()
+    (Path(changed["run_dir"]) / "result.json").write_text((Path(jobs[0]["run_dir"]) / "result.json").read_text())
+    assert rp._run_job_safely(changed).get("reused") is None  # another job: redone, and said why
+    assert "redone, its saved job differs in cfg.inner_lr, run_dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(default_data_root() is None, reason="needs ../shared/data/omniglot")
+def test_the_other_meta_learners_are_rows_of_the_same_table(rp, tmp_path):
+    methods = ["matchingnet", "relationnet", "mann", "lstm-meta", "metanet-lstm"]
+    data = rp.main(["--smoke", "--table", "omniglot", "--methods", *methods, "--ways", "2", "--shots", "1", "--out", str(tmp_path)])
+    rows = data["tables"]["omniglot"]["rows"]["2-way 1-shot"]
+    assert list(rows) == methods
+    for name, row in rows.items():
+        assert not row["errors"], (name, row["errors"])
+        means = {k: a["mean"] for k, a in row["aggregate"].items()}
+        if name in ("matchingnet", "relationnet", "mann"):  # no inner loop: one figure at every step count
+            assert len(set(means.values())) == 1, means
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert all(f"| {m} |" in md for m in methods)
+
+
+@pytest.mark.slow
 def test_rerun_of_one_table_reuses_runs_and_keeps_the_others(rp, smoke):
     out, _ = smoke
     last = out / "runs" / "sinusoid" / "5shot" / "maml" / "seed0" / "last.pt"
