@@ -117,7 +117,7 @@ class TrainConfig:
     final_temperature: float = _field(1.0, "pos_float", "temperature at the end of the budget (annealed geometrically)")
     gumbel: bool = _field(False, "bool", "sample each task's architecture with Gumbel noise")
     hard: bool = _field(False, "bool", "train the discrete architecture (straight-through argmax), the network generate emits")
-    strategy: str = _field("auto", STRATEGIES, "task execution: loop (one task at a time), vmap (batched), auto (time both on the first step)")
+    strategy: str = _field("auto", STRATEGIES, "task execution: loop (one task at a time), vmap (batched), auto (time both, and the executor's fast paths, on the first step; the choice is cached per machine and shape)")
     compile: bool = _field(False, "bool", "torch.compile the meta-step; kept only if its meta-gradients match eager on the first step (compiling takes tens of seconds)")
     precision: str = _field("fp32", PRECISIONS, "arithmetic of the meta-step's forward: fp32, or bf16 mixed precision (autocast; fast where the CPU has AMX/AVX512-BF16 or on a GPU)")
     meta_lr: float = _field(1e-3, "pos_float", "Adam learning rate of the outer loop")

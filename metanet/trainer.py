@@ -35,12 +35,16 @@ from . import distributed
 from .compile import checked_compile
 from .graph import population_health
 from .config import ConfigError, TrainConfig, validate_config
-from .meta import MetaNet, bf16_warning, evaluate, generate_networks, meta_loss, precision
+from .meta import MetaNet, bf16_warning, evaluate, generate_networks, precision
+from .plan import ExecOptions
+from .plan import compile as compile_plan
 from .rundir import FORMAT_VERSION, METRICS, MetricsLog, build_space, load_run, load_training_checkpoint, read_run_config, start_run
 from .space import SearchSpace
 from .tasks import DEFAULT_DOMAINS, Episode, TaskDistribution, fixed_episodes, make_tasks
+from .tasks.images import cache_dir
+from .tuning import choose_paths
 
-__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "architecture_health", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "calibrate_strategy", "reuse_freed_memory", "step_function", "step_keywords", "compiled_step", "episode_args"]
+__all__ = ["TrainConfig", "ConfigError", "NonFiniteError", "architecture_health", "build_space", "build_tasks", "check_tasks", "validate_config", "build_model", "train", "load_run", "reuse_freed_memory", "step_function", "step_keywords", "compiled_step", "episode_args"]
 
 log = logging.getLogger(__name__)
 
@@ -120,23 +124,6 @@ def step_keywords(cfg: TrainConfig, strategy: str) -> dict[str, Any]:
     """``meta_loss``'s keyword arguments for a config's meta-step (all but the noise)."""
     return {"inner_steps": cfg.inner_steps, "order": cfg.order, "beta": cfg.beta, "entropy_weight": cfg.entropy_weight, "gumbel": cfg.gumbel, "hard": cfg.hard,
             "strategy": strategy, "op_dropout": cfg.op_dropout, "param_prior": cfg.param_prior, "checkpoint": cfg.checkpoint_steps}  # fmt: skip
-
-
-def calibrate_strategy(model: MetaNet, episode: Episode, cfg: TrainConfig, repeats: int = 2) -> str:
-    """Time one meta-step with each task-execution strategy and return the faster one."""
-    times = {}
-    for strategy in ("loop", "vmap"):
-        best = math.inf
-        for _ in range(repeats):
-            t = time.perf_counter()
-            with precision(cfg.precision, episode.support_x.device):
-                loss, _ = meta_loss(model, episode, **step_keywords(cfg, strategy))
-            torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-            best = min(best, time.perf_counter() - t)
-        times[strategy] = best
-    choice = min(times, key=times.get)
-    log.info("task execution: %s (loop %.3fs, vmap %.3fs per step)", choice, times["loop"], times["vmap"])
-    return choice
 
 
 def reuse_freed_memory() -> bool:
@@ -396,10 +383,14 @@ class _Run:
         if ctx.is_main:  # only now is anything written
             start_run(out, cfg, self.space, resume_step=self.state["step"] if resume else None)
         self.metrics = MetricsLog(out / METRICS if ctx.is_main else None)
-        if self.state["strategy"] == "auto":
+        if self.state["strategy"] == "auto":  # time the execution paths on this machine and shapes (cached on disk)
             probe = self.tasks.sample(self.part.stop - self.part.start, torch.Generator().manual_seed(cfg.seed + 1)).to(ctx.device)
-            self.state["strategy"] = ctx.broadcast_object(calibrate_strategy(self.model, probe, cfg))
-            self.model.zero_grad(set_to_none=True)
+            choice = choose_paths(self.model, probe, step_keywords(cfg, "auto"), cfg.precision, cache=cache_dir() if ctx.is_main else None)
+            self.state["strategy"], self.state["exec_options"] = ctx.broadcast_object((choice.strategy, dataclasses.asdict(choice.options)))
+            log.info("execution paths: %s (%s; %s)", choice.describe(), "cached" if choice.cached else "measured",
+                     ", ".join(f"{k} {v:.3g}s" for k, v in choice.times.items()))  # fmt: skip
+        if self.state.get("exec_options"):  # a resumed run keeps the paths it chose
+            self.model.plan = compile_plan(self.space, ExecOptions(**self.state["exec_options"]))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.step_fn = step_function(self.model, self.part, self.noise, self.params, step_keywords(cfg, self.state["strategy"]), cfg.precision)
         self.compile_info: dict[str, Any] | None = None
