@@ -59,6 +59,7 @@ from metanet.meta import Generated, MetaNet, ModelConfig, meta_loss, precision, 
 from metanet.ops import conv2d_im2col
 from metanet.space import load
 from metanet.trainer import reuse_freed_memory
+from metanet.tuning import choose_paths, step_timer
 from metanet.tasks import Episode
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
@@ -297,6 +298,14 @@ def main() -> None:
     peak = peak_matmul_flops(2048 if not args.quick else 1024, 5)
     peak_bf16 = peak_matmul_flops(2048 if not args.quick else 1024, 5, torch.bfloat16)
     achieved = flops / med["ours_loop"]
+    # what --strategy auto would choose here: each candidate timed on this step (metanet.tuning)
+    tuned = choose_paths(model, ep, {"inner_steps": 1, "order": "second"}, timer=step_timer(model, ep, {"inner_steps": 1, "order": "second"}, "fp32", repeats=min(repeats, 3)))
+
+    def flags(plan: X.Plan) -> dict[str, bool]:
+        return {k: bool(getattr(plan, k)) for k in ("stem_im2col", "stem_channels_last", "channels_last", "group_edges", "native_norm")}
+
+    with reference_paths(model):
+        reference_flags = flags(model.plan)
     out = {
         "bench": "meta",
         "quick": args.quick,
@@ -309,6 +318,8 @@ def main() -> None:
         "meta_batch": tasks,
         "repeats": repeats,
         "reuse_freed_memory": reused,
+        "paths": {"ours_loop": flags(model.plan), "ours_loop_reference_paths": reference_flags},
+        "auto_paths": {"chosen": tuned.describe(), "step_s": {k: round(v, 3) for k, v in tuned.times.items()}},
         "step_s": {k: round(v, 3) for k, v in med.items()},
         "tasks_per_s": {k: round(tasks / v, 2) for k, v in med.items()},
         "speedup_vs_clone": {k: round(med["clone_loop"] / v, 2) for k, v in med.items() if k != "clone_loop"},

@@ -121,3 +121,10 @@ def test_timing_the_real_meta_step_tries_every_candidate_and_restores_the_plan()
     choice = choose_paths(model, ep, STEP)
     assert model.plan is plan and all(p.grad is None for p in model.parameters())
     assert len(choice.times) == len(candidates(True)) and all(t > 0 for t in choice.times.values())
+
+
+def test_a_candidate_within_timing_noise_does_not_replace_the_fast_paths() -> None:
+    model, ep = _setup()
+    no_groups = dataclasses.replace(ExecOptions(), group_edges=False)
+    choice = choose_paths(model, ep, STEP, timer=_timer({("loop", ExecOptions()): 1.0, ("loop", no_groups): 0.98}, [], other=5.0))
+    assert (choice.strategy, choice.options) == ("loop", ExecOptions())
