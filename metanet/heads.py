@@ -9,16 +9,18 @@ each a classifier of the few-shot literature that has no inner loop of its own:
   scale is learned (it starts at 10: unscaled cosines, in [-1, 1], give a near-uniform
   attention over a support set).
 - ``relation``: Relation Networks (Sung et al. 2018). A learned relation module (an MLP
-  on the concatenated query feature and class feature, the sum of the class's support
-  features as in the paper) scores each (query, class) pair; the scores are the logits.
-  Trained with the trainer's cross-entropy, not the paper's mean squared error on
-  sigmoid scores (the one loss of every classification row).
+  on the concatenated query feature and class feature) scores each (query, class) pair;
+  the scores are the logits. The class feature is the mean of its support features, not
+  the paper's sum, so that a model trained at one shot count is scored at another on the
+  same scale; trained with the trainer's cross-entropy, not the paper's mean squared
+  error on sigmoid scores (the one loss of every classification row).
 - ``memory``: a memory-augmented network (Santoro et al. 2016). An LSTM controller reads
   the support sequence, each feature with its one-hot label, and writes keys to an
-  external memory with least-recently-used access; each query is one more controller
-  step with no label that reads the memory (and writes nothing, so queries are
-  independent). The paper presents each label one step after its sample, because its
-  episodes are one stream; here the support labels are known at once, as in every
+  external memory with least-recently-used access (128 slots of 40, as in the paper);
+  the controller reads its input with the previous read vector. Each query is one more
+  controller step with no label that reads the memory (and writes nothing, so queries
+  are independent). The paper presents each label one step after its sample, because
+  its episodes are one stream; here the support labels are known at once, as in every
   few-shot protocol, so each sample comes with its own label.
 
 Every head maps ``(support features (B, N, C), support labels (B, N), query features
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 __all__ = ["HEADS", "EPISODIC_HEADS", "make_head", "MatchingHead", "RelationHead", "MemoryHead"]
 
 EPISODIC_HEADS = ("matching", "relation", "memory")
+_OFF = -1e4  # log-attention of a support example outside the class
 HEADS = ("linear", *EPISODIC_HEADS)  # linear: the space's own head (from prototypes, or learned)
 
 
@@ -51,9 +54,11 @@ class MatchingHead(nn.Module):
     def forward(self, support: Tensor, y: Tensor, query: Tensor, ways: int) -> Tensor:
         cos = torch.einsum("bqc,bnc->bqn", F.normalize(query, dim=-1), F.normalize(support, dim=-1))
         attention = torch.log_softmax(self.log_scale.exp() * cos, -1)  # (B, Q, N)
-        # log sum over the class's support examples of the attention: log p(c | query)
-        mask = F.one_hot(y, ways).to(attention.dtype).transpose(1, 2)  # (B, ways, N)
-        masked = attention[:, :, None, :] + torch.log(mask)[:, None]  # (B, Q, ways, N); -inf off the class
+        # log sum over the class's support examples of the attention: log p(c | query);
+        # a large finite negative off the class (-inf would give NaN gradients for a class
+        # with no support example)
+        off = F.one_hot(y, ways).transpose(1, 2)[:, None] == 0  # (B, 1, ways, N)
+        masked = attention[:, :, None, :].masked_fill(off, _OFF)  # (B, Q, ways, N)
         return torch.logsumexp(masked, -1)
 
 
@@ -68,7 +73,7 @@ class RelationHead(nn.Module):
 
     def forward(self, support: Tensor, y: Tensor, query: Tensor, ways: int) -> Tensor:
         onehot = F.one_hot(y, ways).to(support.dtype)  # (B, N, ways)
-        classes = torch.einsum("bnw,bnc->bwc", onehot, support)  # the sum of each class's features
+        classes = torch.einsum("bnw,bnc->bwc", onehot, support) / onehot.sum(1).clamp_min(1.0)[..., None]  # class means
         b, q, c = query.shape
         pairs = torch.cat([query[:, :, None].expand(b, q, ways, c), classes[:, None].expand(b, q, ways, c)], -1)
         return self.relation(pairs).squeeze(-1)  # (B, Q, ways)
@@ -87,10 +92,10 @@ class MemoryHead(nn.Module):
 
     any_ways = False  # the label input and the output layer are per class
 
-    def __init__(self, features: int, ways: int, hidden: int = 128, slots: int = 32, width: int = 40, gamma: float = 0.95):
+    def __init__(self, features: int, ways: int, hidden: int = 128, slots: int = 128, width: int = 40, gamma: float = 0.95):
         super().__init__()
         self.ways, self.slots, self.width, self.gamma = ways, slots, width, gamma
-        self.controller = nn.LSTMCell(features + ways, hidden)
+        self.controller = nn.LSTMCell(features + ways + width, hidden)  # sample, label, previous read
         self.key = nn.Linear(hidden, width)
         self.gate = nn.Linear(hidden, 1)  # the write gate: previous read location vs least used
         self.out = nn.Linear(hidden + width, ways)
@@ -101,6 +106,7 @@ class MemoryHead(nn.Module):
         return {
             "h": z(batch, self.controller.hidden_size), "c": z(batch, self.controller.hidden_size),
             "memory": z(batch, self.slots, self.width), "usage": z(batch, self.slots), "read_w": z(batch, self.slots),
+            "read": z(batch, self.width),
         }  # fmt: skip
 
     @staticmethod
@@ -122,13 +128,14 @@ class MemoryHead(nn.Module):
         g = torch.sigmoid(gate)
         write_w = g * state["read_w"] + (1 - g) * lu
         memory = state["memory"] * (1 - lu)[..., None] + write_w[..., None] * key[:, None, :]
-        read_w, _ = self.read(memory, key)
+        read_w, read = self.read(memory, key)
         usage = self.gamma * state["usage"] + read_w + write_w
-        return {**state, "memory": memory, "usage": usage, "read_w": read_w}
+        return {**state, "memory": memory, "usage": usage, "read_w": read_w, "read": read}
 
     def step(self, state: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
-        """One support sample ``x`` (its feature and one-hot label): controller, write, read."""
-        h, c = self.controller(x, (state["h"], state["c"]))
+        """One support sample ``x`` (its feature and one-hot label): controller (reading ``x``
+        and the previous read vector), write, read."""
+        h, c = self.controller(torch.cat([x, state["read"]], -1), (state["h"], state["c"]))
         return self.memory_step({**state, "h": h, "c": c}, torch.tanh(self.key(h)), self.gate(h))
 
     def forward(self, support: Tensor, y: Tensor, query: Tensor, ways: int) -> Tensor:
@@ -141,7 +148,8 @@ class MemoryHead(nn.Module):
         b, q, _ = query.shape
         blank = query.new_zeros(b, q, ways)
         hidden = self.controller.hidden_size
-        h, _ = self.controller(torch.cat([query, blank], -1).flatten(0, 1), (state["h"].repeat_interleave(q, 0), state["c"].repeat_interleave(q, 0)))
+        last_read = state["read"][:, None].expand(b, q, self.width)
+        h, _ = self.controller(torch.cat([query, blank, last_read], -1).flatten(0, 1), (state["h"].repeat_interleave(q, 0), state["c"].repeat_interleave(q, 0)))
         h = h.view(b, q, hidden)
         _, r = self.read(state["memory"][:, None], torch.tanh(self.key(h)))
         return self.out(torch.cat([h, r], -1))

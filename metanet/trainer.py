@@ -385,10 +385,11 @@ class _Run:
         self.metrics = MetricsLog(out / METRICS if ctx.is_main else None)
         if self.state["strategy"] == "auto":  # time the execution paths on this machine and shapes (cached on disk)
             probe = self.tasks.sample(self.part.stop - self.part.start, torch.Generator().manual_seed(cfg.seed + 1)).to(ctx.device)
-            choice = choose_paths(self.model, probe, step_keywords(cfg, "auto"), cfg.precision, cache=cache_dir() if ctx.is_main else None)
-            self.state["strategy"], self.state["exec_options"] = ctx.broadcast_object((choice.strategy, dataclasses.asdict(choice.options)))
-            log.info("execution paths: %s (%s; %s)", choice.describe(), "cached" if choice.cached else "measured",
-                     ", ".join(f"{k} {v:.3g}s" for k, v in choice.times.items()))  # fmt: skip
+            choice = choose_paths(self.model, probe, step_keywords(cfg, "auto"), cfg.precision, cache=cache_dir()) if ctx.is_main else None
+            if choice is not None:  # rank 0 measures (or reads the cache); the others take its choice
+                log.info("execution paths: %s (%s; %s)", choice.describe(), "cached" if choice.cached else "measured",
+                         ", ".join(f"{k} {v:.3g}s" for k, v in choice.times.items()))  # fmt: skip
+            self.state["strategy"], self.state["exec_options"] = ctx.broadcast_object((choice.strategy, dataclasses.asdict(choice.options)) if choice else None)
         if self.state.get("exec_options"):  # a resumed run keeps the paths it chose
             self.model.plan = compile_plan(self.space, ExecOptions(**self.state["exec_options"]))
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -4,9 +4,10 @@ Every execution choice gives the same maths (``ExecOptions``' layouts and fusion
 one task at a time or ``vmap``); which is fastest depends on the CPU (AVX2 or AVX-512
 with AMX), the thread count and the shapes. ``choose_paths`` times the meta-step of the
 run with each candidate on its actual shapes and keeps the fastest (by more than 3%,
-else the earlier candidate: the fast paths first). The candidates are
-the fast paths under both strategies, each fast path turned off alone, and every
-reference path at once, so the choice is never slower than the reference as measured.
+else the earlier candidate: the fast paths first). The candidates are the fast paths
+under both strategies, each fast path turned off alone, and every reference path at
+once, so the choice is never slower than the reference by more than that 3% margin, as
+measured.
 
 The choice is cached per machine and shape: one JSON file per key under
 ``<cache>/paths/`` (``METANET_CACHE``, else ``~/.cache/metanet``), written to a temporary
@@ -93,11 +94,18 @@ def path_key(model: MetaNet, episode: Any, step: Mapping[str, Any], precision_na
     return {
         "version": _VERSION,
         "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "device": str(episode.support_x.device),
+        "threads": torch.get_num_threads(), "device": _device_name(episode.support_x.device),
         "space": hashlib.sha256(model.space.text.encode()).hexdigest()[:16],
         "model": dataclasses.asdict(model.config), "step": {k: v for k, v in sorted(step.items()) if k != "strategy"},
         "precision": precision_name, "shapes": [list(episode.support_x.shape), list(episode.query_x.shape)],
     }  # fmt: skip
+
+
+def _device_name(device: torch.device) -> str:
+    """``cpu``, or the accelerator's model (a shared cache may serve several machines)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return str(device)
 
 
 def _file(cache: Path, key: dict[str, Any]) -> Path:
@@ -152,7 +160,9 @@ def step_timer(model: MetaNet, episode: Any, step: Mapping[str, Any], precision_
             for _ in range(repeats):
                 t = time.perf_counter()
                 with precision(precision_name, episode.support_x.device):
-                    loss, _ = meta_loss(model, episode, **{**step, "strategy": strategy})
+                    # the noise from a generator of its own: timing leaves the global RNG as it was
+                    noise = torch.Generator(episode.support_x.device).manual_seed(0)
+                    loss, _ = meta_loss(model, episode, **{**step, "strategy": strategy}, generator=noise)
                 torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
                 best = min(best, time.perf_counter() - t)
             return best

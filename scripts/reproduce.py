@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -289,6 +290,15 @@ def _with_new_defaults(saved_job: Any, spec: dict[str, Any]) -> Any:
     return dict(saved_job, cfg={**added, **saved_job["cfg"]})
 
 
+def _carry_population_png(saved_job: Any, job: dict[str, Any]) -> None:
+    """A reused run's population plot, copied to where this job's report links it."""
+    old = saved_job.get("population_png") if isinstance(saved_job, dict) else None
+    new = job.get("population_png")
+    if old and new and old != new and Path(old).is_file():
+        Path(new).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(old, new)
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one (table, setting, method, seed), evaluate it on the test tasks, return figures.
 
@@ -309,6 +319,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         elif "error" in saved:  # a run that failed stays failed: --reuse must not retrain it until it passes
             return {"error": saved["error"], "reused": True}
         elif job["reuse"] != "training":
+            _carry_population_png(saved.get("job"), job)
             saved["reused"] = True
             return saved
     cfg = TrainConfig(**job["cfg"])
@@ -376,7 +387,8 @@ def _cost(model: MetaNet, ep: Episode, tasks: int, steps: int, repeats: int) -> 
             return 1e3 * (time.perf_counter() - start) / t
 
         ms = min(classify_ms() for _ in range(1 + repeats))
-        weights = sum(v.numel() for v in generate_networks(model, sub)[0].params.values()) + sum(p.numel() for p in model.head.parameters())
+        body = [sum(v.numel() for k, v in net.params.items() if not k.startswith("head.")) for net in generate_networks(model, sub)]  # the linear head is unused
+        weights = sum(body) / t + sum(p.numel() for p in model.head.parameters())
         return {"generation_ms": ms, "adapt_ms": 0.0, "adapt_steps": 0, "params": weights, "tasks": t}
     meta = ep.metadata[:t] if ep.metadata is not None and model.encoder.family is not None else None
     args = (model, ep.support_x[:t], ep.support_y[:t], meta)
@@ -638,7 +650,7 @@ def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str,
             "seed": job["seed"], "run_dir": job["run_dir"], "train": res["train"], "scores": res["scores"],
             "families": res.get("families"), "curve": res["curve"], "curve_tasks": res["curve_tasks"], "cost": res["cost"],
             "population": res.get("population"), "fused_check": res.get("fused_check"),
-            "population_png": Path(job["population_png"]).name if job.get("population_png") else None,
+            "population_png": Path(job["population_png"]).name if job.get("population_png") and Path(job["population_png"]).is_file() else None,
             "config": job["cfg"], "test": job["test"],
         })  # fmt: skip
     ks = [str(k) for k in eval_steps_for(table_name, args)]

@@ -103,16 +103,26 @@ def test_an_unwritable_cache_is_only_a_cache(tmp_path) -> None:
 
 
 def test_a_run_with_strategy_auto_records_its_paths_and_a_resume_keeps_them(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("METANET_CACHE", str(tmp_path / "cache"))
+    """The chosen options are the plan the run trains with, they are saved, and a resume
+    (which does not choose again) builds its plan from them."""
     from metanet import checkpoint as ckpt
+    from metanet import trainer
+    from metanet.tuning import PathChoice
+    from test_images import make_folder
 
-    cfg = TrainConfig(space="mlp_regression", tasks="sinusoid", steps=2, meta_batch=2, val_every=2, val_tasks=2, eval_inner_steps=1, strategy="auto")
+    chosen = ExecOptions(channels_last=False, group_edges=False)
+    asked: list = []
+    monkeypatch.setattr(trainer, "choose_paths", lambda *a, **k: asked.append(1) or PathChoice("loop", chosen, {"loop": 1.0}))
+    built: list = []
+    real = trainer.compile_plan
+    monkeypatch.setattr(trainer, "compile_plan", lambda space, options: built.append(options) or real(space, options))
+    root = make_folder(tmp_path / "data", classes=20, per_class=3)
+    cfg = TrainConfig(space="tiny", tasks="images", data_root=str(root), ways=3, shots=1, queries=1, steps=2, meta_batch=2, val_every=2, val_tasks=2, eval_inner_steps=1, strategy="auto")
     train(cfg, tmp_path / "run")
     state = ckpt.load_checkpoint(tmp_path / "run" / "last.pt")["state"]
-    assert state["strategy"] in ("loop", "vmap") and set(state["exec_options"]) == {"stem_im2col", "channels_last", "group_edges", "native_norm"}
-    assert len(list((tmp_path / "cache" / "paths").iterdir())) == 1
+    assert asked == [1] and built == [chosen] and state["strategy"] == "loop" and ExecOptions(**state["exec_options"]) == chosen
     train(dataclasses.replace(cfg, steps=4), tmp_path / "run", resume=True)
-    assert ckpt.load_checkpoint(tmp_path / "run" / "last.pt")["state"]["exec_options"] == state["exec_options"]
+    assert asked == [1] and built == [chosen, chosen]  # not chosen again; the saved paths rebuilt
 
 
 def test_timing_the_real_meta_step_tries_every_candidate_and_restores_the_plan() -> None:
