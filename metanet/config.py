@@ -150,6 +150,7 @@ class TrainConfig:
     use_metadata: bool = _model("use_metadata", "bool", "withhold task metadata (family or domain id) from the generators", flag="--no-metadata")
     fused: bool = _model("fused", "bool", "run mixed ops unfused (the reference path)", flag="--no-fused")
     proto_head: bool = _model("proto_head", "bool", "classification: learn the head's initial weights instead of taking them from class prototypes (plain MAML)", flag="--no-proto-head")
+    weight_bound: float = _model("weight_bound", "nonneg_float", "VAE weights: a soft bound c on each generated per-channel modulation, c * tanh(m / c), against a latent that runs away after a loss spike (0: unbounded)")
     head: str = _model("head", HEADS, "classification: linear (the space's head, from prototypes unless --no-proto-head), or an episodic head with no inner loop: matching (Matching Networks), relation (Relation Networks), memory (a memory-augmented network, Santoro et al. 2016)")
     arch_hidden: int = _model("arch_hidden", "nonneg_int", "conditional architectures: hidden units of an MLP from the task embedding to the architecture logits (0: a linear map)")
 

@@ -131,13 +131,17 @@ class WeightGenerator(nn.Module):
         dim: task embedding size.
         latent: size of z.
         mode: ``vae`` or ``off`` (learned initial weights shared by all tasks: MAML).
+        bound: a soft bound ``c`` on each decoded modulation, ``c * tanh(m / c)`` (a scale
+            in ``(1 - c, 1 + c)``, a shift in ``(-c, c)``; near ``m`` while ``|m|`` is small);
+            0: unbounded. Without it a spike in the query loss can push the latent, and so
+            the generated weights, up until the losses overflow.
     """
 
-    def __init__(self, plan: Plan, dim: int, latent: int = 32, mode: str = "vae", generator: torch.Generator | None = None):
+    def __init__(self, plan: Plan, dim: int, latent: int = 32, mode: str = "vae", generator: torch.Generator | None = None, bound: float = 0.0):
         super().__init__()
         if mode not in WEIGHT_MODES:
             raise ValueError(f"weight mode must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
-        self.mode, self.latent = mode, latent
+        self.mode, self.latent, self.bound = mode, latent, bound
         self.names = [s.name for s in plan.slots]
         self.base = nn.ParameterDict({safe_name(k): nn.Parameter(v) for k, v in init_params(plan, generator).items()})
         if mode == "off":
@@ -174,7 +178,10 @@ class WeightGenerator(nn.Module):
         else:
             z = mu
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)  # (B,)
-        mods = self.decoder(z).split(self.sizes, dim=-1)
+        decoded = self.decoder(z)
+        if self.bound > 0:
+            decoded = self.bound * torch.tanh(decoded / self.bound)
+        mods = decoded.split(self.sizes, dim=-1)
         out = {}
         for (k, v), m in zip(base.items(), mods):
             if v.dim() == 1:  # biases: shifted

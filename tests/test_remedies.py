@@ -145,3 +145,29 @@ def test_remedy_options_are_checked(field: str, value: object, message: str) -> 
     with pytest.raises(ConfigError) as e:
         dataclasses.replace(TrainConfig(), **{field: value})
     assert str(e.value) == message
+
+
+def test_the_weight_bound_keeps_every_modulation_inside_it_and_is_off_at_zero() -> None:
+    free, bounded = _tiny_model(proto_head=False), _tiny_model(proto_head=False, weight_bound=0.5)  # the learned head: its bias is generated
+    bounded.load_state_dict(free.state_dict())
+    ep = _episode(free)
+    for model in (free, bounded):
+        with torch.no_grad():  # a decoder that has run away
+            model.weights.decoder.bias.fill_(20.0)
+    gen = {id(m): m.generate(ep.support_x, ep.support_y, sample=False) for m in (free, bounded)}
+    base = free.weights.base
+    for name in ("stem.w", "head.b"):
+        key = name.replace(".", "__")
+        g_free, g_bound = gen[id(free)].params[name], gen[id(bounded)].params[name]
+        if name.endswith(".w"):  # a scale 1 + m per output channel
+            torch.testing.assert_close(g_free, (base[key] * 21.0).expand_as(g_free))
+            ratio = g_bound / base[key]
+            assert (ratio < 1.5 + 1e-6).all() and (ratio > 1.49).all()
+        else:  # a shift m
+            torch.testing.assert_close(g_free, (base[key] + 20.0).expand_as(g_free))
+            assert ((g_bound - base[key]) < 0.5 + 1e-6).all()
+    # small modulations pass almost unchanged: c * tanh(m / c) = m - m^3 / (3 c^2) + ...
+    m = torch.tensor(0.01)
+    assert abs(0.5 * torch.tanh(m / 0.5) - m) < 2e-6
+    with pytest.raises(ConfigError, match="weight_bound must be a finite number >= 0"):
+        TrainConfig(weight_bound=-1.0)
