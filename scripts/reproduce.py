@@ -293,11 +293,10 @@ def _with_new_defaults(saved_job: Any, spec: dict[str, Any]) -> Any:
     return dict(saved_job, cfg={**added, **saved_job["cfg"]})
 
 
-def _carry_population_png(saved_job: Any, job: dict[str, Any]) -> None:
-    """A reused run's population plot, copied to where this job's report links it."""
-    old = saved_job.get("population_png") if isinstance(saved_job, dict) else None
+def _carry_population_png(old: Any, job: dict[str, Any]) -> None:
+    """A reused run's population plot (drawn at ``old``), copied to where this job's report links it."""
     new = job.get("population_png")
-    if old and new and old != new and Path(old).is_file():
+    if isinstance(old, str) and new and old != new and Path(old).is_file():
         Path(new).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(old, new)
 
@@ -322,7 +321,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         elif "error" in saved:  # a run that failed stays failed: --reuse must not retrain it until it passes
             return {"error": saved["error"], "reused": True}
         elif job["reuse"] != "training":
-            _carry_population_png(saved.get("job"), job)
+            _carry_population_png(saved.get("population_png") or (saved.get("job") or {}).get("population_png"), job)
             saved["reused"] = True
             return saved
     cfg = TrainConfig(**job["cfg"])
@@ -342,7 +341,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     dist = _test_dist(test)
     episodes = TestEpisodes(dist, test["n"], test["batch"], test["seed"])
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"job": spec, "train": summary, "train_wall_s": train_wall}
+    result: dict[str, Any] = {"job": spec, "train": summary, "train_wall_s": train_wall, "population_png": job.get("population_png")}
     steps = job["eval_steps"]
     if job["per_family"]:
         present = torch.cat([ep.metadata for ep in episodes]).bincount(minlength=len(dist.families))  # (F,) tasks per family
