@@ -35,11 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HEADS", "EPISODIC_HEADS", "make_head", "MatchingHead", "RelationHead", "MemoryHead"]
+__all__ = ["HEADS", "EPISODIC_HEADS", "make_head", "class_means", "MatchingHead", "RelationHead", "MemoryHead"]
 
 EPISODIC_HEADS = ("matching", "relation", "memory")
 _OFF = -1e4  # log-attention of a support example outside the class
 HEADS = ("linear", *EPISODIC_HEADS)  # linear: the space's own head (from prototypes, or learned)
+
+
+def class_means(feats: Tensor, y: Tensor, ways: int) -> Tensor:
+    """Each class's mean feature: ``(B, N, C)`` features and ``(B, N)`` labels in, ``(B, ways, C)``
+    out (zero for a class without examples). The prototypes of ProtoNets and Proto-MAML."""
+    onehot = F.one_hot(y, ways).to(feats.dtype)  # (B, N, ways)
+    return torch.einsum("bnw,bnc->bwc", onehot, feats) / onehot.sum(1).clamp_min(1.0)[..., None]
 
 
 class MatchingHead(nn.Module):
@@ -72,8 +79,7 @@ class RelationHead(nn.Module):
         self.relation = nn.Sequential(nn.Linear(2 * features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, support: Tensor, y: Tensor, query: Tensor, ways: int) -> Tensor:
-        onehot = F.one_hot(y, ways).to(support.dtype)  # (B, N, ways)
-        classes = torch.einsum("bnw,bnc->bwc", onehot, support) / onehot.sum(1).clamp_min(1.0)[..., None]  # class means
+        classes = class_means(support, y, ways)
         b, q, c = query.shape
         pairs = torch.cat([query[:, :, None].expand(b, q, ways, c), classes[:, None].expand(b, q, ways, c)], -1)
         return self.relation(pairs).squeeze(-1)  # (B, Q, ways)

@@ -32,7 +32,7 @@ from .encoders import TaskEncoder
 from .executor import Plan, compile, forward_genotype, run
 from .generators import ArchitectureGenerator, WeightGenerator, safe_name
 from .graph import Genotype, discretise
-from .heads import make_head
+from .heads import class_means, make_head
 from .inner import LSTMRule
 from .space import SearchSpace
 
@@ -253,8 +253,7 @@ class MetaNet(nn.Module):
         Returns:
             ``head.w (B, ways, C)`` and ``head.b (B, ways)``.
         """
-        onehot = F.one_hot(y, ways or self.space.task.outputs).to(feats.dtype)  # (B, N, ways)
-        protos = torch.einsum("bnw,bnc->bwc", onehot, feats) / onehot.sum(1).clamp_min(1.0)[..., None]
+        protos = class_means(feats, y, ways or self.space.task.outputs)
         scale = self.proto_scale.exp()
         return 2.0 * scale * protos, -scale * protos.pow(2).sum(-1)
 

@@ -299,7 +299,8 @@ def main() -> None:
     peak_bf16 = peak_matmul_flops(2048 if not args.quick else 1024, 5, torch.bfloat16)
     achieved = flops / med["ours_loop"]
     # what --strategy auto would choose here: each candidate timed on this step (metanet.tuning)
-    tuned = choose_paths(model, ep, {"inner_steps": 1, "order": "second"}, timer=step_timer(model, ep, {"inner_steps": 1, "order": "second"}, "fp32", repeats=min(repeats, 3)))
+    step = {"inner_steps": 1, "order": "second"}
+    tuned = choose_paths(model, ep, step, timer=step_timer(model, ep, step, "fp32", repeats=min(repeats, 3)))
 
     def flags(plan: X.Plan) -> dict[str, bool]:
         return {k: bool(getattr(plan, k)) for k in ("stem_im2col", "stem_channels_last", "channels_last", "group_edges", "native_norm")}
