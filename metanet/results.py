@@ -238,32 +238,56 @@ def summary_lines(t: dict[str, Any]) -> list[str]:
 
 
 def verdict_lines(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[str]:
-    """The verdict list of one setting: metanet against MAML, the best other baseline, per family.
+    """The verdict list of one setting: metanet against MAML, the best other baseline, per family,
+    and each conditional metanet row against its shared-architecture ablation.
 
     Args:
         rows: the setting's rows, by method.
         ks: the columns (inner steps, as strings).
         metric: ``"MSE"`` or ``"accuracy"``.
     """
-    if "metanet" not in rows or "maml" not in rows:
-        return ["Verdict: not computed (needs both the metanet and the maml rows).", ""]
-    out = ["Verdict, metanet against MAML at the same budget (computed from the rows above):", ""]
-    failed = [n for n in ("metanet", "maml") if not rows[n]["per_seed"]]
-    if failed:
-        return out + [f"- cannot compare: {' and '.join(failed)} failed in every seed.", ""]
-    for k in ks:
-        out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows['maml']['aggregate'][k])}.")
+    if "metanet" not in rows:
+        return ["Verdict: not computed (needs the metanet row).", ""]
+    if not rows["metanet"]["per_seed"]:
+        return ["Verdict, metanet at the same budget:", "", "- cannot compare: metanet failed in every seed.", ""]
+    has_maml = "maml" in rows and rows["maml"]["per_seed"]
+    out = [f"Verdict, metanet against {'MAML' if has_maml else 'the other rows'} at the same budget (computed from the rows above):", ""]
+    if "maml" in rows and not has_maml:
+        out.append("- cannot compare with MAML: maml failed in every seed.")
+    if has_maml:
+        for k in ks:
+            out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows['maml']['aggregate'][k])}.")
     baselines = [m for m, r in rows.items() if not m.startswith("metanet") and m != "maml" and r["per_seed"]]
     for k in ks:  # the strongest other baseline of each column, not only MAML
         best = _best({m: rows[m] for m in baselines}, k, metric, lambda r: r["aggregate"]) if baselines else None
         if best is not None:
             out.append(f"- against the best other baseline, {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows[best]['aggregate'][k], base_name=best)}.")
     fams = rows["metanet"].get("families")
-    if fams and rows["maml"].get("families"):
+    if fams and has_maml and rows["maml"].get("families"):
         k = ks[-1]
         for f in fams:
             out.append(f"- {f}, {_steps_header(k, metric)}: {verdict(metric, fams[f][k], rows['maml']['families'][f][k])}.")
-    return out + [""]
+    out += [""]
+    pairs = ablation_pairs(rows)
+    if pairs:
+        out += ["Task-conditional architecture against the same recipe with one shared architecture (each pair differs only in `arch`):", ""]
+        for ours, base in pairs:
+            for k in ks:
+                out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows[ours]['aggregate'][k], rows[base]['aggregate'][k], ours_name=ours, base_name=base)}.")
+        out += [""]
+    return out
+
+
+def ablation_pairs(rows: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(metanet-X, metanet-no-archgen-X)`` for every conditional row whose shared-architecture twin ran too."""
+    pairs = []
+    for m in rows:
+        if not m.startswith("metanet") or "no-archgen" in m:
+            continue
+        twin = "metanet-no-archgen" + m[len("metanet"):]
+        if twin in rows and rows[m]["per_seed"] and rows[twin]["per_seed"]:
+            pairs.append((m, twin))
+    return pairs
 
 
 def _population_lines(rows: dict[str, Any], figures_rel: str) -> list[str]:

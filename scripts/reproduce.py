@@ -118,6 +118,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("metanet-mlp", "remedy: an MLP (64 hidden) from the task embedding to the architecture", {"arch_hidden": 64}),
         ("metanet-gumbel", "remedy: per-task Gumbel architectures, temperature 1 -> 0.3", {"gumbel": True, "final_temperature": 0.3}),
         ("metanet-remedies", "remedies together: warm-up, prior, op dropout, MLP", {"arch_warmup": 0.25, "param_prior": 0.5, "op_dropout": 0.3, "arch_hidden": 64}),
+        ("metanet-prior-warmup", "remedies: the prior (0.5) and the warm-up (25%)", {"param_prior": 0.5, "arch_warmup": 0.25}),
+        # the shared-architecture ablation under the same prior: whether a prior's gain comes from conditioning
+        ("metanet-no-archgen-prior", "ablation of metanet-prior: shared architecture, VAE weights, the same prior", {"arch": "shared", "weights": "vae", "param_prior": 0.5}),
     )),
 )}  # fmt: skip
 

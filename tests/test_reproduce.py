@@ -390,6 +390,24 @@ def test_verdicts_name_the_strongest_other_baseline():
     assert best == ["- against the best other baseline, accuracy after 1 step: metanet does not beat protonet: 5.00 points lower accuracy (85.00% vs 90.00%)."]
 
 
+def test_each_conditional_row_meets_its_shared_architecture_twin():
+    def row(mean, ci=0.01):
+        return {"aggregate": {"1": stat(mean, ci=ci)}, "per_seed": [{}]}
+
+    rows = {"protonet": row(0.80), "metanet": row(0.70), "metanet-no-archgen": row(0.75), "metanet-prior": row(0.85),
+            "metanet-no-archgen-prior": row(0.84, ci=0.02), "metanet-mlp": row(0.9)}
+    lines = verdict_lines(rows, ["1"], "accuracy")  # no maml row: the other comparisons still stand
+    assert lines[0] == "Verdict, metanet against the other rows at the same budget (computed from the rows above):"
+    assert "- against the best other baseline, accuracy after 1 step: metanet does not beat protonet: 10.00 points lower accuracy (70.00% vs 80.00%)." in lines
+    twins = [line for line in lines if "no-archgen" in line]
+    assert twins == [
+        "- accuracy after 1 step: metanet does not beat metanet-no-archgen: 5.00 points lower accuracy (70.00% vs 75.00%).",
+        "- accuracy after 1 step: metanet-prior is 1.00 points higher accuracy than metanet-no-archgen-prior (85.00% vs 84.00%); the 95% intervals overlap, so the difference is not significant.",
+    ]  # metanet-mlp has no twin row: no line
+    rows["metanet-no-archgen-prior"]["per_seed"] = []  # a twin that failed in every seed is not compared
+    assert [line for line in verdict_lines(rows, ["1"], "accuracy") if "no-archgen-prior" in line] == []
+
+
 def test_a_failed_run_stays_failed_under_reuse(rp, tmp_path, monkeypatch):
     job = {"run_dir": str(tmp_path / "run"), "reuse": True, "cfg": {"seed": 0}}
     (tmp_path / "run").mkdir()
