@@ -30,6 +30,8 @@ __all__ = [
     "format_stat",
     "summary_lines",
     "verdict_lines",
+    "lead_row",
+    "ablation_pairs",
     "table_markdown",
     "to_json",
     "from_json",
@@ -220,60 +222,72 @@ def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
 
 
 def summary_lines(t: dict[str, Any]) -> list[str]:
-    """One bold line: in how many (setting, steps) cells metanet beats MAML; none without both rows."""
-    outcomes = []
+    """One bold line: in how many (setting, steps) cells metanet (``lead_row``) beats MAML; none without both rows."""
+    outcomes, names = [], set()
     for setting in t["settings"]:
         rows = t["rows"][setting]
-        if "metanet" in rows and "maml" in rows and rows["metanet"]["per_seed"] and rows["maml"]["per_seed"]:
+        ours = lead_row(rows)
+        if ours and "maml" in rows and rows[ours]["per_seed"] and rows["maml"]["per_seed"]:
+            names.add(ours)
             for k in t["eval_steps"]:
-                outcomes.append(verdict(t["metric"], rows["metanet"]["aggregate"][str(k)], rows["maml"]["aggregate"][str(k)]))
+                outcomes.append((ours, verdict(t["metric"], rows[ours]["aggregate"][str(k)], rows["maml"]["aggregate"][str(k)], ours_name=ours)))
     if not outcomes:
         return []
-    wins = [o for o in outcomes if o.startswith("metanet is ")]
+    name = " / ".join(sorted(names))
+    wins = [o for ours, o in outcomes if o.startswith(f"{ours} is ")]
     solid = [o for o in wins if "not significant" not in o]
-    losses = [o for o in outcomes if "does not beat" in o]
-    line = (f"**Summary: metanet beats MAML in {len(wins)} of {len(outcomes)} (setting, steps) cells at this budget "
+    losses = [o for ours, o in outcomes if o.startswith(f"{ours} does not beat")]
+    line = (f"**Summary: {name} beats MAML in {len(wins)} of {len(outcomes)} (setting, steps) cells at this budget "
             f"({len(solid)} with non-overlapping 95% intervals) and does not beat MAML in {len(losses)}.**")  # fmt: skip
     return [line, ""]
 
 
+def lead_row(rows: dict[str, Any]) -> str | None:
+    """The row the verdicts speak for: ``metanet``, else the first conditional metanet variant
+    (a table run with a remedy row and not the default recipe), else none."""
+    if "metanet" in rows:
+        return "metanet"
+    return next((m for m in rows if m.startswith("metanet-") and "no-" not in m), None)
+
+
 def verdict_lines(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[str]:
-    """The verdict list of one setting: metanet against MAML, the best other baseline, per family,
-    and each conditional metanet row against its shared-architecture ablation.
+    """The verdict list of one setting: metanet (``lead_row``) against MAML, the best other
+    baseline, per family, and each conditional metanet row against its shared-architecture ablation.
 
     Args:
         rows: the setting's rows, by method.
         ks: the columns (inner steps, as strings).
         metric: ``"MSE"`` or ``"accuracy"``.
     """
-    if "metanet" not in rows:
-        return ["Verdict: not computed (needs the metanet row).", ""]
-    if not rows["metanet"]["per_seed"]:
-        return ["Verdict, metanet at the same budget:", "", "- cannot compare: metanet failed in every seed.", ""]
+    ours = lead_row(rows)
+    if ours is None:
+        return ["Verdict: not computed (needs a metanet row).", ""]
+    if not rows[ours]["per_seed"]:
+        return [f"Verdict, {ours} at the same budget:", "", f"- cannot compare: {ours} failed in every seed.", ""]
     has_maml = "maml" in rows and rows["maml"]["per_seed"]
-    out = [f"Verdict, metanet against {'MAML' if has_maml else 'the other rows'} at the same budget (computed from the rows above):", ""]
+    out = [f"Verdict, {ours} against {'MAML' if has_maml else 'the other rows'} at the same budget (computed from the rows above):", ""]
     if "maml" in rows and not has_maml:
         out.append("- cannot compare with MAML: maml failed in every seed.")
     if has_maml:
         for k in ks:
-            out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows['maml']['aggregate'][k])}.")
+            out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows[ours]['aggregate'][k], rows['maml']['aggregate'][k], ours_name=ours)}.")
     baselines = [m for m, r in rows.items() if not m.startswith("metanet") and m != "maml" and r["per_seed"]]
     for k in ks:  # the strongest other baseline of each column, not only MAML
         best = _best({m: rows[m] for m in baselines}, k, metric, lambda r: r["aggregate"]) if baselines else None
         if best is not None:
-            out.append(f"- against the best other baseline, {_steps_header(k, metric)}: {verdict(metric, rows['metanet']['aggregate'][k], rows[best]['aggregate'][k], base_name=best)}.")
-    fams = rows["metanet"].get("families")
+            out.append(f"- against the best other baseline, {_steps_header(k, metric)}: {verdict(metric, rows[ours]['aggregate'][k], rows[best]['aggregate'][k], ours_name=ours, base_name=best)}.")
+    fams = rows[ours].get("families")
     if fams and has_maml and rows["maml"].get("families"):
         k = ks[-1]
         for f in fams:
-            out.append(f"- {f}, {_steps_header(k, metric)}: {verdict(metric, fams[f][k], rows['maml']['families'][f][k])}.")
+            out.append(f"- {f}, {_steps_header(k, metric)}: {verdict(metric, fams[f][k], rows['maml']['families'][f][k], ours_name=ours)}.")
     out += [""]
     pairs = ablation_pairs(rows)
     if pairs:
         out += ["Task-conditional architecture against the same recipe with one shared architecture (each pair differs only in `arch`):", ""]
-        for ours, base in pairs:
+        for a, b in pairs:
             for k in ks:
-                out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows[ours]['aggregate'][k], rows[base]['aggregate'][k], ours_name=ours, base_name=base)}.")
+                out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows[a]['aggregate'][k], rows[b]['aggregate'][k], ours_name=a, base_name=b)}.")
         out += [""]
     return out
 
@@ -316,7 +330,7 @@ def _population_lines(rows: dict[str, Any], figures_rel: str) -> list[str]:
             per = "; ".join(", ".join(f"{f}: {n}" for f, n in p["distinct_per_family"].items()) for p in pops)
             health += "; family-genotype mutual information " + ", ".join(f"{p['mutual_information']:.2f} bits" for p in pops) + f" (distinct genotypes per family id: {per})"
         out.append(f"- Architectures of `{method}` over the {pops[0]['tasks']} test tasks: distinct genotypes per seed {distinct}; the most common covers {top}{health}; {note}.")
-        if method == "metanet":
+        if method == lead_row(rows):
             p = pops[0]
             out += ["", "  Op frequency per candidate edge (seed 0, `metanet.export.op_frequency`; rows sum to 1):", ""]
             out += ["  | edge | " + " | ".join(p["labels"]) + " |", "  |" + "---|" * (len(p["labels"]) + 1)]

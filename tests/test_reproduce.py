@@ -406,6 +406,13 @@ def test_each_conditional_row_meets_its_shared_architecture_twin():
     ]  # metanet-mlp has no twin row: no line
     rows["metanet-no-archgen-prior"]["per_seed"] = []  # a twin that failed in every seed is not compared
     assert [line for line in verdict_lines(rows, ["1"], "accuracy") if "no-archgen-prior" in line] == []
+    del rows["metanet"]  # a table run with a remedy row and not the default recipe: the verdicts speak for it
+    lines = verdict_lines(rows, ["1"], "accuracy")
+    assert lines[0] == "Verdict, metanet-prior against the other rows at the same budget (computed from the rows above):"
+    assert "- against the best other baseline, accuracy after 1 step: metanet-prior is 5.00 points higher accuracy than protonet (85.00% vs 80.00%)." in lines
+    t = {"settings": ["s"], "eval_steps": [1], "metric": "accuracy", "rows": {"s": dict(rows, maml=row(0.5))}}
+    assert summary_lines(t)[0] == ("**Summary: metanet-prior beats MAML in 1 of 1 (setting, steps) cells at this budget "
+                                   "(1 with non-overlapping 95% intervals) and does not beat MAML in 0.**")
 
 
 def test_a_failed_run_stays_failed_under_reuse(rp, tmp_path, monkeypatch):
