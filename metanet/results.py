@@ -9,7 +9,11 @@ one summary per seed into a table cell. ``verdict`` compares two cells in one se
     {"title", "metric" ("MSE" | "accuracy"), "eval_steps", "command", "date", "smoke",
      "budget", "seeds", "settings", "test", "machine",
      "rows": {setting: {method: {"aggregate": {k: cell}, "per_seed": [...], "errors": [...],
-                                 "families"?, "steps", "generation_ms", "command", ...}}}}
+                                 "families"?, "steps", "generation_ms", "command", ...}}},
+     "setting_meta"?: {setting: {"command", "date", "budget", "seeds", "machine", "test"}}}
+
+The table-level fields describe the newest command; ``merge_settings`` keeps the settings
+an earlier command ran and the newest did not, each with the ``setting_meta`` that produced it.
 
 ``to_json`` and ``from_json`` write non-finite figures as ``null`` and read them back. Pure
 Python and numpy: nothing here trains, evaluates or draws.
@@ -18,6 +22,7 @@ Python and numpy: nothing here trains, evaluates or draws.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +38,8 @@ __all__ = [
     "lead_row",
     "ablation_pairs",
     "table_markdown",
+    "merge_settings",
+    "table_commands",
     "to_json",
     "from_json",
 ]
@@ -147,6 +154,59 @@ def _best(rows: dict[str, Any], key: str, metric: str, get: Callable[[dict[str, 
     return (max if metric == "accuracy" else min)(vals, key=vals.get)
 
 
+SETTING_META = ("command", "date", "budget", "seeds", "machine", "test")
+
+
+def merge_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` (a table just run) with the settings of ``old`` (the same table from an earlier
+    command) that ``new`` did not run, each keeping the command, date, budget, seeds and test
+    tasks that produced it. Settings carry over only between tables scored in the same metric
+    at the same inner steps, and never between a smoke run and a real one; a setting that
+    ``new`` ran is ``new``'s alone."""
+    if old is None or old.get("smoke") != new.get("smoke") or old["metric"] != new["metric"] or list(old["eval_steps"]) != list(new["eval_steps"]):
+        return new
+    kept = [s for s in old["settings"] if s not in new["rows"] and s in old["rows"]]
+    if not kept:
+        return new
+    old_meta = old.get("setting_meta") or {}
+    merged = dict(new, rows=dict(new["rows"]), setting_meta=dict(new.get("setting_meta") or {}))
+    for s in kept:
+        merged["rows"][s] = old["rows"][s]
+        merged["setting_meta"][s] = old_meta.get(s) or {k: old[k] for k in SETTING_META if k in old}
+    merged["settings"] = sorted([*new["settings"], *kept], key=lambda label: [int(n) for n in re.findall(r"\d+", label)])
+    return merged
+
+
+def _foreign(t: dict[str, Any], setting: str) -> dict[str, Any] | None:
+    """The meta of a setting that an earlier command than the table's produced, else None."""
+    meta = (t.get("setting_meta") or {}).get(setting)
+    return meta if meta and meta.get("command") != t["command"] else None
+
+
+def table_commands(t: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(command, date)`` of every command whose settings the table shows, the newest first."""
+    out = [(t["command"], t["date"])]
+    for s in t["settings"]:
+        meta = _foreign(t, s)
+        if meta and (meta["command"], meta["date"]) not in out:
+            out.append((meta["command"], meta["date"]))
+    return out
+
+
+def _run_lines(meta: dict[str, Any]) -> list[str]:
+    """Command, date, machine and budget lines of one command's settings."""
+    test = meta.get("test") or {}
+    what = f"{test.get('n')} test tasks" + (f" x {test.get('queries')} query points" if not test.get("ways") else f", {test.get('queries')} queries per class")
+    split = f", split `{test.get('split')}`" if test.get("ways") else ""
+    m = meta["machine"]
+    return [
+        f"- Command: `{meta['command']}`",
+        f"- Date: {meta['date']}",
+        f"- Machine: torch {m['torch']}, {m['cpus']} CPUs, one thread per run, {m['parallel_runs']} run(s) at a time.",
+        f"- Budget: {meta['budget']} of meta-training per method and seed; {meta['seeds']} seed(s); evaluated on {what}{split} (the same tasks for every method and seed).",
+    ]
+
+
 def _steps_header(k: str, metric: str) -> str:
     return f"{metric} after {k} step{'' if k == '1' else 's'}"
 
@@ -160,23 +220,19 @@ def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
         figures_rel: the folder of the plots, relative to the markdown file.
     """
     metric, ks = t["metric"], [str(k) for k in t["eval_steps"]]
-    test = t["test"] or {}
     out = [f"## {t['title']}", ""]
     if t["smoke"]:
         out += ["**Smoke run: a few meta-steps per method, a handful of test tasks. The numbers test the pipeline and mean nothing.**", ""]
-    what = f"{test.get('n')} test tasks" + (f" x {test.get('queries')} query points" if not test.get("ways") else f", {test.get('queries')} queries per class")
-    split = f", split `{test.get('split')}`" if test.get("ways") else ""
-    out += [
-        f"- Command: `{t['command']}`",
-        f"- Date: {t['date']}",
-        f"- Machine: torch {t['machine']['torch']}, {t['machine']['cpus']} CPUs, one thread per run, {t['machine']['parallel_runs']} run(s) at a time.",
-        f"- Budget: {t['budget']} of meta-training per method and seed; {t['seeds']} seed(s); evaluated on {what}{split} (the same tasks for every method and seed).",
-        "",
-    ]
+    out += _run_lines(t) + [""]
+    if any(_foreign(t, s) for s in t["settings"]):
+        out += ["These lines are the newest command's; a setting that an earlier command produced gives its own.", ""]
     out += summary_lines(t)
     for setting in t["settings"]:
         rows = t["rows"][setting]
         out += [f"### {setting}", ""]
+        meta = _foreign(t, setting)
+        if meta:
+            out += ["From an earlier command than the table's:", "", *_run_lines(meta), ""]
         head = ["method", "meta-steps"] + [_steps_header(k, metric) for k in ks] + ["generate (ms/task)", "budget", "seeds", "reproduce"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {k: _best(rows, k, metric, lambda r: r["aggregate"]) for k in ks}

@@ -15,8 +15,9 @@ in ``OUT/results/``; run directories (checkpoints, ``metrics.jsonl``) go to ``--
     python scripts/reproduce.py --table sinusoid --methods maml metanet --shots 5 --out /tmp/row
 
 Running several tables by separate commands into the same ``--out`` merges them: each
-table keeps the command and date that produced it (to add rows to a table, run it again
-with every row and ``--reuse``: finished runs are not redone). A table with ``train_shots`` (mini-ImageNet)
+table keeps the command and date that produced it, and so does each setting of a table
+that a later command did not run (``--ways 20`` after ``--ways 5``). To add rows to a
+setting, run it again with every row and ``--reuse``: finished runs are not redone. A table with ``train_shots`` (mini-ImageNet)
 trains each method once, at that many shots, and scores the same model at every shot
 setting: its prototype head serves any shot and way.
 """
@@ -47,7 +48,7 @@ from metanet.export import op_frequency
 from metanet.graph import population_health
 from metanet.meta import MetaNet, evaluate, generate_networks, meta_loss
 from metanet.network import generate_batch
-from metanet.results import aggregate_seeds, from_json, pool, table_markdown, to_json
+from metanet.results import aggregate_seeds, from_json, merge_settings, pool, table_commands, table_markdown, to_json
 from metanet.tasks import Episode, default_data_root, make_tasks, shared_data_root
 from metanet.trainer import TrainConfig, load_run, train
 
@@ -675,13 +676,16 @@ def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str,
             row["steps"] = sum(s["train"]["step"] for s in seeds) / len(seeds)
             row["generation_ms"] = sum(s["cost"]["generation_ms"] for s in seeds) / len(seeds)
             row["adapt_ms"] = sum(s["cost"]["adapt_ms"] for s in seeds) / len(seeds)
-    settings = [s.label for s in settings_for(table_name, args)]
-    return {
-        "title": table.title, "metric": table.metric, "eval_steps": eval_steps_for(table_name, args),
-        "command": command, "date": _now(), "smoke": args.smoke, "budget": budget_label(args),
-        "seeds": seeds_for(table_name, args), "settings": [s for s in settings if s in rows], "rows": rows,
-        "test": next((j["test"] for j in jobs if j["table"] == table_name), None),
+    settings = [s.label for s in settings_for(table_name, args) if s.label in rows]
+    meta = {
+        "command": command, "date": _now(), "budget": budget_label(args), "seeds": seeds_for(table_name, args),
         "machine": {"torch": torch.__version__, "cpus": os.cpu_count(), "threads_per_run": 1, "parallel_runs": args.jobs},
+    }  # fmt: skip
+    tests = {s: next(j["test"] for j in jobs if j["table"] == table_name and j["setting"] == s) for s in settings}
+    return {
+        "title": table.title, "metric": table.metric, "eval_steps": eval_steps_for(table_name, args), "smoke": args.smoke,
+        **meta, "settings": settings, "rows": rows, "test": tests[settings[0]] if settings else None,
+        "setting_meta": {s: dict(meta, test=tests[s]) for s in settings},
     }  # fmt: skip
 
 
@@ -735,7 +739,7 @@ def write_markdown(path: Path, data: dict[str, Any], figures_rel: str) -> None:
     ]
     for name in TABLE_ORDER:
         if name in tables:
-            lines.append(f"- {tables[name]['title']}: `{tables[name]['command']}` ({tables[name]['date']})")
+            lines += [f"- {tables[name]['title']}: `{cmd}` ({date})" for cmd, date in table_commands(tables[name])]
     for name, why in data.get("skipped", {}).items():
         lines.append(f"- {TABLES[name].title}: skipped ({why})")
     lines += [
@@ -1020,8 +1024,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         old = from_json(json.loads(json_path.read_text()))
         if old.get("format") == RESULTS_FORMAT and old.get("version") == RESULTS_VERSION:
             data = old
-    for name in tables:
-        data["tables"][name] = collect(name, jobs, results, args, command)
+    for name in tables:  # settings of the table that this command did not run stay, with their own command
+        data["tables"][name] = merge_settings(data["tables"].get(name), collect(name, jobs, results, args, command))
         data["skipped"].pop(name, None)
         plot_table(name, data["tables"][name], figures)
     for name, why in skipped.items():

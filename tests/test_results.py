@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from metanet.results import aggregate_seeds, format_stat, from_json, pool, table_markdown, to_json, verdict
+from metanet.results import aggregate_seeds, format_stat, from_json, merge_settings, pool, table_commands, table_markdown, to_json, verdict
 
 
 def summary(scores: np.ndarray) -> dict:
@@ -146,6 +146,41 @@ def test_table_markdown_of_a_small_table() -> None:
 
 
 # -------------------------------------------------------------------------------- JSON
+
+
+def _table(command: str, settings: list[str], date: str = "2024-01-01 00:00 UTC", **over) -> dict:
+    t = {
+        "title": "Toy", "metric": "accuracy", "eval_steps": [1], "command": command, "date": date, "smoke": False,
+        "budget": "35 min", "seeds": 1, "settings": settings, "test": {"n": 600, "queries": 15, "ways": 5, "split": "val"},
+        "machine": {"torch": "2.x", "cpus": 2, "parallel_runs": 2}, "rows": {s: {"maml": _row(0.5, 10.0, 1.0, f"cmd {s}")} for s in settings},
+    }  # fmt: skip
+    t["setting_meta"] = {s: {k: t[k] for k in ("command", "date", "budget", "seeds", "machine", "test")} for s in settings}
+    return dict(t, **over)
+
+
+def test_merge_keeps_the_settings_a_later_command_did_not_run_with_their_own_command() -> None:
+    old = _table("cmd --ways 5 20", ["5-way 1-shot", "20-way 1-shot"])
+    new = _table("cmd --ways 5", ["5-way 1-shot"], date="2024-02-02 00:00 UTC", budget="40 min")
+    merged = merge_settings(old, new)
+    assert merged["settings"] == ["5-way 1-shot", "20-way 1-shot"]
+    assert merged["rows"]["5-way 1-shot"] is new["rows"]["5-way 1-shot"] and merged["rows"]["20-way 1-shot"] is old["rows"]["20-way 1-shot"]
+    assert merged["setting_meta"]["20-way 1-shot"]["command"] == "cmd --ways 5 20"
+    assert table_commands(merged) == [("cmd --ways 5", "2024-02-02 00:00 UTC"), ("cmd --ways 5 20", "2024-01-01 00:00 UTC")]
+    md = "\n".join(table_markdown("toy", merged, "figs"))
+    assert "- Budget: 40 min of meta-training" in md.split("### 5-way 1-shot")[0]
+    block = md.split("### 20-way 1-shot")[1]
+    assert "From an earlier command than the table's:\n\n- Command: `cmd --ways 5 20`\n- Date: 2024-01-01 00:00 UTC" in block
+    assert "- Budget: 35 min of meta-training per method and seed; 1 seed(s); evaluated on 600 test tasks, 15 queries per class, split `val`" in block
+    assert "From an earlier command" not in md.split("### 20-way 1-shot")[0]
+    legacy = {k: v for k, v in old.items() if k != "setting_meta"}  # saved before settings had their own meta
+    assert merge_settings(legacy, new)["setting_meta"]["20-way 1-shot"]["budget"] == "35 min"
+
+
+@pytest.mark.parametrize("change", [{"eval_steps": [1, 10]}, {"metric": "MSE"}, {"smoke": True}])
+def test_merge_carries_no_setting_across_metrics_steps_or_smoke(change) -> None:
+    old = _table("old", ["5-way 1-shot", "20-way 1-shot"], **change)
+    new = _table("new", ["5-way 1-shot"])
+    assert merge_settings(old, new) is new and merge_settings(None, new) is new
 
 
 def test_json_round_trip_keeps_nan_figures_as_nan() -> None:
