@@ -243,7 +243,7 @@ def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
                 c = "failed" if failed else format_stat(row["aggregate"][k], metric)
                 cells.append(f"**{c}**" if best[k] == method else c)
             seeds = f"{len(row['per_seed'])}" + (f" ({len(row['errors'])} failed)" if row.get("errors") else "")
-            cells += ["-" if failed else f"{row['generation_ms']:.2g}", t["budget"], seeds, f"`{row['command']}`"]
+            cells += ["-" if failed else f"{row['generation_ms']:.2g}", (meta or t)["budget"], seeds, f"`{row['command']}`"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         for method, row in rows.items():
@@ -376,6 +376,8 @@ def _population_lines(rows: dict[str, Any], figures_rel: str) -> list[str]:
             note = "**the generator collapsed: every test task gets the same architecture**" + (" (in every seed)" if len(pops) > 1 else "")
         elif collapsed:
             note = f"**the generator collapsed to one architecture in {collapsed} of {len(pops)} seeds**"
+        elif all(p["top_share"] >= 0.95 for p in pops):
+            note = "**the generator nearly collapsed: one architecture covers at least 95% of the test tasks**" + (" (in every seed)" if len(pops) > 1 else "")
         else:
             note = "the generator did not collapse (test tasks get different architectures)"
         top = ", ".join(f"{100 * p['top_share']:.0f}%" for p in pops)

@@ -172,8 +172,23 @@ def test_merge_keeps_the_settings_a_later_command_did_not_run_with_their_own_com
     assert "From an earlier command than the table's:\n\n- Command: `cmd --ways 5 20`\n- Date: 2024-01-01 00:00 UTC" in block
     assert "- Budget: 35 min of meta-training per method and seed; 1 seed(s); evaluated on 600 test tasks, 15 queries per class, split `val`" in block
     assert "From an earlier command" not in md.split("### 20-way 1-shot")[0]
+    assert "| maml | 10 | **50.00% ± 5.00** | 1 | 35 min | 2 | `cmd 20-way 1-shot` |" in block  # each row under its own budget
+    assert "| maml | 10 | **50.00% ± 5.00** | 1 | 40 min | 2 | `cmd 5-way 1-shot` |" in md
     legacy = {k: v for k, v in old.items() if k != "setting_meta"}  # saved before settings had their own meta
     assert merge_settings(legacy, new)["setting_meta"]["20-way 1-shot"]["budget"] == "35 min"
+
+
+@pytest.mark.parametrize(("distinct", "top", "note"), [
+    (1, 1.0, "**the generator collapsed: every test task gets the same architecture**"),
+    (2, 0.998, "**the generator nearly collapsed: one architecture covers at least 95% of the test tasks**"),
+    (9, 0.40, "the generator did not collapse (test tasks get different architectures)"),
+])  # fmt: skip
+def test_the_population_note_calls_a_near_collapse_one(distinct, top, note) -> None:
+    pop = {"distinct": distinct, "collapsed": distinct == 1, "top_share": top, "tasks": 600, "labels": ["conv", "skip"], "edges": ["c0 e0->1"], "freq": [[top, 1 - top]]}
+    t = _table("cmd", ["5-way 1-shot"])
+    t["rows"]["5-way 1-shot"]["metanet"] = dict(_row(0.9, 10.0, 1.0, "c"), per_seed=[{"population": pop, "config": {"arch": "conditional"}}])
+    line = next(x for x in table_markdown("toy", t, "figs") if x.startswith("- Architectures of `metanet`"))
+    assert line.endswith(f"; {note}.")
 
 
 @pytest.mark.parametrize("change", [{"eval_steps": [1, 10]}, {"metric": "MSE"}, {"smoke": True}])
