@@ -323,7 +323,7 @@ def verdict_lines(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[
     has_maml = "maml" in rows and rows["maml"]["per_seed"]
     out = [f"Verdict, {ours} against {'MAML' if has_maml else 'the other rows'} at the same budget (computed from the rows above):", ""]
     if "maml" in rows and not has_maml:
-        out.append("- cannot compare with MAML: maml failed in every seed.")
+        out.append("- cannot compare: maml failed in every seed.")
     if has_maml:
         for k in ks:
             out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows[ours]['aggregate'][k], rows['maml']['aggregate'][k], ours_name=ours)}.")
