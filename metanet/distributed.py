@@ -11,12 +11,16 @@ The meta-batch is sharded by ``shard``: rank r owns a contiguous block of the B 
 blocks of all ranks partition ``range(B)``, and the sizes differ by at most one.
 ``shard_loss`` is a rank's share of the meta-objective and ``Context.all_reduce_step``
 sums the gradients and metrics of one step, so that N ranks take the step one process
-would take with the whole meta-batch.
+would take with the whole meta-batch. ``per_task_gradients`` computes the same share's
+gradients with one backward per task (the ``task`` strategy: memory of one task's graph).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .meta import MetaNet, meta_loss, outer_loss
+from .meta import Generated, MetaNet, meta_loss, outer_loss
 from .tasks import Episode
 
-__all__ = ["Context", "setup", "shard", "shard_loss", "env_rank", "env_world_size"]
+__all__ = ["Context", "setup", "shard", "shard_loss", "per_task_gradients", "PER_TASK", "env_rank", "env_world_size"]
 
 
 def env_world_size() -> int:
@@ -195,3 +199,61 @@ def shard_loss(model: MetaNet, episode: Episode, part: slice, noise: torch.Gener
     loss, m = outer_loss(model, full.slice(part), episode.slice(part), **step_kw)
     w = (part.stop - part.start) / b
     return loss * w, {k: v * w for k, v in m.items()}
+
+
+PER_TASK = "task"  # the task strategy: the loop executor, one backward per task
+
+
+def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, inputs: Sequence[Tensor], context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext, **kw: Any) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
+    """``shard_loss`` and its gradients with respect to ``inputs``, one backward per task.
+
+    The generators run once on all B tasks (the same noise as ``shard_loss``); their
+    outputs are cut into per-task leaves, and each task of ``part`` runs its inner loop,
+    query loss and backward alone, so that its graph is freed before the next task's is
+    built: the memory of one task's adaptation instead of the meta-batch's. The collected
+    gradients of the generated tensors are then backpropagated into the generators once.
+    The loss and the gradients are ``shard_loss``'s (a sum of per-task terms, each weighted
+    ``1 / B``), up to float rounding.
+
+    Args:
+        model, episode, part, noise: as for ``shard_loss``.
+        inputs: the tensors to differentiate with respect to (the model's parameters).
+        context: a factory of the context the forward passes run in (the arithmetic,
+            ``meta.precision``); the backward passes run outside it.
+        **kw: ``meta_loss``'s keyword arguments; ``strategy`` is ignored (the tasks run
+            one at a time).
+    """
+    b = episode.batch_size
+    inputs = list(inputs)
+    step_kw = {k: v for k, v in kw.items() if k not in ("gumbel", "hard", "op_dropout", "strategy")}
+    with context():
+        full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw.get("temperature", 1.0), gumbel=kw.get("gumbel", False), hard=kw.get("hard", False), sample=model.config.weights == "vae", generator=noise, strategy="loop", op_dropout=kw.get("op_dropout", 0.0))
+    mine = full.slice(part)
+    outputs = {name: t for name, t in _fields(mine).items() if t.requires_grad}  # what carries gradient into the generators
+    cotangents: dict[str, list[Tensor]] = {name: [] for name in outputs}
+    direct: list[Tensor | None] = [None] * len(inputs)  # the parameters used inside the task (step sizes, heads)
+    total = torch.zeros((), device=episode.support_x.device)
+    metrics: dict[str, float] = {}
+    for t in range(part.stop - part.start):
+        fields = {name: v[t : t + 1].detach().requires_grad_(name in outputs) for name, v in _fields(mine).items()}
+        one = Generated(fields["alpha"], fields.get("logits"), {k[len("params.") :]: v for k, v in fields.items() if k.startswith("params.")}, fields["kl"], fields["embedding"], fields.get("latent"))
+        with context():
+            loss, m = outer_loss(model, one, episode.slice(slice(part.start + t, part.start + t + 1)), strategy="loop", **step_kw)
+        leaves = [fields[name] for name in outputs]
+        grads = torch.autograd.grad(loss / b, leaves + inputs, allow_unused=True)
+        for name, leaf, g in zip(outputs, leaves, grads):
+            cotangents[name].append(torch.zeros_like(leaf) if g is None else g)
+        direct = [a if g is None else (g if a is None else a + g) for a, g in zip(direct, grads[len(leaves) :])]
+        total = total + loss.detach() / b
+        for k, v in m.items():
+            metrics[k] = metrics.get(k, 0.0) + v / b
+    through = torch.autograd.grad([outputs[name] for name in outputs], inputs, [torch.cat(cotangents[name]) for name in outputs], allow_unused=True) if outputs else [None] * len(inputs)
+    grads = tuple(a if g is None else (g if a is None else a + g) for a, g in zip(direct, through))
+    return total, grads, metrics
+
+
+def _fields(gen: Generated) -> dict[str, Tensor]:
+    """The tensors of ``gen`` by name (``params.<slot>`` for the weights), None left out."""
+    out = {"alpha": gen.alpha, "logits": gen.logits, "kl": gen.kl, "embedding": gen.embedding, "latent": gen.latent}
+    out.update({f"params.{k}": v for k, v in gen.params.items()})
+    return {k: v for k, v in out.items() if v is not None}

@@ -5,7 +5,8 @@ one task at a time or ``vmap``); which is fastest depends on the CPU (AVX2 or AV
 with AMX), the thread count and the shapes. ``choose_paths`` times the meta-step of the
 run with each candidate on its actual shapes and keeps the fastest (by more than 3%,
 else the earlier candidate: the fast paths first). The candidates are the fast paths
-under both strategies, each fast path turned off alone, and every reference path at
+under the three strategies (loop, vmap, and ``task``: the loop with one backward per
+task), each fast path turned off alone, and every reference path at
 once, so the choice is never slower than the reference by more than that 3% margin, as
 measured.
 
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .distributed import PER_TASK, per_task_gradients
 from .meta import MetaNet, meta_loss, precision
 from .plan import ExecOptions, compile
 
@@ -46,7 +48,7 @@ REFERENCE = ExecOptions(stem_im2col=False, channels_last=False, group_edges=Fals
 # a candidate replaces the best so far only when faster by more than timing noise: paths
 # that do not apply to a space (edge groups on conv4) time the same up to noise
 MARGIN = 0.97
-_VERSION = 1  # of the cache file's layout
+_VERSION = 2  # of the cache file's layout and candidates (2: the per-task backward)
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,11 @@ def cpu_model() -> str:
 
 
 def candidates(image: bool) -> list[tuple[str, str, ExecOptions]]:
-    """``(label, strategy, options)`` to time: the fast paths under loop and vmap, then (image
+    """``(label, strategy, options)`` to time: the fast paths under loop, vmap and the per-task
+    backward (``task``), then (image
     spaces, where the layouts apply) each fast path off alone and all of them off."""
     fast = ExecOptions()
-    out = [("loop", "loop", fast), ("vmap", "vmap", fast)]
+    out = [("loop", "loop", fast), ("vmap", "vmap", fast), (PER_TASK, PER_TASK, fast)]
     if image:
         for name in ("channels_last", "stem_im2col", "group_edges", "native_norm"):
             out.append((f"-{name}", "", dataclasses.replace(fast, **{name: False})))
@@ -120,7 +123,7 @@ def _read(path: Path, key: dict[str, Any]) -> PathChoice | None:
         if data["key"] != key:
             return None
         options = ExecOptions(**{k: data["options"][k] for k in ("stem_im2col", "channels_last", "group_edges", "native_norm")})
-        if data["strategy"] not in ("loop", "vmap") or not all(isinstance(v, (bool, type(None))) for v in dataclasses.asdict(options).values()):
+        if data["strategy"] not in ("loop", "vmap", PER_TASK) or not all(isinstance(v, (bool, type(None))) for v in dataclasses.asdict(options).values()):
             return None
         return PathChoice(data["strategy"], options, {str(k): float(v) for k, v in data["times"].items()}, cached=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -159,11 +162,15 @@ def step_timer(model: MetaNet, episode: Any, step: Mapping[str, Any], precision_
             best = math.inf
             for _ in range(repeats):
                 t = time.perf_counter()
-                with precision(precision_name, episode.support_x.device):
-                    # the noise from a generator of its own: timing leaves the global RNG as it was
-                    noise = torch.Generator(episode.support_x.device).manual_seed(0)
-                    loss, _ = meta_loss(model, episode, **{**step, "strategy": strategy}, generator=noise)
-                torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+                # the noise from a generator of its own: timing leaves the global RNG as it was
+                noise = torch.Generator(episode.support_x.device).manual_seed(0)
+                inputs = [p for p in model.parameters() if p.requires_grad]
+                if strategy == PER_TASK:
+                    per_task_gradients(model, episode, slice(0, episode.support_x.shape[0]), noise, inputs, lambda: precision(precision_name, episode.support_x.device), **step)
+                else:
+                    with precision(precision_name, episode.support_x.device):
+                        loss, _ = meta_loss(model, episode, **{**step, "strategy": strategy}, generator=noise)
+                    torch.autograd.grad(loss, inputs, allow_unused=True)
                 best = min(best, time.perf_counter() - t)
             return best
         finally:

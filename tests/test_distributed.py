@@ -18,7 +18,7 @@ from metanet import checkpoint as ckpt
 from metanet import distributed
 from metanet.meta import MetaNet, ModelConfig, meta_loss
 from metanet.space import load
-from metanet.tasks import Sinusoid
+from metanet.tasks import Episode, Sinusoid
 from metanet.trainer import ConfigError, TrainConfig, build_model, build_space, build_tasks, check_tasks, train
 
 # Seven tasks over two ranks: uneven blocks (4 + 3), so the weighting by share is tested too.
@@ -155,6 +155,56 @@ def test_shard_losses_sum_to_the_full_meta_gradient():
             torch.testing.assert_close(ga + gb, g)
     for k in m_full:
         assert m_a[k] + m_b[k] == pytest.approx(m_full[k], rel=1e-9, abs=1e-12), k
+
+
+def _tiny_image_episode(b: int = 3):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).expand(b, 3).contiguous()
+    return Episode(torch.randn(b, 3, 1, 8, 8, generator=g, dtype=torch.float64), y, torch.randn(b, 3, 1, 8, 8, generator=g, dtype=torch.float64), y)
+
+
+@pytest.mark.parametrize(
+    "space, config, kw",
+    [
+        ("mlp_regression", ModelConfig(dim=8, latent=4), dict(inner_steps=2, order="second", gumbel=True, param_prior=0.3, entropy_weight=0.1)),
+        ("mlp_regression", ModelConfig(dim=8, latent=4, inner_optimizer="lstm", adapt_alpha=True), dict(inner_steps=2, order="first")),
+        ("mlp_regression", ModelConfig(dim=8, latent=4, meta_sgd=True), dict(inner_steps=1, order="reptile")),
+        ("tiny", ModelConfig(dim=8, latent=4), dict(inner_steps=1, order="second", hard=True, op_dropout=0.2, param_prior=0.5)),
+        ("tiny", ModelConfig(dim=8, latent=4, arch="shared", weights="off", proto_head=False), dict(inner_steps=2, order="second", checkpoint=True)),
+    ],
+    ids=["vae-gumbel-prior", "lstm-adapt-alpha-first", "metasgd-reptile", "image-hard-dropout", "image-shared-checkpoint"],
+)
+def test_one_backward_per_task_gives_the_meta_gradient_of_the_whole_batch(space, config, kw):
+    """The ``task`` strategy (float64): the gradients, loss and metrics of ``shard_loss``,
+    on the whole meta-batch and on a block of it, with the noise drawn as one process does."""
+    torch.manual_seed(0)
+    model = MetaNet(load(space), 0, config).double()
+    if space == "tiny":
+        ep = _tiny_image_episode()
+    else:
+        ep = Sinusoid(shots=5, queries=5).sample(3, torch.Generator().manual_seed(0))
+        ep = type(ep)(*(t.double() for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y)))
+    kw = {"temperature": 0.7, "strategy": "loop", "gumbel": False, "hard": False, **kw}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for part in (slice(0, 3), slice(1, 3)):
+        loss, m = distributed.shard_loss(model, ep, part, torch.Generator().manual_seed(3), **kw)
+        ref = torch.autograd.grad(loss, params, allow_unused=True)
+        got_loss, got, got_m = distributed.per_task_gradients(model, ep, part, torch.Generator().manual_seed(3), params, **{**kw, "strategy": "task"})
+        torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-12, atol=1e-12)
+        assert sum(g is not None for g in ref) > 0
+        for name, r, g in zip([n for n, p in model.named_parameters() if p.requires_grad], ref, got):
+            if r is None or g is None:  # unused either way: both none, or an all-zero gradient
+                assert (r if r is not None else g) is None or not (r if r is not None else g).any(), name
+                continue
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=name)
+        for k in m:  # (accuracy is a float32 mean: its rounding differs by the grouping)
+            assert got_m[k] == pytest.approx(m[k], rel=1e-6, abs=1e-12), k
+
+
+def test_a_run_with_one_backward_per_task_takes_the_steps_of_the_loop(one_process, tmp_path):
+    """``--strategy task`` through the trainer: the run of ``--strategy loop``."""
+    train(dataclasses.replace(CFG, strategy="task"), tmp_path / "task")
+    _assert_same_run(one_process, tmp_path / "task")
 
 
 def test_without_torchrun_there_is_one_process_and_no_group():

@@ -4,7 +4,7 @@ Layers, lowest first; a module imports only from lower layers (or its own packag
 lower modules, for ``metanet.tasks``), at the top of the file or inside a function alike:
 
     ops, checkpoint, compile, results, tasks -> space -> graph -> plan -> executor, export
-    -> encoders, generators, draw, inner, heads -> meta -> config, distributed, tuning -> rundir -> trainer
+    -> encoders, generators, draw, inner, heads -> meta -> config, distributed -> tuning -> rundir -> trainer
     -> network -> cli -> the package's __init__ and __main__
 """
 
@@ -35,7 +35,8 @@ LAYERS = [
     {"executor", "export"},
     {"encoders", "generators", "draw", "inner", "heads"},
     {"meta"},
-    {"config", "distributed", "tuning"},
+    {"config", "distributed"},
+    {"tuning"},
     {"rundir"},
     {"trainer"},
     {"network"},

@@ -43,14 +43,14 @@ def test_the_fastest_candidate_wins_and_options_run_under_the_faster_strategy() 
     calls: list = []
     choice = choose_paths(model, ep, STEP, timer=_timer({("loop", ExecOptions()): 0.9, ("vmap", ExecOptions()): 0.5, ("vmap", slow_norm): 0.4}, calls))
     assert (choice.strategy, choice.options) == ("vmap", slow_norm) and not choice.cached
-    assert [s for s, _ in calls[2:]] == ["vmap"] * (len(calls) - 2)  # the option candidates under vmap
+    assert [s for s, _ in calls[3:]] == ["vmap"] * (len(calls) - 3)  # the option candidates under vmap
     assert ("vmap", REFERENCE) in calls  # the reference is always a candidate
     assert choice.times["vmap -native_norm"] == 0.4 and "vmap reference" in choice.times
     assert choice.describe() == "vmap, without native_norm"
 
 
 def test_regression_spaces_time_only_the_strategy() -> None:
-    assert [c[0] for c in candidates(False)] == ["loop", "vmap"]
+    assert [c[0] for c in candidates(False)] == ["loop", "vmap", "task"]
     assert [c[0] for c in candidates(True)][-1] == "reference"
 
 
