@@ -55,7 +55,8 @@ from torch import nn
 from _bench import interleaved  # scripts/_bench.py
 
 import metanet.executor as X
-from metanet.meta import Generated, MetaNet, ModelConfig, meta_loss, precision, task_loss
+from metanet.distributed import per_task_gradients
+from metanet.meta import MetaNet, ModelConfig, meta_loss, precision
 from metanet.ops import conv2d_im2col
 from metanet.space import load
 from metanet.trainer import reuse_freed_memory
@@ -128,24 +129,14 @@ def clone_step_bf16(net: nn.Sequential, ep: Episode) -> None:
 
 
 def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
-    """The same meta-gradient with one backward per task (what the clone loop does for
-    memory): generate for the meta-batch, cut the graph at the generated weights, run each
-    task's adaptation and query loss and backward it alone, then backpropagate the
-    collected gradients of the generated weights into the generators. Library calls only;
-    a sketch of a trainer option, not used by ``metanet train``. (The KL and entropy terms
-    of ``meta_loss`` are zero here: no weight generator, fixed architecture.)"""
-    gen = model.generate(ep.support_x, ep.support_y, None, sample=False)
-    b = ep.support_x.shape[0]
-    grads: dict[str, list[torch.Tensor]] = {k: [] for k in gen.params}
-    for t in range(b):
-        leaves = {k: v[t : t + 1].detach().requires_grad_(True) for k, v in gen.params.items()}
-        one = Generated(gen.alpha[t : t + 1], None, leaves, gen.kl[t : t + 1], gen.embedding[t : t + 1], None)
-        alpha, adapted = model.adapt(one, ep.support_x[t : t + 1], ep.support_y[t : t + 1], 1, create_graph=True)
-        pred = model.predict(alpha, adapted, ep.query_x[t : t + 1])
-        (task_loss(model.kind, pred, ep.query_y[t : t + 1]).sum() / b).backward()
-        for k, v in leaves.items():
-            grads[k].append(v.grad)
-    torch.autograd.backward([gen.params[k] for k in grads], [torch.cat(grads[k]) for k in grads])
+    """The same meta-gradient with one backward per task (``--strategy task``,
+    ``distributed.per_task_gradients``): generate for the meta-batch, cut the graph at the
+    generated tensors, run each task's adaptation and query loss and backward it alone,
+    then backpropagate the collected gradients into the generators."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator().manual_seed(0), params, inner_steps=1, order="second")
+    for p, g in zip(params, grads):
+        p.grad = g
 
 
 @contextlib.contextmanager
