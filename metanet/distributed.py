@@ -31,7 +31,7 @@ from torch import Tensor
 from .meta import Generated, MetaNet, meta_loss, outer_loss
 from .tasks import Episode
 
-__all__ = ["Context", "setup", "shard", "shard_loss", "per_task_gradients", "PER_TASK", "env_rank", "env_world_size"]
+__all__ = ["Context", "setup", "shard", "shard_loss", "meta_gradients", "per_task_gradients", "PER_TASK", "env_rank", "env_world_size"]
 
 
 def env_world_size() -> int:
@@ -194,8 +194,7 @@ def shard_loss(model: MetaNet, episode: Episode, part: slice, noise: torch.Gener
     b = episode.batch_size
     if part.start == 0 and part.stop == b:
         return meta_loss(model, episode, generator=noise, **kw)
-    full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw["temperature"], gumbel=kw["gumbel"], hard=kw["hard"], sample=model.config.weights == "vae", generator=noise, strategy=kw["strategy"], op_dropout=kw.get("op_dropout", 0.0))
-    step_kw = {k: v for k, v in kw.items() if k not in ("gumbel", "hard", "op_dropout")}  # the generation's
+    full, step_kw = _generate(model, episode, noise, kw)
     loss, m = outer_loss(model, full.slice(part), episode.slice(part), **step_kw)
     w = (part.stop - part.start) / b
     return loss * w, {k: v * w for k, v in m.items()}
@@ -225,9 +224,8 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
     """
     b = episode.batch_size
     inputs = list(inputs)
-    step_kw = {k: v for k, v in kw.items() if k not in ("gumbel", "hard", "op_dropout", "strategy")}
     with context():
-        full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw.get("temperature", 1.0), gumbel=kw.get("gumbel", False), hard=kw.get("hard", False), sample=model.config.weights == "vae", generator=noise, strategy="loop", op_dropout=kw.get("op_dropout", 0.0))
+        full, step_kw = _generate(model, episode, noise, {**kw, "strategy": "loop"})
     mine = full.slice(part)
     outputs = {name: t for name, t in _fields(mine).items() if t.requires_grad}  # what carries gradient into the generators
     cotangents: dict[str, list[Tensor]] = {name: [] for name in outputs}
@@ -238,7 +236,7 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
         fields = {name: v[t : t + 1].detach().requires_grad_(name in outputs) for name, v in _fields(mine).items()}
         one = Generated(fields["alpha"], fields.get("logits"), {k[len("params.") :]: v for k, v in fields.items() if k.startswith("params.")}, fields["kl"], fields["embedding"], fields.get("latent"))
         with context():
-            loss, m = outer_loss(model, one, episode.slice(slice(part.start + t, part.start + t + 1)), strategy="loop", **step_kw)
+            loss, m = outer_loss(model, one, episode.slice(slice(part.start + t, part.start + t + 1)), **step_kw)
         leaves = [fields[name] for name in outputs]
         grads = torch.autograd.grad(loss / b, leaves + inputs, allow_unused=True)
         for name, leaf, g in zip(outputs, leaves, grads):
@@ -250,6 +248,25 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
     through = torch.autograd.grad([outputs[name] for name in outputs], inputs, [torch.cat(cotangents[name]) for name in outputs], allow_unused=True) if outputs else [None] * len(inputs)
     grads = tuple(a if g is None else (g if a is None else a + g) for a, g in zip(direct, through))
     return total, grads, metrics
+
+
+def meta_gradients(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, inputs: Sequence[Tensor], context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext, **kw: Any) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
+    """``shard_loss``, its gradients with respect to ``inputs`` and its metrics, by the
+    strategy in ``kw``: ``task`` backpropagates one task at a time
+    (``per_task_gradients``), the others the whole share at once. The forward passes run
+    in ``context()``, the backward passes outside it."""
+    if kw.get("strategy") == PER_TASK:
+        return per_task_gradients(model, episode, part, noise, inputs, context, **kw)
+    with context():
+        loss, m = shard_loss(model, episode, part, noise, **kw)
+    return loss, torch.autograd.grad(loss, list(inputs), allow_unused=True), m
+
+
+def _generate(model: MetaNet, episode: Episode, noise: torch.Generator, kw: dict[str, Any]) -> tuple[Generated, dict[str, Any]]:
+    """The generators on all of ``episode``'s tasks with ``meta_loss``'s keywords ``kw``,
+    and the keywords left for ``outer_loss``."""
+    full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw.get("temperature", 1.0), gumbel=kw.get("gumbel", False), hard=kw.get("hard", False), sample=model.config.weights == "vae", generator=noise, strategy=kw["strategy"], op_dropout=kw.get("op_dropout", 0.0))
+    return full, {k: v for k, v in kw.items() if k not in ("gumbel", "hard", "op_dropout")}
 
 
 def _fields(gen: Generated) -> dict[str, Tensor]:

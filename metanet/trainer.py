@@ -181,12 +181,7 @@ def step_function(model: MetaNet, part: slice, noise: torch.Generator, params: l
     def step(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, md: Tensor | None, temperature: float, noise_state: Tensor | None = None) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
         if noise_state is not None:
             noise.set_state(noise_state)
-        if step_kw["strategy"] == distributed.PER_TASK:
-            return distributed.per_task_gradients(model, Episode(sx, sy, qx, qy, md), part, noise, params, lambda: precision(arithmetic, sx.device), temperature=temperature, **step_kw)
-        with precision(arithmetic, sx.device):
-            loss, m = distributed.shard_loss(model, Episode(sx, sy, qx, qy, md), part, noise, temperature=temperature, **step_kw)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return loss, grads, m
+        return distributed.meta_gradients(model, Episode(sx, sy, qx, qy, md), part, noise, params, lambda: precision(arithmetic, sx.device), temperature=temperature, **step_kw)
 
     return step
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from .distributed import PER_TASK, per_task_gradients
-from .meta import MetaNet, meta_loss, precision
+from .distributed import PER_TASK, meta_gradients
+from .meta import MetaNet, precision
 from .plan import ExecOptions, compile
 
 __all__ = ["PathChoice", "choose_paths", "step_timer", "candidates", "path_key", "cpu_model", "REFERENCE", "MARGIN"]
@@ -165,12 +165,7 @@ def step_timer(model: MetaNet, episode: Any, step: Mapping[str, Any], precision_
                 # the noise from a generator of its own: timing leaves the global RNG as it was
                 noise = torch.Generator(episode.support_x.device).manual_seed(0)
                 inputs = [p for p in model.parameters() if p.requires_grad]
-                if strategy == PER_TASK:
-                    per_task_gradients(model, episode, slice(0, episode.support_x.shape[0]), noise, inputs, lambda: precision(precision_name, episode.support_x.device), **step)
-                else:
-                    with precision(precision_name, episode.support_x.device):
-                        loss, _ = meta_loss(model, episode, **{**step, "strategy": strategy}, generator=noise)
-                    torch.autograd.grad(loss, inputs, allow_unused=True)
+                meta_gradients(model, episode, slice(0, episode.support_x.shape[0]), noise, inputs, lambda: precision(precision_name, episode.support_x.device), **{**step, "strategy": strategy})
                 best = min(best, time.perf_counter() - t)
             return best
         finally:
