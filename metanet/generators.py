@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .executor import Plan, init_params
-from .graph import Genotype, entropy
+from .graph import Genotype, discrete_alpha, entropy
 
 __all__ = ["ArchitectureGenerator", "WeightGenerator", "ARCH_MODES", "WEIGHT_MODES", "safe_name"]
 
@@ -48,7 +47,7 @@ class ArchitectureGenerator(nn.Module):
         super().__init__()
         if mode not in ARCH_MODES:
             raise ValueError(f"architecture mode must be one of {', '.join(ARCH_MODES)}, got {mode!r}")
-        space = plan.space
+        space = self.space = plan.space
         self.mode, self.shape = mode, space.alpha_shape
         self.register_buffer("mask", space.alpha_mask.clone(), persistent=False)
         free = torch.zeros(self.shape, dtype=torch.bool)
@@ -87,15 +86,19 @@ class ArchitectureGenerator(nn.Module):
         return out.masked_fill(~self.mask, float("-inf"))
 
     def weights(self, logits: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Op weights from logits: tempered softmax, or Gumbel-softmax (``hard``: straight-through)."""
+        """Op weights from logits: tempered softmax, or Gumbel-softmax.
+
+        ``hard``: straight-through; the forward pass runs the network ``discretise`` emits
+        (``graph.discrete_alpha``: the space's keep and zero rules, every node connected),
+        the backward pass the softmax's gradient.
+        """
         if gumbel:
             u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
             logits = logits - torch.log(-torch.log(u.clamp_min(1e-10)))
         soft = torch.softmax(logits / temperature, dim=-1)
         if not hard:
             return soft
-        hard_t = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype) * self.mask
-        return hard_t + soft - soft.detach()
+        return discrete_alpha(self.space, soft) + soft - soft.detach()
 
     def forward(self, e: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None, drop: float = 0.0) -> tuple[Tensor, Tensor | None]:
         """Op weights ``(B, edges, ops)`` and logits (None when fixed).

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import OPS
@@ -128,37 +129,70 @@ def _prune(spec: CellSpec, edges: list[tuple[int, int, str]]) -> tuple[tuple[int
     return tuple(e for e in edges if e[1] in live)
 
 
-def discretise(space: SearchSpace, alpha: Tensor) -> Genotype:
-    """Apply the space's rule to one task's soft encoding ``alpha`` (edges, ops).
+def discrete_alpha(space: SearchSpace, alpha: Tensor) -> Tensor:
+    """The space's discretisation rule as a one-hot encoding ``(..., edges, ops)`` of
+    soft encodings ``alpha`` (any leading batch dimensions); dropped edges are all zero.
 
     Per node, the ``keep`` incoming edges with the strongest non-zero op are kept (all
-    when ``keep`` is None); each kept edge takes its argmax op, ``zero`` excluded unless
-    ``allow_zero``; an edge whose winner is ``zero`` is dropped. Nodes that cannot reach the
-    cell output are pruned.
+    when ``keep`` is None; ties go to the earlier input); each kept edge takes its argmax
+    op, ``zero`` excluded unless ``allow_zero``; an edge whose winner is ``zero`` is
+    dropped. A node that would keep no edge keeps its strongest one with that edge's best
+    non-zero op, so that every node, and so the cell output, stays connected to the cell
+    inputs: a network whose output is cut off from its input is constant, and no gradient
+    reaches any of its weights again (the collapse to ``zero`` of a hard architecture).
+
+    This is both the network ``discretise`` emits (before pruning nodes that do not reach
+    the output, which changes nothing the network computes) and the forward pass of a
+    hard (straight-through) architecture in meta-training.
     """
+    if tuple(alpha.shape[-2:]) != space.alpha_shape:
+        raise GenotypeError(f"alpha has shape {tuple(alpha.shape)}; space '{space.name}' expects (..., {', '.join(map(str, space.alpha_shape))})")
+    a = alpha.detach()
+    out = torch.zeros_like(a)
+    for ci, spec in enumerate(space.cells):
+        n = len(spec.ops)
+        zero = next((k for k, o in enumerate(spec.ops) if o.name == "zero"), None)
+        nonzero = torch.tensor([o.name != "zero" for o in spec.ops], device=a.device)
+        if not bool(nonzero.any()):
+            continue  # a cell of only zero ops keeps nothing
+        for dst in range(spec.inputs, spec.inputs + spec.nodes):
+            edges = sorted((e for e in space.edges if e.cell == ci and e.dst == dst), key=lambda e: e.src)
+            idx = torch.tensor([e.index for e in edges], device=a.device)
+            rows = a[..., idx, :n]  # (..., E, n)
+            strength, best_nonzero = rows.masked_fill(~nonzero, float("-inf")).max(-1)  # first max on ties
+            best = rows.argmax(-1) if spec.allow_zero else best_nonzero
+            order = torch.sort(strength, dim=-1, descending=True, stable=True).indices
+            rank = torch.argsort(order, dim=-1)  # 0: the strongest edge
+            kept = rank < spec.keep if spec.keep else torch.ones_like(rank, dtype=torch.bool)
+            live = kept & (best != zero) if zero is not None else kept
+            revive = (rank == 0) & ~live.any(-1, keepdim=True)
+            op = torch.where(revive, best_nonzero, best)
+            onehot = F.one_hot(op, n).to(a.dtype) * (live | revive).unsqueeze(-1).to(a.dtype)
+            out[..., idx, :n] = onehot
+    return out
+
+
+def discretise(space: SearchSpace, alpha: Tensor) -> Genotype:
+    """Apply the space's rule (``discrete_alpha``) to one task's soft encoding ``alpha``
+    (edges, ops). Nodes that cannot reach the cell output are pruned."""
     if tuple(alpha.shape) != space.alpha_shape:
         raise GenotypeError(f"alpha has shape {tuple(alpha.shape)}; space '{space.name}' expects {space.alpha_shape}")
     a = alpha.detach().float().cpu()
+    chosen = discrete_alpha(space, a)
     cells: list[tuple[tuple[int, int, str], ...]] = []
-    by_cell: dict[int, list] = {}
-    for e in space.edges:
-        by_cell.setdefault(e.cell, []).append(e)
     for ci, spec in enumerate(space.cells):
         labels = [o.label for o in spec.ops]
         nonzero = [k for k, o in enumerate(spec.ops) if o.name != "zero"]
         kept: list[tuple[int, int, str]] = []
         for dst in range(spec.inputs, spec.inputs + spec.nodes):
             cands = []
-            for e in (e for e in by_cell[ci] if e.dst == dst):
-                row = a[e.index, : len(labels)]
-                strength = max((row[k].item() for k in nonzero), default=0.0)
-                allowed = range(len(labels)) if spec.allow_zero else nonzero
-                best = max(allowed, key=lambda k: row[k].item())
-                cands.append((strength, e.src, labels[best]))
-            cands.sort(key=lambda t: (-t[0], t[1]))  # stable: ties go to the earlier input
-            for _, src, op in cands[: spec.keep] if spec.keep else cands:
-                if op != "zero":
-                    kept.append((src, dst, op))
+            for e in (e for e in space.edges if e.cell == ci and e.dst == dst):
+                row = chosen[e.index, : len(labels)]
+                if bool(row.any()):
+                    strength = max((a[e.index, k].item() for k in nonzero), default=0.0)
+                    cands.append((strength, e.src, labels[int(row.argmax())]))
+            cands.sort(key=lambda t: (-t[0], t[1]))  # strongest first; ties: the earlier input
+            kept.extend((src, dst, op) for _, src, op in cands)
         cells.append(_prune(spec, kept))
     return Genotype(space.name, tuple(cells))
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from metanet.graph import OUT, Genotype, GenotypeError, cell_dag, discretise, entropy, live_nodes
+from metanet.executor import compile, forward, forward_genotype, init_params
+from metanet.generators import ArchitectureGenerator
+from metanet.graph import OUT, Genotype, GenotypeError, cell_dag, discrete_alpha, discretise, entropy, live_nodes
 from metanet.space import SearchSpace, builtin_spaces, load
 
 SPACES = builtin_spaces()
@@ -135,7 +137,7 @@ def test_allow_zero_drops_only_where_allowed() -> None:
     a = _alpha(
         space,
         None,
-        e0_0_1={"zero": 0.6, "conv_3x3": 0.4},  # zero wins, allowed: dropped
+        e0_0_1={"zero": 0.6, "conv_3x3": 0.4},  # zero wins, allowed, but node 1's only input: conv_3x3
         e0_0_2={"skip": 0.7, "zero": 0.3},
         e0_1_2={"conv_1x1": 0.5, "zero": 0.3},
         e1_0_2={"zero": 0.9, "skip": 0.1},
@@ -145,9 +147,50 @@ def test_allow_zero_drops_only_where_allowed() -> None:
         e1_2_3={"zero": 0.95, "skip": 0.05},
     )
     geno = discretise(space, a)
-    assert geno.cells[0] == ((0, 2, "skip"), (1, 2, "conv_1x1"))
+    assert geno.cells[0] == ((0, 1, "conv_3x3"), (0, 2, "skip"), (1, 2, "conv_1x1"))
     # Node 2: strengths 0.1 vs 0.5 (zero's weight does not count); node 3: 0.2, 0.3, 0.05.
     assert geno.cells[1] == ((1, 2, "conv_3x3"), (1, 3, "avg_pool_3x3"))
+
+
+def test_a_node_whose_every_input_chooses_zero_keeps_its_strongest_edge() -> None:
+    """Zero winning every input of a node would cut the cell output off from its input: a
+    constant network that no gradient reaches again (the collapse of a hard architecture)."""
+    space = load("conv_multidomain")  # cell 1: nodes 1, 2, 3, output last, zero allowed
+    a = _alpha(
+        space,
+        "conv_3x3",
+        e1_0_1={"zero": 0.6, "conv_3x3": 0.4},
+        e1_0_2={"zero": 0.9, "skip": 0.1},
+        e1_1_2={"zero": 0.5, "conv_1x1": 0.3},
+        e1_0_3={"zero": 0.7, "avg_pool_3x3": 0.2},
+        e1_1_3={"zero": 0.8, "conv_1x1": 0.15},
+        e1_2_3={"zero": 0.6, "conv_3x3": 0.35},
+    )
+    assert discretise(space, a).cells[1] == ((0, 1, "conv_3x3"), (1, 2, "conv_1x1"), (2, 3, "conv_3x3"))
+    # Where a node keeps an edge of its own, zero winners still drop the others.
+    a[_row(space, 1, 1, 3), _col(space, 1, "conv_1x1")] = 0.9
+    assert discretise(space, a).cells[1] == ((0, 1, "conv_3x3"), (1, 3, "conv_1x1"))
+
+
+@pytest.mark.parametrize("name", ["tiny", "conv_multidomain", "darts_cnn", "mlp_regression"])
+def test_a_hard_architecture_in_training_runs_the_network_discretise_emits(name: str) -> None:
+    """The straight-through forward pass of meta-training and the emitted genotype compute
+    the same function, with zero often winning (the rule's corner cases)."""
+    space = load(name)
+    plan = compile(space)
+    params = init_params(plan, torch.Generator().manual_seed(0))
+    arch = ArchitectureGenerator(plan, dim=4, mode="shared")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, *space.task.input, generator=gen)
+    zero = torch.tensor([[o.name == "zero" for o in space.cells[e.cell].ops] + [False] * (space.alpha_shape[1] - len(space.cells[e.cell].ops)) for e in space.edges])
+    for _ in range(6):
+        logits = torch.randn(space.alpha_shape, generator=gen) + 3.0 * zero * (torch.rand(space.alpha_shape[0], 1, generator=gen) < 0.6)
+        logits = logits.masked_fill(~space.alpha_mask, float("-inf"))
+        soft = torch.softmax(logits, -1)
+        hard = arch.weights(logits[None], hard=True)[0]
+        assert_close(hard, discrete_alpha(space, soft) + soft - soft)
+        genotype = discretise(space, soft)
+        assert_close(forward(plan, hard, params, x), forward_genotype(plan, genotype, params, x), rtol=1e-5, atol=1e-5)
 
 
 def test_keep_ties_go_to_the_earlier_input() -> None:
