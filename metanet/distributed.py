@@ -227,14 +227,15 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
     with context():
         full, step_kw = _generate(model, episode, noise, {**kw, "strategy": "loop"})
     mine = full.slice(part)
-    outputs = {name: t for name, t in _fields(mine).items() if t.requires_grad}  # what carries gradient into the generators
+    named = mine.tensors()
+    outputs = {name: t for name, t in named.items() if t.requires_grad}  # what carries gradient into the generators
     cotangents: dict[str, list[Tensor]] = {name: [] for name in outputs}
     direct: list[Tensor | None] = [None] * len(inputs)  # the parameters used inside the task (step sizes, heads)
     total = torch.zeros((), device=episode.support_x.device)
     metrics: dict[str, float] = {}
     for t in range(part.stop - part.start):
-        fields = {name: v[t : t + 1].detach().requires_grad_(name in outputs) for name, v in _fields(mine).items()}
-        one = Generated(fields["alpha"], fields.get("logits"), {k[len("params.") :]: v for k, v in fields.items() if k.startswith("params.")}, fields["kl"], fields["embedding"], fields.get("latent"))
+        fields = {name: v[t : t + 1].detach().requires_grad_(name in outputs) for name, v in named.items()}
+        one = Generated.from_tensors(fields)
         with context():
             loss, m = outer_loss(model, one, episode.slice(slice(part.start + t, part.start + t + 1)), **step_kw)
         leaves = [fields[name] for name in outputs]
@@ -268,9 +269,3 @@ def _generate(model: MetaNet, episode: Episode, noise: torch.Generator, kw: dict
     full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw.get("temperature", 1.0), gumbel=kw.get("gumbel", False), hard=kw.get("hard", False), sample=model.config.weights == "vae", generator=noise, strategy=kw["strategy"], op_dropout=kw.get("op_dropout", 0.0))
     return full, {k: v for k, v in kw.items() if k not in ("gumbel", "hard", "op_dropout")}
 
-
-def _fields(gen: Generated) -> dict[str, Tensor]:
-    """The tensors of ``gen`` by name (``params.<slot>`` for the weights), None left out."""
-    out = {"alpha": gen.alpha, "logits": gen.logits, "kl": gen.kl, "embedding": gen.embedding, "latent": gen.latent}
-    out.update({f"params.{k}": v for k, v in gen.params.items()})
-    return {k: v for k, v in out.items() if v is not None}

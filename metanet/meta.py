@@ -91,12 +91,21 @@ class Generated:
     embedding: Tensor  # (B, dim)
     latent: Tensor | None  # (B, latent)
 
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor by name (``params.<slot>`` for the weights), None left out."""
+        out = {"alpha": self.alpha, "logits": self.logits, "kl": self.kl, "embedding": self.embedding, "latent": self.latent}
+        out.update({f"params.{k}": v for k, v in self.params.items()})
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor]) -> Generated:
+        """The inverse of ``tensors``."""
+        params = {k[len("params.") :]: v for k, v in tensors.items() if k.startswith("params.")}
+        return cls(tensors["alpha"], tensors.get("logits"), params, tensors["kl"], tensors["embedding"], tensors.get("latent"))
+
     def slice(self, part: slice) -> Generated:
         """The tasks ``part`` of the meta-batch (e.g. one process's block under torchrun)."""
-        def cut(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[part]
-
-        return Generated(self.alpha[part], cut(self.logits), {k: v[part] for k, v in self.params.items()}, self.kl[part], self.embedding[part], cut(self.latent))
+        return Generated.from_tensors({k: v[part] for k, v in self.tensors().items()})
 
 
 # bf16 on a CPU without bf16 matrix units, measured: the conv4 second-order MAML step of
