@@ -46,6 +46,7 @@ from metanet.trainer import TrainConfig, train
 
 assert train(TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], stop_after=2) == {"stopped": 2}
 code = main(["-v", "train", "--resume", "--quiet", "--out", sys.argv[2]])
+dist.barrier()  # no rank tears its connections down while another still uses them
 dist.destroy_process_group()
 sys.exit(code)
 """
