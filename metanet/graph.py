@@ -177,22 +177,12 @@ def discretise(space: SearchSpace, alpha: Tensor) -> Genotype:
     (edges, ops). Nodes that cannot reach the cell output are pruned."""
     if tuple(alpha.shape) != space.alpha_shape:
         raise GenotypeError(f"alpha has shape {tuple(alpha.shape)}; space '{space.name}' expects {space.alpha_shape}")
-    a = alpha.detach().float().cpu()
-    chosen = discrete_alpha(space, a)
+    chosen = discrete_alpha(space, alpha.detach().float().cpu())
     cells: list[tuple[tuple[int, int, str], ...]] = []
     for ci, spec in enumerate(space.cells):
         labels = [o.label for o in spec.ops]
-        nonzero = [k for k, o in enumerate(spec.ops) if o.name != "zero"]
-        kept: list[tuple[int, int, str]] = []
-        for dst in range(spec.inputs, spec.inputs + spec.nodes):
-            cands = []
-            for e in (e for e in space.edges if e.cell == ci and e.dst == dst):
-                row = chosen[e.index, : len(labels)]
-                if bool(row.any()):
-                    strength = max((a[e.index, k].item() for k in nonzero), default=0.0)
-                    cands.append((strength, e.src, labels[int(row.argmax())]))
-            cands.sort(key=lambda t: (-t[0], t[1]))  # strongest first; ties: the earlier input
-            kept.extend((src, dst, op) for _, src, op in cands)
+        # Genotype sorts its edges: no order to keep here
+        kept = [(e.src, e.dst, labels[int(chosen[e.index].argmax())]) for e in space.edges if e.cell == ci and bool(chosen[e.index].any())]
         cells.append(_prune(spec, kept))
     return Genotype(space.name, tuple(cells))
 
