@@ -123,6 +123,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("metanet-prior-warmup", "remedies: the prior (0.5) and the warm-up (25%)", {"param_prior": 0.5, "arch_warmup": 0.25}),
         # the shared-architecture ablation under the same prior: whether a prior's gain comes from conditioning
         ("metanet-no-archgen-prior", "ablation of metanet-prior: shared architecture, VAE weights, the same prior", {"arch": "shared", "weights": "vae", "param_prior": 0.5}),
+        ("metanet-no-archgen-remedies", "ablation of metanet-remedies: shared architecture, VAE weights, the same warm-up, prior and op dropout",
+         {"arch": "shared", "weights": "vae", "arch_warmup": 0.25, "param_prior": 0.5, "op_dropout": 0.3}),
     )),
 )}  # fmt: skip
 
