@@ -523,7 +523,8 @@ def architecture_health(model: MetaNet, episodes: list[Episode], warned: set[str
     """``graph.population_health`` of the networks generated for ``episodes``; warns once per kind of collapse.
 
     ``warned`` holds the kinds already warned about (``tasks``, ``parameter_free``) and
-    is updated, so that a run says each once.
+    is updated, so that a run says each once. A shared or fixed architecture gives every
+    task the same network by construction: only a conditional one is warned about that.
     """
     genotypes, families, alphas = [], [], []
     for ep in episodes:
@@ -534,7 +535,8 @@ def architecture_health(model: MetaNet, episodes: list[Episode], warned: set[str
     known = [f for f in families if f is not None]
     health = population_health(model.space, genotypes, families if known else None, torch.stack(alphas))
     if warned is not None:
-        if health["distinct"] == 1 and health["tasks"] >= 10 and "tasks" not in warned:
+        # one architecture for all is a collapse only where the generator conditions on the task
+        if model.arch.mode == "conditional" and health["distinct"] == 1 and health["tasks"] >= 10 and "tasks" not in warned:
             warned.add("tasks")
             log.warning("the architecture generator gave all %d validation tasks the same architecture (collapse across tasks): see metrics.jsonl 'arch'", health["tasks"])
         if health["parametric_share"] < 0.25 and "parameter_free" not in warned:

@@ -371,19 +371,30 @@ def test_cli_multidomain_leave_one_domain_out(tmp_path, capsys):
     assert json.loads(out)["tasks"] == "images"
 
 
-def test_training_warns_once_when_the_generator_collapses(tmp_path, caplog):
+def test_training_warns_once_when_the_generator_collapses(tmp_path, caplog, monkeypatch):
     import logging
 
+    import metanet.trainer as trainer
     from metanet.trainer import TrainConfig, train
 
+    real = trainer.population_health
+
+    def collapsed(*args, **kwargs):  # the conditional generator's validation tasks, all given one genotype
+        return {**real(*args, **kwargs), "distinct": 1}
+
     root = make_folder(tmp_path / "data", classes=12, per_class=3)
-    cfg = TrainConfig(space="tiny", tasks="images", data_root=str(root), ways=2, shots=1, queries=1, arch="shared", steps=4, val_every=2, val_tasks=10, meta_batch=2, strategy="loop")
+    cfg = dict(space="tiny", tasks="images", data_root=str(root), ways=2, shots=1, queries=1, steps=4, val_every=2, val_tasks=10, meta_batch=2, strategy="loop")
+    # a shared architecture is one network for all tasks by construction: no warning
     with caplog.at_level(logging.WARNING, logger="metanet.trainer"):
-        train(cfg, tmp_path / "run")
+        train(TrainConfig(**cfg, arch="shared"), tmp_path / "shared")
+    assert not [r for r in caplog.records if "same architecture" in r.getMessage()]
+    rows = [json.loads(line) for line in (tmp_path / "shared" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["arch"]["distinct"] for r in rows if "arch" in r] == [1, 1]
+    monkeypatch.setattr(trainer, "population_health", collapsed)
+    with caplog.at_level(logging.WARNING, logger="metanet.trainer"):
+        train(TrainConfig(**cfg, arch="conditional"), tmp_path / "run")
     collapse = [r.getMessage() for r in caplog.records if "same architecture" in r.getMessage()]
     assert len(collapse) == 1 and "all 10 validation tasks" in collapse[0]  # two validations, one warning
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["arch"]["distinct"] for r in rows if "arch" in r] == [1, 1]
 
 
 def test_inspect_population_prints_the_health_figures(tmp_path, capsys):
