@@ -399,6 +399,24 @@ def test_verdicts_name_the_strongest_other_baseline():
     assert best == ["- against the best other baseline, accuracy after 1 step: metanet does not beat protonet: 5.00 points lower accuracy (85.00% vs 90.00%)."]
 
 
+def test_the_best_metanet_recipe_meets_maml_too():
+    def row(mean, ci=0.01):
+        return {"aggregate": {"1": stat(mean, ci=ci), "10": stat(mean / 2, ci=ci)}, "per_seed": [{}]}
+
+    rows = {"maml": row(2.0), "metanet": row(3.0), "metanet-remedies": row(0.4), "metanet-no-archgen-remedies": row(0.1), "metanet-mlp": row(0.5),
+            "metanet-unfused": row(0.05)}
+    rows["metanet"]["aggregate"]["10"] = stat(float("nan"))  # diverged: not a candidate
+    lines = verdict_lines(rows, ["1", "10"], "MSE")
+    best = [line for line in lines if "best metanet recipe" in line]
+    assert best == [
+        "- the best metanet recipe here (metanet-remedies, by the last column), MSE after 1 step: metanet-remedies is 80.0% lower MSE than MAML (0.4 vs 2).",
+        "- the best metanet recipe here (metanet-remedies, by the last column), MSE after 10 steps: metanet-remedies is 80.0% lower MSE than MAML (0.2 vs 1).",
+    ]  # neither the shared-architecture ablation nor the unfused executor (metanet's maths) is a recipe, however good
+    del rows["metanet-remedies"], rows["metanet-mlp"]
+    rows["metanet"] = row(0.3)
+    assert not [line for line in verdict_lines(rows, ["1", "10"], "MSE") if "best metanet recipe" in line]  # the default is the best
+
+
 def test_each_conditional_row_meets_its_shared_architecture_twin():
     def row(mean, ci=0.01):
         return {"aggregate": {"1": stat(mean, ci=ci)}, "per_seed": [{}]}
