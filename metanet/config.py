@@ -153,6 +153,7 @@ class TrainConfig:
     weight_bound: float = _model("weight_bound", "nonneg_float", "VAE weights: a soft bound c on each generated per-channel modulation, c * tanh(m / c), against a latent that runs away after a loss spike (0: unbounded)")
     head: str = _model("head", HEADS, "classification: linear (the space's head, from prototypes unless --no-proto-head), or an episodic head with no inner loop: matching (Matching Networks), relation (Relation Networks), memory (a memory-augmented network, Santoro et al. 2016)")
     arch_hidden: int = _model("arch_hidden", "nonneg_int", "conditional architectures: hidden units of an MLP from the task embedding to the architecture logits (0: a linear map)")
+    arch_norm: bool = _model("arch_norm", "bool", "conditional architectures: the map to the logits reads the task embedding layer-normalised, so that the embedding's growing scale cannot saturate the architecture softmax")
 
     def __post_init__(self) -> None:
         validate_config(self)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .executor import Plan, init_params
@@ -34,7 +35,10 @@ class ArchitectureGenerator(nn.Module):
 
     Modes: ``conditional`` (per-task logits = shared logits + a map of the task embedding:
     linear, or with ``hidden`` > 0 an MLP with that many hidden units, expressive enough to
-    give different domains different choices per edge), ``shared`` (one meta-learned
+    give different domains different choices per edge; with ``norm`` it reads the embedding
+    layer-normalised: the task encoder, trained by the weight generator too, grows the
+    embedding's scale, and through an unnormalised map that scale alone saturates the
+    softmax, where it passes no gradient), ``shared`` (one meta-learned
     encoding for all tasks, MetaNAS-style), and ``fixed`` (a given genotype, one-hot:
     plain MAML on a fixed network).
 
@@ -43,12 +47,12 @@ class ArchitectureGenerator(nn.Module):
     share of alpha they hold (the collapse that favours ops that need no training).
     """
 
-    def __init__(self, plan: Plan, dim: int, mode: str = "conditional", genotype: Genotype | None = None, hidden: int = 0):
+    def __init__(self, plan: Plan, dim: int, mode: str = "conditional", genotype: Genotype | None = None, hidden: int = 0, norm: bool = False):
         super().__init__()
         if mode not in ARCH_MODES:
             raise ValueError(f"architecture mode must be one of {', '.join(ARCH_MODES)}, got {mode!r}")
         space = self.space = plan.space
-        self.mode, self.shape = mode, space.alpha_shape
+        self.mode, self.shape, self.norm = mode, space.alpha_shape, norm
         self.register_buffer("mask", space.alpha_mask.clone(), persistent=False)
         free = torch.zeros(self.shape, dtype=torch.bool)
         for cp in plan.cells:
@@ -82,7 +86,7 @@ class ArchitectureGenerator(nn.Module):
             raise RuntimeError("a fixed architecture has no logits")
         out = self.bias.expand(b, *self.shape)
         if self.mode == "conditional":
-            out = out + self.proj(e).view(b, *self.shape)
+            out = out + self.proj(F.layer_norm(e, e.shape[-1:]) if self.norm else e).view(b, *self.shape)
         return out.masked_fill(~self.mask, float("-inf"))
 
     def weights(self, logits: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None) -> Tensor:

@@ -75,6 +75,7 @@ class ModelConfig:
     fused: bool = True  # merged mixed ops (exact)
     proto_head: bool = True  # classification: head weights from class prototypes of the network's features
     arch_hidden: int = 0  # conditional architectures: 0 a linear map from the embedding, else an MLP's hidden units
+    arch_norm: bool = False  # conditional architectures: the map reads the embedding layer-normalised (its scale cannot saturate the logits)
     inner_optimizer: str = "sgd"  # sgd | metasgd (= meta_sgd) | lstm (inner.LSTMRule, meta-learned)
     weight_bound: float = 0.0  # VAE: soft bound c on each weight modulation, c * tanh(m / c); 0: unbounded
     head: str = "linear"  # classification: linear (the space's head) | matching | relation | memory (heads.py)
@@ -188,7 +189,7 @@ class MetaNet(nn.Module):
         self.kind = space.task.kind
         self.plan: Plan = compile(space)
         self.encoder = TaskEncoder(self.kind, space.task.input, space.task.outputs, config.dim, n_families if config.use_metadata else 0)
-        self.arch = ArchitectureGenerator(self.plan, config.dim, config.arch, genotype, hidden=config.arch_hidden)
+        self.arch = ArchitectureGenerator(self.plan, config.dim, config.arch, genotype, hidden=config.arch_hidden, norm=config.arch_norm)
         self.weights = WeightGenerator(self.plan, config.dim, config.latent, config.weights, bound=config.weight_bound)
         # an episodic head (heads.py) classifies from the network's features; no linear head then
         self.head = make_head(config.head, self.plan.shapes()["head.w"][1], space.task.outputs)

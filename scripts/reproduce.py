@@ -118,6 +118,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("metanet-prior", "remedy: a prior against parameter-free ops (weight 0.5)", {"param_prior": 0.5}),
         ("metanet-opdrop", "remedy: operation-level dropout of parameter-free ops, p = 0.3", {"op_dropout": 0.3}),
         ("metanet-mlp", "remedy: an MLP (64 hidden) from the task embedding to the architecture", {"arch_hidden": 64}),
+        ("metanet-norm", "remedy: the architecture map reads the task embedding layer-normalised", {"arch_norm": True}),
+        ("metanet-prior-norm", "remedies: the prior (0.5) and the layer-normalised architecture map", {"param_prior": 0.5, "arch_norm": True}),
         ("metanet-gumbel", "remedy: per-task Gumbel architectures, temperature 1 -> 0.3", {"gumbel": True, "final_temperature": 0.3}),
         ("metanet-remedies", "remedies together: warm-up, prior, op dropout, MLP", {"arch_warmup": 0.25, "param_prior": 0.5, "op_dropout": 0.3, "arch_hidden": 64}),
         ("metanet-prior-warmup", "remedies: the prior (0.5) and the warm-up (25%)", {"param_prior": 0.5, "arch_warmup": 0.25}),

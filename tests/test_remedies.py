@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from metanet.config import ConfigError, TrainConfig
 from metanet.meta import MetaNet, ModelConfig, meta_loss
@@ -83,6 +84,22 @@ def test_arch_hidden_is_an_mlp_and_starts_near_the_shared_encoding() -> None:
     assert logits.shape == (5, *mlp.space.alpha_shape)
     finite = logits[torch.isfinite(logits)]
     assert finite.abs().max() < 0.2 and finite.std() > 0  # per-task, but close to the shared zeros
+
+
+def test_arch_norm_makes_the_logits_blind_to_the_embedding_scale() -> None:
+    """The growth of the task embedding's scale alone (x10) moves the unnormalised map's
+    logits tenfold, and the normalised map's not at all; both stay per-task."""
+    for hidden in (0, 16):
+        plain, normed = _tiny_model(arch_hidden=hidden), _tiny_model(arch_hidden=hidden, arch_norm=True)
+        normed.arch.load_state_dict(plain.arch.state_dict())  # the same parameters: only the input differs
+        e = torch.randn(5, plain.config.dim) + 0.5
+        mask = plain.arch.mask.expand(5, *plain.space.alpha_shape)
+        torch.testing.assert_close(normed.arch.logits(10 * e)[mask], normed.arch.logits(e)[mask])
+        assert normed.arch.logits(e)[mask].view(5, -1).std(0).max() > 0  # still depends on the task
+        if hidden == 0:  # a linear map with zero bias: exactly ten times the per-task part
+            torch.testing.assert_close(plain.arch.logits(10 * e)[mask], 10 * plain.arch.logits(e)[mask])
+        expected = F.layer_norm(e, e.shape[-1:])
+        torch.testing.assert_close(normed.arch.logits(e)[mask], plain.arch.logits(expected)[mask])
 
 
 def _cfg(**kw) -> TrainConfig:
