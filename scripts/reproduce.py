@@ -51,6 +51,7 @@ from metanet.meta import MetaNet, evaluate, generate_networks, meta_loss
 from metanet.network import generate_batch
 from metanet.results import aggregate_seeds, from_json, merge_settings, pool, table_commands, table_markdown, to_json
 from metanet.tasks import Episode, default_data_root, make_tasks, shared_data_root
+from metanet.tuning import cpu_model
 from metanet.trainer import TrainConfig, load_run, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,8 +341,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         trained = from_json(json.loads((Path(job["train_dir"]) / "result.json").read_text()))
         if "error" in trained:
             raise RuntimeError(f"its training run failed: {trained['error']}")
-        summary, train_wall = trained["train"], trained["train_wall_s"]
+        summary, train_wall, cpu = trained["train"], trained["train_wall_s"], trained.get("cpu")
     else:
+        cpu = f"{torch.backends.cpu.get_cpu_capability()}, {cpu_model()}"  # what the figures depend on
         t0 = time.perf_counter()
         summary = train(cfg, run_dir)
         train_wall = time.perf_counter() - t0
@@ -350,7 +352,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     dist = _test_dist(test)
     episodes = TestEpisodes(dist, test["n"], test["batch"], test["seed"])
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"job": spec, "train": summary, "train_wall_s": train_wall, "population_png": job.get("population_png")}
+    result: dict[str, Any] = {"job": spec, "train": summary, "train_wall_s": train_wall, "cpu": cpu, "population_png": job.get("population_png")}
     steps = job["eval_steps"]
     if job["per_family"]:
         present = torch.cat([ep.metadata for ep in episodes]).bincount(minlength=len(dist.families))  # (F,) tasks per family
@@ -662,7 +664,7 @@ def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str,
             "families": res.get("families"), "curve": res["curve"], "curve_tasks": res["curve_tasks"], "cost": res["cost"],
             "population": res.get("population"), "fused_check": res.get("fused_check"),
             "population_png": Path(job["population_png"]).name if job.get("population_png") and Path(job["population_png"]).is_file() else None,
-            "config": job["cfg"], "test": job["test"],
+            "config": job["cfg"], "test": job["test"], "cpu": res.get("cpu"),
         })  # fmt: skip
     ks = [str(k) for k in eval_steps_for(table_name, args)]
     for setting, methods in rows.items():
@@ -684,7 +686,7 @@ def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str,
     settings = [s.label for s in settings_for(table_name, args) if s.label in rows]
     meta = {
         "command": command, "date": _now(), "budget": budget_label(args), "seeds": seeds_for(table_name, args),
-        "machine": {"torch": torch.__version__, "cpus": os.cpu_count(), "threads_per_run": 1, "parallel_runs": args.jobs},
+        "machine": {"torch": torch.__version__, "cpus": os.cpu_count(), "threads_per_run": 1, "parallel_runs": args.jobs, "cpu": _cpus(rows)},
     }  # fmt: skip
     tests = {s: next(j["test"] for j in jobs if j["table"] == table_name and j["setting"] == s) for s in settings}
     return {
@@ -692,6 +694,14 @@ def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str,
         **meta, "settings": settings, "rows": rows, "test": tests[settings[0]] if settings else None,
         "setting_meta": {s: dict(meta, test=tests[s]) for s in settings},
     }  # fmt: skip
+
+
+def _cpus(rows: dict[str, dict[str, Any]]) -> str:
+    """The CPUs (capability, model) the table's runs trained on, and how many predate that record."""
+    seen = [s.get("cpu") for methods in rows.values() for row in methods.values() for s in row["per_seed"]]
+    known = sorted({c for c in seen if c})
+    missing = sum(1 for c in seen if not c)
+    return "; ".join(known + ([f"{missing} run(s) trained before the CPU was recorded"] if missing else []))
 
 
 _FORWARDED = ("minutes", "steps", "meta_batch", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "eval_split", "strategy", "precision")

@@ -494,3 +494,15 @@ def test_remedy_rows_run_only_when_named_and_carry_their_options(rp, tmp_path):
     named = rp.plan_jobs(rp.parse_args(["--table", "multimodal", "--methods", "metanet", "metanet-remedies"]), ["multimodal"], tmp_path, tmp_path)
     cfg = next(j["cfg"] for j in named if j["method"] == "metanet-remedies")
     assert (cfg["arch_warmup"], cfg["param_prior"], cfg["op_dropout"], cfg["arch_hidden"]) == (0.25, 0.5, 0.3, 64)
+
+
+def test_the_machine_line_names_the_cpus_the_runs_trained_on(rp):
+    """Figures depend on the CPU: the report names each run's (capability, model), and
+    says how many runs predate that record."""
+    from metanet.results import _run_lines
+
+    rows = {"5-shot": {"maml": {"per_seed": [{"cpu": "AVX2, AMD EPYC"}, {"cpu": None}]}, "metanet": {"per_seed": [{"cpu": "AVX512, Intel Xeon"}]}}}
+    assert rp._cpus(rows) == "AVX2, AMD EPYC; AVX512, Intel Xeon; 1 run(s) trained before the CPU was recorded"
+    meta = {"command": "c", "date": "d", "budget": "1 min", "seeds": 1, "test": {"n": 1, "queries": 1, "ways": 0},
+            "machine": {"torch": "2.x", "cpus": 2, "parallel_runs": 1, "cpu": rp._cpus({"s": {"m": {"per_seed": [{"cpu": "AVX2, AMD EPYC"}]}}})}}
+    assert _run_lines(meta)[2] == "- Machine: torch 2.x, 2 CPUs, one thread per run, 1 run(s) at a time; trained on: AVX2, AMD EPYC."
