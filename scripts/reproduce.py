@@ -701,7 +701,7 @@ def _cpus(rows: dict[str, dict[str, Any]]) -> str:
     seen = [s.get("cpu") for methods in rows.values() for row in methods.values() for s in row["per_seed"]]
     known = sorted({c for c in seen if c})
     missing = sum(1 for c in seen if not c)
-    return "; ".join(known + ([f"{missing} run(s) trained before the CPU was recorded"] if missing else []))
+    return "; ".join(known + ([f"not recorded for {missing} run(s)"] if missing else []))
 
 
 _FORWARDED = ("minutes", "steps", "meta_batch", "test_tasks", "test_queries", "curve_tasks", "val_tasks", "eval_split", "strategy", "precision")

@@ -502,7 +502,7 @@ def test_the_machine_line_names_the_cpus_the_runs_trained_on(rp):
     from metanet.results import _run_lines
 
     rows = {"5-shot": {"maml": {"per_seed": [{"cpu": "AVX2, AMD EPYC"}, {"cpu": None}]}, "metanet": {"per_seed": [{"cpu": "AVX512, Intel Xeon"}]}}}
-    assert rp._cpus(rows) == "AVX2, AMD EPYC; AVX512, Intel Xeon; 1 run(s) trained before the CPU was recorded"
+    assert rp._cpus(rows) == "AVX2, AMD EPYC; AVX512, Intel Xeon; not recorded for 1 run(s)"
     meta = {"command": "c", "date": "d", "budget": "1 min", "seeds": 1, "test": {"n": 1, "queries": 1, "ways": 0},
             "machine": {"torch": "2.x", "cpus": 2, "parallel_runs": 1, "cpu": rp._cpus({"s": {"m": {"per_seed": [{"cpu": "AVX2, AMD EPYC"}]}}})}}
     assert _run_lines(meta)[2] == "- Machine: torch 2.x, 2 CPUs, one thread per run, 1 run(s) at a time; trained on: AVX2, AMD EPYC."
