@@ -81,6 +81,8 @@ class Method:
 
 _FIXED = {"arch": "fixed", "weights": "off", "proto_head": False}
 _REMEDY_TABLES = ("multimodal", "omniglot", "multidomain")
+# metanet-remedies and its shared-architecture twin share these (the MLP map exists only where the architecture is conditional)
+_REMEDIES = {"arch_warmup": 0.25, "param_prior": 0.5, "op_dropout": 0.3}
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("maml", "MAML: fixed network, learned initial weights, second order", dict(_FIXED), search=False,
            tables=("sinusoid", "multimodal", "omniglot", "miniimagenet", "multidomain")),
@@ -122,12 +124,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("metanet-norm", "remedy: the architecture map reads the task embedding layer-normalised", {"arch_norm": True}),
         ("metanet-prior-norm", "remedies: the prior (0.5) and the layer-normalised architecture map", {"param_prior": 0.5, "arch_norm": True}),
         ("metanet-gumbel", "remedy: per-task Gumbel architectures, temperature 1 -> 0.3", {"gumbel": True, "final_temperature": 0.3}),
-        ("metanet-remedies", "remedies together: warm-up, prior, op dropout, MLP", {"arch_warmup": 0.25, "param_prior": 0.5, "op_dropout": 0.3, "arch_hidden": 64}),
+        ("metanet-remedies", "remedies together: warm-up, prior, op dropout, MLP", {**_REMEDIES, "arch_hidden": 64}),
         ("metanet-prior-warmup", "remedies: the prior (0.5) and the warm-up (25%)", {"param_prior": 0.5, "arch_warmup": 0.25}),
         # the shared-architecture ablation under the same prior: whether a prior's gain comes from conditioning
         ("metanet-no-archgen-prior", "ablation of metanet-prior: shared architecture, VAE weights, the same prior", {"arch": "shared", "weights": "vae", "param_prior": 0.5}),
         ("metanet-no-archgen-remedies", "ablation of metanet-remedies: shared architecture, VAE weights, the same warm-up, prior and op dropout",
-         {"arch": "shared", "weights": "vae", "arch_warmup": 0.25, "param_prior": 0.5, "op_dropout": 0.3}),
+         {"arch": "shared", "weights": "vae", **_REMEDIES}),
     )),
 )}  # fmt: skip
 
