@@ -350,7 +350,7 @@ def verdict_lines(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[
     out += [""]
     pairs = ablation_pairs(rows)
     if pairs:
-        out += ["Task-conditional architecture against the same recipe with one shared architecture (each pair differs only in `arch`):", ""]
+        out += ["Task-conditional architecture against the same recipe with one shared architecture (each pair differs only in `arch` and the options of a conditional map alone):", ""]
         for a, b in pairs:
             for k in ks:
                 out.append(f"- {_steps_header(k, metric)}: {verdict(metric, rows[a]['aggregate'][k], rows[b]['aggregate'][k], ours_name=a, base_name=b)}.")
@@ -358,15 +358,44 @@ def verdict_lines(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[
     return out
 
 
+# options that act only on a task-conditional architecture map (a shared architecture has no map)
+_CONDITIONAL_ONLY = {"arch_hidden": 0, "arch_norm": False}
+# run bookkeeping that does not change the recipe
+_BOOKKEEPING = ("seed", "data_root", "log_every", "ckpt_every")
+
+
+def _recipe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run's configuration as its shared-architecture twin would have it."""
+    return {**{k: v for k, v in cfg.items() if k not in _BOOKKEEPING}, **_CONDITIONAL_ONLY, "arch": "shared"}
+
+
 def ablation_pairs(rows: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(metanet-X, metanet-no-archgen-X)`` for every conditional row whose shared-architecture twin ran too."""
+    """``(conditional row, its shared-architecture twin)`` for every conditional row whose twin ran too.
+
+    Where the rows record their configuration, the twin is the row with ``arch: shared`` whose
+    configuration is the same once the options of a conditional map alone (``arch_hidden``,
+    ``arch_norm``) are set aside, so that metanet-norm meets metanet-no-archgen; otherwise the
+    twin is found by name, ``metanet-X`` against ``metanet-no-archgen-X``.
+    """
+    def config(m: str) -> dict[str, Any] | None:
+        seeds = rows[m]["per_seed"]
+        return seeds[0].get("config") if seeds else None
+
+    shared = [m for m in rows if (config(m) or {}).get("arch") == "shared"]
     pairs = []
     for m in rows:
-        if not m.startswith("metanet") or "no-archgen" in m:
+        cfg = config(m)
+        if not m.startswith("metanet") or "no-archgen" in m or not rows[m]["per_seed"]:
             continue
-        twin = "metanet-no-archgen" + m[len("metanet"):]
-        if twin in rows and rows[m]["per_seed"] and rows[twin]["per_seed"]:
-            pairs.append((m, twin))
+        if cfg is None:
+            twin = "metanet-no-archgen" + m[len("metanet"):]
+            if twin in rows and rows[twin]["per_seed"]:
+                pairs.append((m, twin))
+        elif cfg.get("arch") == "conditional":
+            named = "metanet-no-archgen" + m[len("metanet"):]
+            match = sorted((s for s in shared if _recipe(config(s)) == _recipe(cfg)), key=lambda s: s != named)
+            if match:
+                pairs.append((m, match[0]))
     return pairs
 
 

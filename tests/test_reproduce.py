@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from metanet.meta import evaluate
-from metanet.results import aggregate_seeds, format_stat, pool, summary_lines, table_markdown, verdict, verdict_lines
+from metanet.results import ablation_pairs, aggregate_seeds, format_stat, pool, summary_lines, table_markdown, verdict, verdict_lines
 from metanet.tasks import Multimodal, Sinusoid, default_data_root, fixed_episodes, shared_data_root
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
@@ -415,6 +415,23 @@ def test_the_best_metanet_recipe_meets_maml_too():
     del rows["metanet-remedies"], rows["metanet-mlp"]
     rows["metanet"] = row(0.3)
     assert not [line for line in verdict_lines(rows, ["1", "10"], "MSE") if "best metanet recipe" in line]  # the default is the best
+
+
+def test_the_twin_is_found_by_configuration_where_the_rows_record_one():
+    base = {"arch": "conditional", "weights": "vae", "param_prior": 0.0, "arch_hidden": 0, "arch_norm": False, "seed": 0, "data_root": "a"}
+
+    def row(mean, **cfg):
+        return {"aggregate": {"1": stat(mean)}, "per_seed": [{"config": {**base, **cfg}}]}
+
+    rows = {"metanet": row(0.70), "metanet-no-archgen": row(0.75, arch="shared", data_root="b"),
+            "metanet-norm": row(0.80, arch_norm=True), "metanet-mlp": row(0.78, arch_hidden=64, seed=1),
+            "metanet-prior": row(0.85, param_prior=0.5), "metanet-no-archgen-prior": row(0.84, arch="shared", param_prior=0.5),
+            "metanet-gumbel": row(0.6, gumbel=True),  # no shared run with its options: no pair
+            "metanet-remedies": row(0.9, param_prior=0.5, arch_hidden=64)}
+    assert ablation_pairs(rows) == [("metanet", "metanet-no-archgen"), ("metanet-norm", "metanet-no-archgen"), ("metanet-mlp", "metanet-no-archgen"),
+                                    ("metanet-prior", "metanet-no-archgen-prior"), ("metanet-remedies", "metanet-no-archgen-prior")]
+    rows["metanet-no-archgen-prior"]["per_seed"][0]["config"]["op_dropout"] = 0.3  # a name alone does not make a twin
+    assert ("metanet-prior", "metanet-no-archgen-prior") not in ablation_pairs(rows)
 
 
 def test_each_conditional_row_meets_its_shared_architecture_twin():
