@@ -104,7 +104,7 @@ class TrainConfig:
     data_root: str | None = _field(None, "opt_name", "dataset folder (omniglot, miniimagenet, images); for multidomain the folder that holds the named domains (default: ../shared/data)")
     rotations: bool = _field(True, "bool", "omniglot: no rotated characters (90, 180, 270 degrees) as new classes", flag="--no-rotations")
     split_file: str | None = _field(None, "opt_name", "images: CSV of class,split lines assigning classes to train/val/test (default: a seeded 60/20/20 split of the classes)")
-    domains: str | None = _field(None, "opt_name", "multidomain: comma-separated domains: omniglot, miniimagenet, a folder name under --data-root, or NAME=FOLDER (default: omniglot,miniimagenet,chars74k_fnt)")
+    domains: str | None = _field(None, "opt_name", "multidomain: comma-separated domains: omniglot, miniimagenet, a folder name under --data-root, or NAME=FOLDER, each optionally followed by :invert (intensities flipped, x -> 1 - x) (default: omniglot,miniimagenet,chars74k_fnt)")
     domain_weights: str | None = _field(None, "weights", "multidomain: comma-separated sampling weights, one per domain (default: equal)")
     # the meta-step
     meta_batch: int = _field(25, "pos_int", "tasks per meta-step")

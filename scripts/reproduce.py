@@ -51,6 +51,7 @@ from metanet.meta import MetaNet, evaluate, generate_networks, meta_loss
 from metanet.network import generate_batch
 from metanet.results import aggregate_seeds, from_json, merge_settings, pool, table_commands, table_markdown, to_json
 from metanet.tasks import Episode, default_data_root, make_tasks, shared_data_root
+from metanet.tasks.images import INVERT
 from metanet.tuning import cpu_model
 from metanet.trainer import TrainConfig, load_run, train
 
@@ -936,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="omniglot folder (default: metanet.tasks.default_data_root())")
     p.add_argument("--mini-data-root", help="mini-ImageNet folder (default: ../shared/data/miniimagenet)")
     p.add_argument("--domains", default="omniglot,miniimagenet", help="multidomain: the training domains (metanet train --domains; default: omniglot,miniimagenet)")
-    p.add_argument("--left-out", default="chars74k_fnt", help="multidomain: a domain left out of training, scored on all its classes (default: chars74k_fnt)")
+    p.add_argument("--left-out", default="chars74k_fnt", help="multidomain: a domain left out of training, scored on all its classes (default: chars74k_fnt; chars74k_fnt:invert flips its intensities)")
     p.add_argument("--domains-root", help="multidomain: the folder holding the named domains (default: ../shared/data)")
     p.add_argument("--strategy", choices=("auto", "loop", "vmap"), help="task execution (default: auto for regression, loop for omniglot)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="arithmetic of every row's meta-training (metanet train --precision; default fp32)")
@@ -1010,7 +1011,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "multidomain" in tables:
         root = args.domains_root
         names = [*args.domains.split(","), args.left_out]
-        missing = [] if root is None else [n for n in names if "=" not in n and not (root / n).is_dir()]
+        missing = [] if root is None else [n for n in names if "=" not in n and not (root / n.removesuffix(INVERT)).is_dir()]
         if root is None or missing:
             why = "no ../shared/data folder: give --domains-root DIR" if root is None else f"no domain folder {missing[0]!r} in {root}"
             skipped["multidomain"] = why

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from metanet.cli import main
-from metanet.tasks import ImageFolder, MiniImageNet, MultiDomain, fixed_episodes, make_tasks
+from metanet.tasks import ImageFolder, MiniImageNet, MultiDomain, domain_name, fixed_episodes, make_tasks
 from metanet.tasks.images import cache_dir, load_store
 from test_tasks import gen, raises  # one-line TaskError with every fragment
 
@@ -156,6 +156,21 @@ def test_multidomain_left_out_domain_gets_the_unknown_id(tmp_path):
     dist = MultiDomain(domains=("new",), data_root=tmp_path, split="all", ways=2, shots=1, queries=1, image_size=8, family_names=("a", "b"))
     assert dist.n_families == 2
     assert dist.sample(4, gen()).metadata.tolist() == [-1] * 4
+
+
+def test_an_invert_entry_flips_that_domain_alone(tmp_path):
+    make_folder(tmp_path / "a", classes=3, per_class=2)
+    b = make_folder(tmp_path / "b", classes=3, per_class=2)
+    kw = dict(data_root=tmp_path, split="all", ways=2, shots=1, queries=1, image_size=8, channels=1)
+    plain = MultiDomain(domains=("a", f"bee={b}"), **kw).sample(30, gen())
+    flipped_dist = MultiDomain(domains=("a:invert", f"bee={b}"), **kw)
+    flipped = flipped_dist.sample(30, gen())
+    assert flipped_dist.names == ("a", "bee") and domain_name("a:invert") == "a" and domain_name(f"bee={b}:invert") == "bee"
+    a = plain.metadata == 0
+    assert 0 < int(a.sum()) < 30 and torch.equal(flipped.metadata, plain.metadata)
+    assert torch.allclose(flipped.support_x[a], 1.0 - plain.support_x[a]) and torch.allclose(flipped.query_x[a], 1.0 - plain.query_x[a])
+    assert torch.equal(flipped.support_x[~a], plain.support_x[~a])  # the other domain as stored
+    raises(lambda: MultiDomain(domains=(":invert",), **kw), "has no name")
 
 
 def test_fixed_episodes_are_reproducible(tmp_path):

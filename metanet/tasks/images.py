@@ -555,27 +555,38 @@ class MiniImageNet(_StoreEpisodes):
 # ---------------------------------------------------------------------------- multi-domain
 
 
+INVERT = ":invert"  # a domain entry's suffix: its intensities are flipped, x -> 1 - x
+
+
+def _strip_invert(entry: str) -> tuple[str, bool]:
+    """``(entry without the suffix, whether it asked for inverted intensities)``."""
+    entry = entry.strip()
+    return (entry[: -len(INVERT)], True) if entry.endswith(INVERT) else (entry, False)
+
+
 def domain_name(entry: str) -> str:
     """The name of a domain entry: ``NAME`` of ``NAME=FOLDER``, else the entry's last path part."""
-    name, sep, _ = entry.partition("=")
+    name, sep, _ = _strip_invert(entry)[0].partition("=")
     return name.strip() if sep else Path(name.strip()).name
 
 
-def _parse_domain(entry: str, data_root: Path | None) -> tuple[str, str, Path]:
-    """``(name, kind, folder)`` of a domain entry: ``omniglot``, ``miniimagenet``, ``NAME`` or ``NAME=FOLDER``."""
-    name, sep, where = entry.partition("=")
+def _parse_domain(entry: str, data_root: Path | None) -> tuple[str, str, Path, bool]:
+    """``(name, kind, folder, invert)`` of a domain entry: ``omniglot``, ``miniimagenet``, ``NAME``
+    or ``NAME=FOLDER``, each optionally followed by ``:invert``."""
+    bare, invert = _strip_invert(entry)
+    name, sep, where = bare.partition("=")
     name = name.strip()
     if not name:
-        raise TaskError(f"domain {entry!r} has no name; expected omniglot, miniimagenet, FOLDER or NAME=FOLDER")
+        raise TaskError(f"domain {entry!r} has no name; expected omniglot, miniimagenet, FOLDER or NAME=FOLDER (optionally followed by {INVERT})")
     if sep:
         folder = Path(where.strip())
     elif data_root is not None and not Path(name).is_absolute():
         folder = data_root / name
     else:
         folder = Path(name)
-    name = domain_name(entry)
+    name = domain_name(bare)
     kind = name if name in ("omniglot", "miniimagenet") else "images"
-    return name, kind, folder
+    return name, kind, folder, invert
 
 
 def _domain_split(kind: str, split: str) -> str:
@@ -594,7 +605,9 @@ class MultiDomain:
     Args:
         domains: domain entries: ``omniglot``, ``miniimagenet`` (their folders under
             ``data_root``), an image folder's name under ``data_root``, a folder path, or
-            ``NAME=FOLDER``.
+            ``NAME=FOLDER``; an entry ending in ``:invert`` has its intensities flipped
+            (``x -> 1 - x``), so that a folder of dark glyphs on a light background matches
+            Omniglot's strokes, which are 1 on a background of 0.
         data_root: where named domains live (``../shared/data`` layout).
         split: ``train``, ``val``, ``test`` or ``all``, applied to every domain (Omniglot:
             its alphabet split; ``test`` is its evaluation file).
@@ -619,6 +632,7 @@ class MultiDomain:
     cache: bool = True
     names: tuple[str, ...] = field(init=False)
     parts: tuple[Any, ...] = field(init=False, repr=False)
+    inverted: tuple[bool, ...] = field(init=False, repr=False)
 
     kind: ClassVar[str] = "classification"
     train_defaults: ClassVar[dict[str, object]] = {"queries": 15, "shots": 1, "inner_lr": 0.1, "meta_batch": 12, "space": "conv_multidomain"}
@@ -632,7 +646,7 @@ class MultiDomain:
             raise TaskError("domains must name at least one domain")
         root = None if self.data_root is None else Path(self.data_root)
         parsed = [_parse_domain(d, root) for d in domains]
-        names = tuple(name for name, _, _ in parsed)
+        names = tuple(name for name, _, _, _ in parsed)
         if len(set(names)) != len(names):
             raise TaskError(f"domains name {sorted(n for n in names if names.count(n) > 1)[0]!r} twice")
         weights = (1.0,) * len(names) if self.weights is None else tuple(float(w) for w in self.weights)
@@ -640,7 +654,7 @@ class MultiDomain:
             raise TaskError(f"weights must be {len(names)} numbers >= 0 (one per domain) with a positive sum, got {self.weights!r}")
         parts = []
         common = dict(ways=self.ways, shots=self.shots, queries=self.queries, image_size=self.image_size)
-        for name, kind, folder in parsed:
+        for name, kind, folder, _ in parsed:
             split = _domain_split(kind, self.split)
             try:
                 if kind == "omniglot":
@@ -655,6 +669,7 @@ class MultiDomain:
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "parts", tuple(parts))
+        object.__setattr__(self, "inverted", tuple(invert for _, _, _, invert in parsed))
         object.__setattr__(self, "family_names", names if self.family_names is None else tuple(self.family_names))
 
     @property
@@ -677,7 +692,10 @@ class MultiDomain:
         """Metadata ids: one per name of ``family_names``, 0 without metadata."""
         return len(self.family_names) if self.with_metadata else 0
 
-    def _channels(self, x: Tensor) -> Tensor:
+    def _channels(self, x: Tensor, domain: int) -> Tensor:
+        """Domain ``domain``'s images in the common channels, inverted where its entry asked."""
+        if self.inverted[domain]:
+            x = 1.0 - x
         if x.shape[-3] == self.channels:
             return x
         if self.channels == 3:  # grayscale domain in an RGB input
@@ -697,7 +715,7 @@ class MultiDomain:
                 shape = (batch, ep.support_x.shape[1], *self.input_shape)
                 sx, qx = torch.empty(shape), torch.empty(batch, ep.query_x.shape[1], *self.input_shape)
                 sy, qy = torch.empty(batch, ep.support_y.shape[1], dtype=torch.long), torch.empty(batch, ep.query_y.shape[1], dtype=torch.long)
-            sx[where], qx[where] = self._channels(ep.support_x), self._channels(ep.query_x)
+            sx[where], qx[where] = self._channels(ep.support_x, d), self._channels(ep.query_x, d)
             sy[where], qy[where] = ep.support_y, ep.query_y
         ids = torch.tensor([self.family_names.index(n) if n in self.family_names else -1 for n in self.names])
         metadata = ids[domain] if self.with_metadata else None
