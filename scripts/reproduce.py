@@ -125,6 +125,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("metanet-norm", "remedy: the architecture map reads the task embedding layer-normalised", {"arch_norm": True}),
         ("metanet-prior-norm", "remedies: the prior (0.5) and the layer-normalised architecture map", {"param_prior": 0.5, "arch_norm": True}),
         ("metanet-gumbel", "remedy: per-task Gumbel architectures, temperature 1 -> 0.3", {"gumbel": True, "final_temperature": 0.3}),
+        ("metanet-adaptalpha", "remedy: the inner loop adapts the architecture logits too", {"adapt_alpha": True}),
         ("metanet-remedies", "remedies together: warm-up, prior, op dropout, MLP", {**_REMEDIES, "arch_hidden": 64}),
         ("metanet-prior-warmup", "remedies: the prior (0.5) and the warm-up (25%)", {"param_prior": 0.5, "arch_warmup": 0.25}),
         # the shared-architecture ablation under the same prior: whether a prior's gain comes from conditioning
