@@ -384,18 +384,18 @@ def ablation_pairs(rows: dict[str, Any]) -> list[tuple[str, str]]:
     shared = [m for m in rows if (config(m) or {}).get("arch") == "shared"]
     pairs = []
     for m in rows:
-        cfg = config(m)
         if not m.startswith("metanet") or "no-archgen" in m or not rows[m]["per_seed"]:
             continue
+        named = "metanet-no-archgen" + m[len("metanet"):]
+        cfg = config(m)
         if cfg is None:
-            twin = "metanet-no-archgen" + m[len("metanet"):]
-            if twin in rows and rows[twin]["per_seed"]:
-                pairs.append((m, twin))
+            twins = [named] if named in rows and rows[named]["per_seed"] else []
         elif cfg.get("arch") == "conditional":
-            named = "metanet-no-archgen" + m[len("metanet"):]
-            match = sorted((s for s in shared if _recipe(config(s)) == _recipe(cfg)), key=lambda s: s != named)
-            if match:
-                pairs.append((m, match[0]))
+            twins = sorted((s for s in shared if _recipe(config(s)) == _recipe(cfg)), key=lambda s: s != named)
+        else:
+            twins = []
+        if twins:
+            pairs.append((m, twins[0]))
     return pairs
 
 

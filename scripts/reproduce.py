@@ -50,8 +50,7 @@ from metanet.graph import population_health
 from metanet.meta import MetaNet, evaluate, generate_networks, meta_loss
 from metanet.network import generate_batch
 from metanet.results import aggregate_seeds, from_json, merge_settings, pool, table_commands, table_markdown, to_json
-from metanet.tasks import Episode, default_data_root, make_tasks, shared_data_root
-from metanet.tasks.images import INVERT
+from metanet.tasks import Episode, default_data_root, domain_folder, make_tasks, shared_data_root
 from metanet.tuning import cpu_model
 from metanet.trainer import TrainConfig, load_run, train
 
@@ -1012,7 +1011,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "multidomain" in tables:
         root = args.domains_root
         names = [*args.domains.split(","), args.left_out]
-        missing = [] if root is None else [n for n in names if "=" not in n and not (root / n.removesuffix(INVERT)).is_dir()]
+        missing = [] if root is None else [n for n in names if "=" not in n and not domain_folder(n, root).is_dir()]
         if root is None or missing:
             why = "no ../shared/data folder: give --domains-root DIR" if root is None else f"no domain folder {missing[0]!r} in {root}"
             skipped["multidomain"] = why

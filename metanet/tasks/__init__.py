@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .base import Episode, TaskDistribution, TaskError, _unknown, fixed_episodes
-from .images import DEFAULT_DOMAINS, IMAGE_SPLITS, MINI_SPLITS, ImageFolder, ImageStore, MiniImageNet, MultiDomain, domain_name
+from .images import DEFAULT_DOMAINS, IMAGE_SPLITS, MINI_SPLITS, ImageFolder, ImageStore, MiniImageNet, MultiDomain, domain_folder, domain_name
 from .omniglot import DEFAULT_VAL_ALPHABETS, SPLITS, Omniglot, default_data_root, shared_data_root
 from .regression import FAMILY_NAMES, Multimodal, Sinusoid
 
@@ -34,6 +34,7 @@ __all__ = [
     "IMAGE_SPLITS",
     "MINI_SPLITS",
     "DEFAULT_DOMAINS",
+    "domain_folder",
     "domain_name",
     "TASKS",
     "register_tasks",

@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_DOMAINS",
     "cache_dir",
     "load_store",
+    "domain_folder",
     "domain_name",
 ]
 
@@ -570,23 +571,24 @@ def domain_name(entry: str) -> str:
     return name.strip() if sep else Path(name.strip()).name
 
 
+def domain_folder(entry: str, data_root: Path | None) -> Path:
+    """The folder a domain entry names: ``FOLDER`` of ``NAME=FOLDER``, else ``NAME`` under ``data_root``."""
+    name, sep, where = _strip_invert(entry)[0].partition("=")
+    if sep:
+        return Path(where.strip())
+    name = name.strip()
+    return data_root / name if data_root is not None and not Path(name).is_absolute() else Path(name)
+
+
 def _parse_domain(entry: str, data_root: Path | None) -> tuple[str, str, Path, bool]:
     """``(name, kind, folder, invert)`` of a domain entry: ``omniglot``, ``miniimagenet``, ``NAME``
     or ``NAME=FOLDER``, each optionally followed by ``:invert``."""
     bare, invert = _strip_invert(entry)
-    name, sep, where = bare.partition("=")
-    name = name.strip()
-    if not name:
+    if not bare.partition("=")[0].strip():
         raise TaskError(f"domain {entry!r} has no name; expected omniglot, miniimagenet, FOLDER or NAME=FOLDER (optionally followed by {INVERT})")
-    if sep:
-        folder = Path(where.strip())
-    elif data_root is not None and not Path(name).is_absolute():
-        folder = data_root / name
-    else:
-        folder = Path(name)
     name = domain_name(bare)
     kind = name if name in ("omniglot", "miniimagenet") else "images"
-    return name, kind, folder, invert
+    return name, kind, domain_folder(bare, data_root), invert
 
 
 def _domain_split(kind: str, split: str) -> str:
