@@ -13,7 +13,9 @@ one summary per seed into a table cell. ``verdict`` compares two cells in one se
      "setting_meta"?: {setting: {"command", "date", "budget", "seeds", "machine", "test"}}}
 
 The table-level fields describe the newest command; ``merge_settings`` keeps the settings
-an earlier command ran and the newest did not, each with the ``setting_meta`` that produced it.
+an earlier command ran and the newest did not, each with the ``setting_meta`` that produced it,
+and the rows of a setting both ran whose method the newest did not run, each with its own
+``"meta"`` (the same fields), where both scored that setting alike.
 
 ``to_json`` and ``from_json`` write non-finite figures as ``null`` and read them back. Pure
 Python and numpy: nothing here trains, evaluates or draws.
@@ -158,21 +160,32 @@ SETTING_META = ("command", "date", "budget", "seeds", "machine", "test")
 
 
 def merge_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` (a table just run) with the settings of ``old`` (the same table from an earlier
-    command) that ``new`` did not run, each keeping the command, date, budget, seeds and test
-    tasks that produced it. Settings carry over only between tables scored in the same metric
-    at the same inner steps, and never between a smoke run and a real one; a setting that
+    """``new`` (a table just run) with what ``old`` (the same table from an earlier command)
+    has and ``new`` does not: the settings ``new`` did not run, each keeping the command,
+    date, budget, seeds and test tasks that produced it; and, in a setting both ran with the
+    same budget, seeds and test tasks, the rows of the methods ``new`` did not run, each
+    keeping that meta as its ``"meta"``. Nothing carries over between tables scored in
+    different metrics or inner steps, or between a smoke run and a real one; a row that
     ``new`` ran is ``new``'s alone."""
     if old is None or old.get("smoke") != new.get("smoke") or old["metric"] != new["metric"] or list(old["eval_steps"]) != list(new["eval_steps"]):
         return new
+    old_meta = {s: (old.get("setting_meta") or {}).get(s) or {k: old[k] for k in SETTING_META if k in old} for s in old["settings"]}
+    new_meta = new.get("setting_meta") or {}
     kept = [s for s in old["settings"] if s not in new["rows"] and s in old["rows"]]
-    if not kept:
+    alike = [
+        s for s in old["settings"]
+        if s in new["rows"] and s in old["rows"] and s in new_meta and all(old_meta[s].get(k) == new_meta[s].get(k) for k in ("budget", "seeds", "test"))
+    ]  # fmt: skip
+    carried = {s: {m: dict(row, meta=row.get("meta") or old_meta[s]) for m, row in old["rows"][s].items() if m not in new["rows"][s]} for s in alike}
+    carried = {s: rows for s, rows in carried.items() if rows}
+    if not kept and not carried:
         return new
-    old_meta = old.get("setting_meta") or {}
-    merged = dict(new, rows=dict(new["rows"]), setting_meta=dict(new.get("setting_meta") or {}))
+    merged = dict(new, rows=dict(new["rows"]), setting_meta=dict(new_meta))
+    for s, rows in carried.items():
+        merged["rows"][s] = {**rows, **new["rows"][s]}
     for s in kept:
         merged["rows"][s] = old["rows"][s]
-        merged["setting_meta"][s] = old_meta.get(s) or {k: old[k] for k in SETTING_META if k in old}
+        merged["setting_meta"][s] = old_meta[s]
     merged["settings"] = sorted([*new["settings"], *kept], key=lambda label: [int(n) for n in re.findall(r"\d+", label)])
     return merged
 
@@ -187,10 +200,16 @@ def table_commands(t: dict[str, Any]) -> list[tuple[str, str]]:
     """``(command, date)`` of every command whose settings the table shows, the newest first."""
     out = [(t["command"], t["date"])]
     for s in t["settings"]:
-        meta = _foreign(t, s)
-        if meta and (meta["command"], meta["date"]) not in out:
-            out.append((meta["command"], meta["date"]))
+        for meta in [_foreign(t, s), *_row_metas(t, s).values()]:
+            if meta and (meta["command"], meta["date"]) not in out:
+                out.append((meta["command"], meta["date"]))
     return out
+
+
+def _row_metas(t: dict[str, Any], setting: str) -> dict[str, dict[str, Any]]:
+    """The rows of a setting that an earlier command than the setting's produced: their meta, by method."""
+    own = ((t.get("setting_meta") or {}).get(setting) or t)["command"]
+    return {m: row["meta"] for m, row in t["rows"][setting].items() if row.get("meta") and row["meta"]["command"] != own}
 
 
 def _run_lines(meta: dict[str, Any]) -> list[str]:
@@ -225,8 +244,8 @@ def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
     if t["smoke"]:
         out += ["**Smoke run: a few meta-steps per method, a handful of test tasks. The numbers test the pipeline and mean nothing.**", ""]
     out += _run_lines(t) + [""]
-    if any(_foreign(t, s) for s in t["settings"]):
-        out += ["These lines are the newest command's; a setting that an earlier command produced gives its own.", ""]
+    if any(_foreign(t, s) or _row_metas(t, s) for s in t["settings"]):
+        out += ["These lines are the newest command's; a setting or row that an earlier command produced gives its own.", ""]
     out += summary_lines(t)
     for setting in t["settings"]:
         rows = t["rows"][setting]
@@ -234,6 +253,11 @@ def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
         meta = _foreign(t, setting)
         if meta:
             out += ["From an earlier command than the table's:", "", *_run_lines(meta), ""]
+        row_metas = _row_metas(t, setting)
+        for cmd in dict.fromkeys(m["command"] for m in row_metas.values()):
+            names = ", ".join(f"`{m}`" for m, rm in row_metas.items() if rm["command"] == cmd)
+            rm = next(rm for rm in row_metas.values() if rm["command"] == cmd)
+            out += [f"Rows {names} from an earlier command than this setting's (same budget, seeds and test tasks):", "", *_run_lines(rm), ""]
         head = ["method", "meta-steps"] + [_steps_header(k, metric) for k in ks] + ["generate (ms/task)", "budget", "seeds", "reproduce"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {k: _best(rows, k, metric, lambda r: r["aggregate"]) for k in ks}
@@ -244,7 +268,7 @@ def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
                 c = "failed" if failed else format_stat(row["aggregate"][k], metric)
                 cells.append(f"**{c}**" if best[k] == method else c)
             seeds = f"{len(row['per_seed'])}" + (f" ({len(row['errors'])} failed)" if row.get("errors") else "")
-            cells += ["-" if failed else f"{row['generation_ms']:.2g}", (meta or t)["budget"], seeds, f"`{row['command']}`"]
+            cells += ["-" if failed else f"{row['generation_ms']:.2g}", (row.get("meta") or meta or t)["budget"], seeds, f"`{row['command']}`"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         for method, row in rows.items():

@@ -16,8 +16,10 @@ in ``OUT/results/``; run directories (checkpoints, ``metrics.jsonl``) go to ``--
 
 Running several tables by separate commands into the same ``--out`` merges them: each
 table keeps the command and date that produced it, and so does each setting of a table
-that a later command did not run (``--ways 20`` after ``--ways 5``). To add rows to a
-setting, run it again with every row and ``--reuse``: finished runs are not redone. A
+that a later command did not run (``--ways 20`` after ``--ways 5``), and so does each row
+of a setting that a later command ran without that method, where both scored the setting
+with the same budget, seeds and test tasks: to add rows to a setting, run it with the new
+methods alone (or with every row and ``--reuse``: finished runs are not redone). A
 table with ``train_shots`` (mini-ImageNet, multi-domain) trains each method once, at that
 many shots, and scores the same model at every shot setting: its prototype head serves
 any shot and way.

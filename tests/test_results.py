@@ -178,6 +178,28 @@ def test_merge_keeps_the_settings_a_later_command_did_not_run_with_their_own_com
     assert merge_settings(legacy, new)["setting_meta"]["20-way 1-shot"]["budget"] == "35 min"
 
 
+def test_merge_keeps_the_rows_a_later_command_of_the_same_setting_did_not_run() -> None:
+    old = _table("cmd --methods maml", ["5-way 1-shot"])
+    new = _table("cmd --methods protonet", ["5-way 1-shot"], date="2024-02-02 00:00 UTC")
+    new["rows"]["5-way 1-shot"] = {"protonet": _row(0.6, 20.0, 1.0, "cmd proto")}
+    merged = merge_settings(old, new)
+    rows = merged["rows"]["5-way 1-shot"]
+    assert list(rows) == ["maml", "protonet"] and rows["protonet"] is new["rows"]["5-way 1-shot"]["protonet"]
+    assert rows["maml"]["meta"]["command"] == "cmd --methods maml" and "meta" not in old["rows"]["5-way 1-shot"]["maml"]
+    assert table_commands(merged) == [("cmd --methods protonet", "2024-02-02 00:00 UTC"), ("cmd --methods maml", "2024-01-01 00:00 UTC")]
+    md = "\n".join(table_markdown("toy", merged, "figs"))
+    assert "Rows `maml` from an earlier command than this setting's (same budget, seeds and test tasks):\n\n- Command: `cmd --methods maml`" in md
+    assert "| maml | 10 | 50.00% ± 5.00 | 1 | 35 min | 2 | `cmd 5-way 1-shot` |" in md and "**60.00% ± 5.00**" in md
+    again = merge_settings(merged, dict(new, command="cmd --methods relationnet", date="2024-03-03 00:00 UTC"))  # a carried row keeps its first meta
+    assert again["rows"]["5-way 1-shot"]["maml"]["meta"]["command"] == "cmd --methods maml"
+    # a row is not carried into a setting scored otherwise, and a row the new command ran is its own
+    other = _table("cmd", ["5-way 1-shot"], budget="40 min")
+    other["setting_meta"]["5-way 1-shot"]["budget"] = "40 min"
+    other["rows"]["5-way 1-shot"] = {"protonet": _row(0.6, 20.0, 1.0, "cmd proto")}
+    assert merge_settings(old, other) is other
+    assert merge_settings(old, _table("cmd again", ["5-way 1-shot"]))["rows"]["5-way 1-shot"]["maml"].get("meta") is None
+
+
 @pytest.mark.parametrize(("distinct", "top", "note"), [
     (1, 1.0, "**the generator collapsed: every test task gets the same architecture**"),
     (2, 0.998, "**the generator nearly collapsed: one architecture covers at least 95% of the test tasks**"),
