@@ -163,7 +163,8 @@ def merge_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str,
     """``new`` (a table just run) with what ``old`` (the same table from an earlier command)
     has and ``new`` does not: the settings ``new`` did not run, each keeping the command,
     date, budget, seeds and test tasks that produced it; and, in a setting both ran with the
-    same budget, seeds and test tasks, the rows of the methods ``new`` did not run, each
+    same budget, seeds and test tasks (and on the same CPU, where both record theirs: a
+    wall-clock budget buys different work on another), the rows of the methods ``new`` did not run, each
     keeping that meta as its ``"meta"``. Nothing carries over between tables scored in
     different metrics or inner steps, or between a smoke run and a real one; a row that
     ``new`` ran is ``new``'s alone."""
@@ -172,10 +173,7 @@ def merge_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str,
     old_meta = {s: (old.get("setting_meta") or {}).get(s) or {k: old[k] for k in SETTING_META if k in old} for s in old["settings"]}
     new_meta = new.get("setting_meta") or {}
     kept = [s for s in old["settings"] if s not in new["rows"] and s in old["rows"]]
-    alike = [
-        s for s in old["settings"]
-        if s in new["rows"] and s in old["rows"] and s in new_meta and all(old_meta[s].get(k) == new_meta[s].get(k) for k in ("budget", "seeds", "test"))
-    ]  # fmt: skip
+    alike = [s for s in old["settings"] if s in new["rows"] and s in old["rows"] and s in new_meta and _scored_alike(old_meta[s], new_meta[s])]
     carried = {s: {m: dict(row, meta=row.get("meta") or old_meta[s]) for m, row in old["rows"][s].items() if m not in new["rows"][s]} for s in alike}
     carried = {s: rows for s, rows in carried.items() if rows}
     if not kept and not carried:
@@ -188,6 +186,13 @@ def merge_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str,
         merged["setting_meta"][s] = old_meta[s]
     merged["settings"] = sorted([*new["settings"], *kept], key=lambda label: [int(n) for n in re.findall(r"\d+", label)])
     return merged
+
+
+def _scored_alike(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two commands' rows of one setting compare: the same budget, seeds and test
+    tasks, and the same CPU where both record theirs."""
+    cpus = [(m.get("machine") or {}).get("cpu") for m in (a, b)]
+    return all(a.get(k) == b.get(k) for k in ("budget", "seeds", "test")) and (None in cpus or cpus[0] == cpus[1])
 
 
 def _foreign(t: dict[str, Any], setting: str) -> dict[str, Any] | None:

@@ -197,6 +197,12 @@ def test_merge_keeps_the_rows_a_later_command_of_the_same_setting_did_not_run() 
     other["setting_meta"]["5-way 1-shot"]["budget"] = "40 min"
     other["rows"]["5-way 1-shot"] = {"protonet": _row(0.6, 20.0, 1.0, "cmd proto")}
     assert merge_settings(old, other) is other
+    elsewhere = _table("cmd", ["5-way 1-shot"])  # nor from another CPU, where both record theirs
+    elsewhere["rows"]["5-way 1-shot"] = {"protonet": _row(0.6, 20.0, 1.0, "cmd proto")}
+    elsewhere["setting_meta"]["5-way 1-shot"]["machine"] = dict(elsewhere["machine"], cpu="AVX512, Intel Xeon")
+    assert merge_settings(old, elsewhere)["rows"]["5-way 1-shot"]["maml"]["meta"]["command"] == "cmd --methods maml"  # old's CPU unknown
+    old["setting_meta"]["5-way 1-shot"]["machine"] = dict(old["machine"], cpu="AVX2, AMD EPYC")
+    assert merge_settings(old, elsewhere) is elsewhere
     assert merge_settings(old, _table("cmd again", ["5-way 1-shot"]))["rows"]["5-way 1-shot"]["maml"].get("meta") is None
 
 
