@@ -3,8 +3,9 @@
 Prints ONE JSON line. conv4 second-order MAML (5-way 1-shot, 15 queries, 28x28, the
 ``bench_meta`` setting) at 1, 5, 10 and 20 inner steps: metanet's meta-step keeping every
 inner step's activations, metanet's with ``--checkpoint-steps`` (each inner step
-recomputed in the backward pass), and the clone-and-adapt loop a learn2learn user writes
-(one backward per task). Each figure is measured in a fresh process, after one
+recomputed in the backward pass), both again with one backward per task (``--strategy
+task``: the graph of one task's adaptation at a time), and the clone-and-adapt loop a
+learn2learn user writes (one backward per task). Each figure is measured in a fresh process, after one
 warm-up step on one task: the rise of the step's peak resident set (``VmHWM``, reset
 just before the step through ``/proc/self/clear_refs``) over the resident set then, in
 MB; the step's wall time beside it. ``ratio_10_to_1`` (``ratio_5_to_1`` with ``--quick``)
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench_meta import INNER_LR, clone_step, conv4_module, copy_weights, episode  # scripts/bench_meta.py
+from metanet.distributed import per_task_gradients
 from metanet.meta import MetaNet, ModelConfig, meta_loss
 from metanet.space import load
 
@@ -51,11 +53,15 @@ def _reset_peak() -> bool:
 
 
 def run(path: str, model: MetaNet, net: torch.nn.Sequential, ep, steps: int) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    checkpoint = path.endswith("_checkpointed")
     if path == "clone_loop":
         clone_step(net, ep, steps)
+    elif path.startswith("ours_per_task"):
+        per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator().manual_seed(0), params, inner_steps=steps, order="second", checkpoint=checkpoint)
     else:
-        loss, _ = meta_loss(model, ep, inner_steps=steps, order="second", strategy="loop", checkpoint=path == "ours_checkpointed")
-        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        loss, _ = meta_loss(model, ep, inner_steps=steps, order="second", strategy="loop", checkpoint=checkpoint)
+        torch.autograd.grad(loss, params, allow_unused=True)
 
 
 def one(path: str, steps: int, tasks: int) -> dict[str, float]:
@@ -86,7 +92,7 @@ def main() -> None:
         print(json.dumps(one(args.one[0], int(args.one[1]), tasks)))
         return
     steps = (1, 5) if args.quick else (1, 5, 10, 20)
-    paths = ("ours", "ours_checkpointed", "clone_loop")
+    paths = ("ours", "ours_checkpointed", "ours_per_task", "ours_per_task_checkpointed", "clone_loop")
     out: dict = {"bench": "memory", "quick": args.quick, "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "network": "conv4",
                  "setting": "5-way 1-shot, 15 queries, 28x28, second order", "meta_batch": tasks, "inner_steps": list(steps)}  # fmt: skip
