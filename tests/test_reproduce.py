@@ -359,13 +359,16 @@ def test_rerun_of_one_table_reuses_runs_and_keeps_the_others(rp, smoke):
     data = json.loads((out / "results" / "results.json").read_text())
     assert set(data["tables"]) == set(_tables())  # the other tables stay
     t = data["tables"]["sinusoid"]  # and so do the settings this command did not run, with their own command
-    assert t["settings"] == ["5-shot", "10-shot", "20-shot"] and list(t["rows"]["5-shot"]) == ["maml", "metanet"]
+    assert t["settings"] == ["5-shot", "10-shot", "20-shot"] and list(t["rows"]["5-shot"])[-2:] == ["maml", "metanet"]
+    carried = {m: row["meta"]["command"] for m, row in t["rows"]["5-shot"].items() if m not in ("maml", "metanet")}  # the rows it did not run stay
+    assert carried and set(carried.values()) == {f"python scripts/reproduce.py --smoke --out {out}"}
     assert "--shots 5 --reuse" in t["setting_meta"]["5-shot"]["command"] == t["command"]
     assert t["setting_meta"]["10-shot"]["command"] == t["setting_meta"]["20-shot"]["command"] == f"python scripts/reproduce.py --smoke --out {out}"
     md = (out / "RESULTS.md").read_text()
     assert "--table sinusoid --methods maml metanet --shots 5 --reuse" in md
     section = _section(md, t["title"], "##")
     assert "From an earlier command than the table's:" not in _section(section, "5-shot", "###")
+    assert "from an earlier command than this setting's (same budget, seeds and test tasks):\n\n- Command: `python scripts/reproduce.py --smoke" in _section(section, "5-shot", "###")
     for setting in ("10-shot", "20-shot"):
         block = _section(section, setting, "###")
         assert f"From an earlier command than the table's:\n\n- Command: `python scripts/reproduce.py --smoke --out {out}`" in block
