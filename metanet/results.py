@@ -164,8 +164,8 @@ def merge_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str,
     has and ``new`` does not: the settings ``new`` did not run, each keeping the command,
     date, budget, seeds and test tasks that produced it; and, in a setting both ran with the
     same budget, seeds and test tasks (and on the same CPU, where both record theirs: a
-    wall-clock budget buys different work on another), the rows of the methods ``new`` did not run, each
-    keeping that meta as its ``"meta"``. Nothing carries over between tables scored in
+    wall-clock budget buys different work on another), the rows of the methods ``new``
+    did not run, each keeping that meta as its ``"meta"``. Nothing carries over between tables scored in
     different metrics or inner steps, or between a smoke run and a real one; a row that
     ``new`` ran is ``new``'s alone."""
     if old is None or old.get("smoke") != new.get("smoke") or old["metric"] != new["metric"] or list(old["eval_steps"]) != list(new["eval_steps"]):

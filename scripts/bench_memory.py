@@ -5,8 +5,8 @@ Prints ONE JSON line. conv4 second-order MAML (5-way 1-shot, 15 queries, 28x28, 
 inner step's activations, metanet's with ``--checkpoint-steps`` (each inner step
 recomputed in the backward pass), both again with one backward per task (``--strategy
 task``: the graph of one task's adaptation at a time), and the clone-and-adapt loop a
-learn2learn user writes (one backward per task). Each figure is measured in a fresh process, after one
-warm-up step on one task: the rise of the step's peak resident set (``VmHWM``, reset
+learn2learn user writes (one backward per task). Each figure is measured in a fresh
+process, after one warm-up step on one task: the rise of the step's peak resident set (``VmHWM``, reset
 just before the step through ``/proc/self/clear_refs``) over the resident set then, in
 MB; the step's wall time beside it. ``ratio_10_to_1`` (``ratio_5_to_1`` with ``--quick``)
 is each path's peak at that many inner steps over its 1-step peak (the goal: at most 1.5
