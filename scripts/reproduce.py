@@ -667,7 +667,7 @@ def collect(table_name: str, jobs: list[dict[str, Any]], results: list[dict[str,
         row["per_seed"].append({
             "seed": job["seed"], "run_dir": job["run_dir"], "train": res["train"], "scores": res["scores"],
             "families": res.get("families"), "curve": res["curve"], "curve_tasks": res["curve_tasks"], "cost": res["cost"],
-            "population": res.get("population"), "fused_check": res.get("fused_check"),
+            "population": res.get("population"), "fused_check": res.get("fused_check"), "learning": learning_curve(job["run_dir"]),
             "population_png": Path(job["population_png"]).name if job.get("population_png") and Path(job["population_png"]).is_file() else None,
             "config": job["cfg"], "test": job["test"], "cpu": res.get("cpu"),
         })  # fmt: skip
@@ -838,6 +838,16 @@ def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def learning_curve(run_dir: str, points: int = 200) -> list[list[float]]:
+    """``[time, query loss]`` of a run's logged meta-steps (finite ones), at most ``points``
+    of them evenly spaced: kept in ``results.json`` so that the report draws a run's curve
+    on a machine that does not hold the run."""
+    pts = [[r["time"], r["query_loss"]] for r in _read_metrics(run_dir) if r.get("query_loss") is not None and math.isfinite(r["query_loss"])]  # null: non-finite
+    if len(pts) <= points:
+        return pts
+    return [pts[round(i * (len(pts) - 1) / (points - 1))] for i in range(points)]
+
+
 def plot_table(name: str, t: dict[str, Any], figures: Path) -> list[Path]:
     """Learning curves, metric vs adaptation steps, and cost per new task for one table."""
     from matplotlib.ticker import MaxNLocator
@@ -852,7 +862,7 @@ def plot_table(name: str, t: dict[str, Any], figures: Path) -> list[Path]:
     for ax, setting in zip(axes[0], settings):
         for method, row in t["rows"][setting].items():
             for i, seed in enumerate(row["per_seed"]):
-                pts = [(r["time"], r["query_loss"]) for r in _read_metrics(seed["run_dir"]) if r.get("query_loss") is not None and math.isfinite(r["query_loss"])]  # null: non-finite
+                pts = seed.get("learning") or learning_curve(seed["run_dir"])
                 if not pts:
                     continue
                 times, losses = zip(*pts)
@@ -905,8 +915,12 @@ def plot_table(name: str, t: dict[str, Any], figures: Path) -> list[Path]:
 
 
 def _finish(fig: Any, axes: list[list[Any]], title: str, path: Path) -> Path:
-    """Legend beside the last panel, the figure's title, and save it."""
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    """One legend of every panel's labels beside the last panel, the figure's title, and save it."""
+    labelled: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    axes[0][-1].legend(list(labelled.values()), list(labelled), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -391,6 +391,16 @@ def test_curve_and_multi_step_evaluate_equal_evaluate_at_every_step(rp, smoke):
     assert seed["curve"] == pytest.approx(curve, rel=1e-6)  # what the run recorded (smoke: 0..2 steps)
 
 
+def test_a_learning_curve_is_kept_evenly_thinned_and_finite(rp, tmp_path):
+    lines = [{"step": i, "time": float(i), "query_loss": None if i == 7 else 1.0 / (i + 1)} for i in range(501)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    curve = rp.learning_curve(str(tmp_path), points=50)
+    assert len(curve) == 50 and curve[0] == [0.0, 1.0] and curve[-1] == [500.0, 1.0 / 501]
+    assert all(t != 7.0 for t, _ in curve) and [t for t, _ in curve] == sorted(t for t, _ in curve)
+    assert rp.learning_curve(str(tmp_path), points=1000) == [[float(i), 1.0 / (i + 1)] for i in range(501) if i != 7]
+    assert rp.learning_curve(str(tmp_path / "elsewhere")) == []
+
+
 def test_verdicts_name_the_strongest_other_baseline():
     def row(mean):
         return {"aggregate": {"1": stat(mean, ci=0.01)}, "per_seed": [{}]}
