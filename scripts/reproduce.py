@@ -18,8 +18,9 @@ Running several tables by separate commands into the same ``--out`` merges them:
 table keeps the command and date that produced it, and so does each setting of a table
 that a later command did not run (``--ways 20`` after ``--ways 5``), and so does each row
 of a setting that a later command ran without that method, where both scored the setting
-with the same budget, seeds and test tasks (on the same CPU, where both record it): to add rows to a setting, run it with the new
-methods alone (or with every row and ``--reuse``: finished runs are not redone). A
+with the same budget, seeds and test tasks (on the same CPU, where both record it): to
+add rows to a setting, run it with the new methods alone (or with every row and
+``--reuse``: finished runs are not redone). A
 table with ``train_shots`` (mini-ImageNet, multi-domain) trains each method once, at that
 many shots, and scores the same model at every shot setting: its prototype head serves
 any shot and way.
@@ -831,18 +832,13 @@ def _style(method: str, colour: dict[str, Any]) -> dict[str, Any]:
     return {"color": colour[method], "lw": 2.4 if method == "metanet" else 1.2, "ls": "--" if dashed else "-"}
 
 
-def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def learning_curve(run_dir: str, points: int = 200) -> list[list[float]]:
     """``[time, query loss]`` of a run's logged meta-steps (finite ones), at most ``points``
     of them evenly spaced: kept in ``results.json`` so that the report draws a run's curve
     on a machine that does not hold the run."""
-    pts = [[r["time"], r["query_loss"]] for r in _read_metrics(run_dir) if r.get("query_loss") is not None and math.isfinite(r["query_loss"])]  # null: non-finite
+    path = Path(run_dir) / "metrics.jsonl"
+    logged = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    pts = [[r["time"], r["query_loss"]] for r in logged if r.get("query_loss") is not None and math.isfinite(r["query_loss"])]  # null: non-finite
     if len(pts) <= points:
         return pts
     return [pts[round(i * (len(pts) - 1) / (points - 1))] for i in range(points)]
