@@ -227,7 +227,7 @@ def _run_lines(meta: dict[str, Any]) -> list[str]:
         f"- Command: `{meta['command']}`",
         f"- Date: {meta['date']}",
         f"- Machine: torch {m['torch']}, {m['cpus']} CPUs, one thread per run, {m['parallel_runs']} run(s) at a time"
-        + (f"; trained on: {m['cpu']}." if m.get("cpu") else "."),
+        + f"; trained on: {m.get('cpu') or 'CPU not recorded'}.",
         f"- Budget: {meta['budget']} of meta-training per method and seed; {meta['seeds']} seed(s); evaluated on {what}{split} (the same tasks for every method and seed).",
     ]
 

@@ -528,7 +528,7 @@ def test_remedy_rows_run_only_when_named_and_carry_their_options(rp, tmp_path):
 
 def test_the_machine_line_names_the_cpus_the_runs_trained_on(rp):
     """Figures depend on the CPU: the report names each run's (capability, model), and
-    says how many runs predate that record."""
+    says how many runs, or which commands, predate that record."""
     from metanet.results import _run_lines
 
     rows = {"5-shot": {"maml": {"per_seed": [{"cpu": "AVX2, AMD EPYC"}, {"cpu": None}]}, "metanet": {"per_seed": [{"cpu": "AVX512, Intel Xeon"}]}}}
@@ -536,3 +536,5 @@ def test_the_machine_line_names_the_cpus_the_runs_trained_on(rp):
     meta = {"command": "c", "date": "d", "budget": "1 min", "seeds": 1, "test": {"n": 1, "queries": 1, "ways": 0},
             "machine": {"torch": "2.x", "cpus": 2, "parallel_runs": 1, "cpu": rp._cpus({"s": {"m": {"per_seed": [{"cpu": "AVX2, AMD EPYC"}]}}})}}
     assert _run_lines(meta)[2] == "- Machine: torch 2.x, 2 CPUs, one thread per run, 1 run(s) at a time; trained on: AVX2, AMD EPYC."
+    del meta["machine"]["cpu"]  # a command from before the record: said so, not left out
+    assert _run_lines(meta)[2].endswith("; trained on: CPU not recorded.")
