@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LSTMRule", "preprocess"]
@@ -70,11 +71,24 @@ class LSTMRule(nn.Module):
         n = v.numel()
         loss_features = preprocess(loss).expand(*v.shape, 2)  # one loss per task, read by each of its weights
         x = torch.cat([preprocess(g).reshape(n, 2), loss_features.reshape(n, 2)], -1)
-        if state is None:
-            zeros = x.new_zeros(n, self.hidden)
-            state = (zeros, zeros)
-        h, c = self.cell(x, state)
+        h, c = self._first(x) if state is None else self.cell(x, state)
         out = self.readout(h)
         forget = 1.0 - self.forget_scale * torch.sigmoid(out[:, 0]).view_as(v)
         step = lr * torch.exp(out[:, 1]).view_as(v)
         return forget * v - step * g, (h, c)
+
+    def _first(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``self.cell(x, (0, 0))`` without the terms that vanish on a zero state.
+
+        With ``h = c = 0`` the hidden product and the forget gate drop out:
+        ``c' = sigmoid(i) tanh(g)``, ``h' = sigmoid(o) tanh(c')``, with ``(i, g, o)`` read
+        from ``x`` alone. Training takes one inner step, so this is every step the rule
+        takes there; it skips a quarter of the gates and the ``(n, hidden)`` product, and
+        their derivatives of every order (tests/test_inner.py checks it against the cell).
+        """
+        k = self.hidden
+        rows = torch.cat([torch.arange(0, k), torch.arange(2 * k, 4 * k)])  # LSTMCell's gate order is (i, f, g, o)
+        gates = F.linear(x, self.cell.weight_ih[rows], (self.cell.bias_ih + self.cell.bias_hh)[rows])
+        i, g, o = gates.chunk(3, 1)
+        c = torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c

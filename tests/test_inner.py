@@ -71,6 +71,27 @@ def test_a_moved_lstm_rule_is_not_sgd_and_keeps_a_state() -> None:
     assert state[0].shape == (10, rule.hidden)
 
 
+def test_the_first_step_skips_the_zero_state_and_equals_the_cell() -> None:
+    """The rule's first step (zero state) computes what ``nn.LSTMCell`` computes from a
+    zero state, in value and in first and second derivatives (float64)."""
+    rule = LSTMRule().double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a moved cell, its two biases apart
+        for p in rule.cell.parameters():
+            p.normal_(0, 0.5, generator=g)
+    x = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    zeros = torch.zeros(7, rule.hidden, dtype=torch.float64)
+    params = [x, rule.cell.weight_ih, rule.cell.bias_ih, rule.cell.bias_hh]
+    w = torch.randn(2, 7, rule.hidden, dtype=torch.float64, generator=g)
+
+    def grads(h: torch.Tensor, c: torch.Tensor) -> list[torch.Tensor]:
+        first = torch.autograd.grad((w[0] * h.tanh() + w[1] * c * h).sum(), params, create_graph=True)
+        return [h, c, *first, *torch.autograd.grad(sum((t * t).sum() for t in first), params)]
+
+    for ours, cell in zip(grads(*rule._first(x)), grads(*rule.cell(x, (zeros, zeros)))):
+        torch.testing.assert_close(ours, cell, rtol=1e-12, atol=1e-12)
+
+
 def test_lstm_meta_gradient_gradcheck() -> None:
     """float64 gradcheck of the second-order meta-gradient through the LSTM rule (2 inner
     steps), with respect to the rule's own weights and the generators'."""
