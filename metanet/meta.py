@@ -111,7 +111,8 @@ class Generated:
 
 # bf16 on a CPU without bf16 matrix units, measured: the conv4 second-order MAML step of
 # bench_meta (5-way 1-shot, 15 queries, meta-batch 32) took 23.7 s against 2.757 s in
-# float32 on an AVX2 CPU (8.6x slower); with AMX-BF16 it is 1.45x faster (docs/PERFORMANCE.md).
+# float32 on an AVX2 CPU (8.6x slower; 9.8x in a later run); with AMX-BF16 it is 1.45x faster
+# (docs/PERFORMANCE.md, bench_meta).
 BF16_SLOWDOWN_WITHOUT_UNITS = 8.6
 
 
