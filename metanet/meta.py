@@ -330,7 +330,7 @@ Loss = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
 StepSize = Callable[[str, dict[str, Tensor]], "Tensor | float"]
 
 
-def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, create_graph: bool, context: Mapping[str, Tensor] | None = None, checkpoint: bool = False, rule: LSTMRule | None = None) -> dict[str, Tensor]:
+def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, create_graph: bool, context: Mapping[str, Tensor] | None = None, checkpoint: bool = False, rule: LSTMRule | None = None, after_step: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, Tensor]:
     """The inner loop of training and of evaluation: ``steps`` steps on ``loss`` from ``params``.
 
     ``loss(params, context)`` gives the support loss per task (``(B,)``, or a scalar for
@@ -348,8 +348,9 @@ def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, c
     for one more forward per step; the meta-gradient is the same (not with ``rule``).
     ``create_graph=False``: steps from detached copies, taken with ``torch.autograd.grad``
     (nothing differentiates them again, so the backward runs native kernels); returns
-    detached tensors. A tensor that does not reach the loss (every edge after it dropped)
-    takes a zero step.
+    detached tensors, and ``after_step(i, params)`` (if given) sees the weights after each
+    step ``i = 1..steps``. A tensor that does not reach the loss (every edge after it
+    dropped) takes a zero step.
     """
     context = dict(context or {})
     if checkpoint and rule is not None:
@@ -376,11 +377,13 @@ def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, c
         return params
     params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     with torch.enable_grad():
-        for _ in range(steps):
+        for i in range(1, steps + 1):
             per_task = loss(params, context)
             grads = torch.autograd.grad(per_task.sum(), list(params.values()), allow_unused=True)
             with torch.no_grad():
                 params = {k: (v if g is None else update(k, v, g, per_task, context)).detach().requires_grad_() for (k, v), g in zip(params.items(), grads)}
+            if after_step is not None:
+                after_step(i, {k: v.detach() for k, v in params.items()})
     return {k: v.detach() for k, v in params.items()}
 
 
@@ -468,11 +471,12 @@ def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, ord
 # --------------------------------------------------------------------- evaluation path
 
 
-def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: Callable[[str], Tensor | float], kind: str, rule: LSTMRule | None = None) -> dict[str, Tensor]:
+def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: Callable[[str], Tensor | float], kind: str, rule: LSTMRule | None = None, after_step: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, Tensor]:
     """``steps`` SGD steps (``sgd``, the training inner loop's routine) of one task's
-    discrete network on ``(x, y)``; returns new weights. Where every edge into a cell was
-    dropped, the weights before it do not reach the output, and their step is zero."""
-    return sgd(lambda p, c: task_loss(kind, forward_genotype(plan, genotype, p, x), y), params, steps, lambda name, c: lr(name), create_graph=False, rule=rule)
+    discrete network on ``(x, y)``; returns new weights (``after_step``: as ``sgd``). Where
+    every edge into a cell was dropped, the weights before it do not reach the output, and
+    their step is zero."""
+    return sgd(lambda p, c: task_loss(kind, forward_genotype(plan, genotype, p, x), y), params, steps, lambda name, c: lr(name), create_graph=False, rule=rule, after_step=after_step)
 
 
 @dataclass
@@ -536,8 +540,9 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
     step counts: ``{k: {"mean", "ci95", "n"}}``, from one pass per task that adapts on
     from one count to the next (SGD steps are sequential, so each entry equals what
     ``evaluate(model, episodes, k)`` gives) instead of one pass per count; with a learned
-    update rule (``inner.LSTMRule``), whose state lives within one adaptation, each count
-    adapts from the generated weights.
+    update rule (``inner.LSTMRule``), whose state lives within one adaptation, one
+    adaptation to the largest count scores the queries after each count on the way
+    (``_scores_along``), which equals adapting each count from the generated weights.
     """
     ks = [steps] if isinstance(steps, int) else sorted(set(steps))
     scores: dict[int, list[float]] = {k: [] for k in ks}
@@ -547,6 +552,10 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
         # a prototype head takes the episode's own number of classes (any N-way)
         ways = int(ep.support_y.max()) + 1 if model.kind == "classification" and model.any_ways else None
         for b, net in enumerate(generate_networks(model, ep, ways=ways)):
+            if model.head is None and model.inner_rule is not None:
+                for k, score in _scores_along(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], ks).items():
+                    scores[k].append(score)
+                continue
             done = 0
             for k in ks:
                 score, params = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], k - done)
@@ -554,11 +563,27 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
                 if model.head is not None:  # no inner loop: the same score at every step count
                     scores.update({j: scores[j] + [score] for j in ks if j != k})
                     break
-                if model.inner_rule is None:  # a learned rule's state does not carry over calls: each k from the start
-                    net, done = dataclasses.replace(net, params=params), k
+                net, done = dataclasses.replace(net, params=params), k
     model.train(was_training)
     out = {k: _summary(v) for k, v in scores.items()}
     return out[steps] if isinstance(steps, int) else out
+
+
+def _scores_along(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """The query metric after each of the step counts ``ks`` of one adaptation with the
+    model's learned update rule: what ``evaluate_task`` gives at each count alone (the rule
+    is causal: its first k steps do not depend on later ones), for the steps of the largest."""
+
+    def score(params: Mapping[str, Tensor]) -> float:
+        with torch.no_grad():
+            pred = forward_genotype(model.plan, net.genotype, params, query_x)
+        return float(task_metric(model.kind, pred[None], query_y[None])[0])
+
+    out = {0: score(net.params)} if 0 in ks else {}
+    keep = set(ks)
+    adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, max(ks), model.step_size, model.kind, model.inner_rule,
+                   after_step=lambda i, p: out.update({i: score(p)}) if i in keep else None)  # fmt: skip
+    return out
 
 
 def _summary(scores: list[float]) -> dict[str, float]:

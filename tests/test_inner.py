@@ -129,9 +129,10 @@ def test_a_run_with_the_lstm_optimizer_saves_and_reloads_it(tmp_path) -> None:
 
 
 def test_evaluating_at_several_step_counts_equals_each_alone_with_the_lstm_rule() -> None:
-    """The rule's state lives within one adaptation, so ``evaluate(.., [1, 3])`` must adapt
-    each count from the generated weights, as ``evaluate(.., 3)`` does; adapting on from
-    the 1-step weights with a fresh state would give another figure (checked too)."""
+    """The rule's state lives within one adaptation: ``evaluate(.., [0, 1, 3])`` scores the
+    counts along one 3-step adaptation, which must equal each count adapted alone from the
+    generated weights (the slow reference); adapting on from the 1-step weights with a
+    fresh state would give another figure (checked too)."""
     import dataclasses
 
     from metanet.meta import evaluate_task
@@ -144,8 +145,9 @@ def test_evaluating_at_several_step_counts_equals_each_alone_with_the_lstm_rule(
         model.inner_rule.forget_scale.fill_(0.2)
     raw = Sinusoid(shots=5, queries=10).sample(2, torch.Generator().manual_seed(3))
     ep = Episode(*(t.double() for t in (raw.support_x, raw.support_y, raw.query_x, raw.query_y)))
-    both = evaluate(model, [ep], [1, 3])
-    assert both[3] == evaluate(model, [ep], 3) and both[1] == evaluate(model, [ep], 1)
+    along = evaluate(model, [ep], [3, 0, 1])
+    for k in (0, 1, 3):
+        assert along[k] == evaluate(model, [ep], k), k
     net = generate_networks(model, ep)[0]
     _, after_one = evaluate_task(model, net, ep.support_x[0], ep.support_y[0], ep.query_x[0], ep.query_y[0], 1)
     on, _ = evaluate_task(model, dataclasses.replace(net, params=after_one), ep.support_x[0], ep.support_y[0], ep.query_x[0], ep.query_y[0], 2)
