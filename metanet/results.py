@@ -192,7 +192,10 @@ def _scored_alike(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two commands' rows of one setting compare: the same budget, seeds and test
     tasks, and the same CPU where both record theirs."""
     cpus = [(m.get("machine") or {}).get("cpu") for m in (a, b)]
-    return all(a.get(k) == b.get(k) for k in ("budget", "seeds", "test")) and (None in cpus or cpus[0] == cpus[1])
+    # ways and shots are the setting's own (its label): a table from before per-setting
+    # meta keeps one test, its first setting's, for every setting
+    tests = [{k: v for k, v in (m.get("test") or {}).items() if k not in ("ways", "shots")} for m in (a, b)]
+    return all(a.get(k) == b.get(k) for k in ("budget", "seeds")) and tests[0] == tests[1] and (None in cpus or cpus[0] == cpus[1])
 
 
 def _foreign(t: dict[str, Any], setting: str) -> dict[str, Any] | None:

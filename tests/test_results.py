@@ -117,7 +117,7 @@ def test_table_markdown_of_a_small_table() -> None:
         "",
         "- Command: `python scripts/reproduce.py --table toy`",
         "- Date: 2024-01-01 00:00 UTC",
-        "- Machine: torch 2.x, 2 CPUs, one thread per run, 1 run(s) at a time.",
+        "- Machine: torch 2.x, 2 CPUs, one thread per run, 1 run(s) at a time; trained on: CPU not recorded.",
         "- Budget: 1 min of meta-training per method and seed; 2 seed(s); evaluated on 10 test tasks x 4 query points (the same tasks for every method and seed).",
         "",
         "**Summary: metanet beats MAML in 1 of 1 (setting, steps) cells at this budget (1 with non-overlapping 95% intervals) and does not beat MAML in 0.**",
@@ -204,6 +204,22 @@ def test_merge_keeps_the_rows_a_later_command_of_the_same_setting_did_not_run() 
     old["setting_meta"]["5-way 1-shot"]["machine"] = dict(old["machine"], cpu="AVX2, AMD EPYC")
     assert merge_settings(old, elsewhere) is elsewhere
     assert merge_settings(old, _table("cmd again", ["5-way 1-shot"]))["rows"]["5-way 1-shot"]["maml"].get("meta") is None
+
+
+def test_rows_carry_into_every_setting_of_a_table_without_per_setting_meta() -> None:
+    """A table from before per-setting meta keeps one test, its first setting's: the rows
+    of its second setting carry too (ways and shots are the setting's label)."""
+    labels = ["5-way 1-shot", "5-way 5-shot"]
+    old = _table("cmd --methods maml", labels, test={"n": 600, "queries": 15, "ways": 5, "shots": 1, "split": "val"})
+    del old["setting_meta"]
+    new = _table("cmd --methods protonet", labels, date="2024-02-02 00:00 UTC")
+    for s, shots in zip(labels, (1, 5)):
+        new["rows"][s] = {"protonet": _row(0.6, 20.0, 1.0, "cmd proto")}
+        new["setting_meta"][s]["test"] = dict(old["test"], shots=shots)
+    merged = merge_settings(old, new)
+    assert all(list(merged["rows"][s]) == ["maml", "protonet"] for s in labels)
+    new["setting_meta"]["5-way 5-shot"]["test"]["n"] = 100  # other test tasks: not carried
+    assert list(merge_settings(old, new)["rows"]["5-way 5-shot"]) == ["protonet"]
 
 
 @pytest.mark.parametrize(("distinct", "top", "note"), [
