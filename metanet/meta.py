@@ -528,9 +528,14 @@ def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y
             pred = model.head(sf[None], support_y[None], qf[None], int(support_y.max()) + 1)
         return float(task_metric(model.kind, pred, query_y[None])[0]), net.params
     params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, model.step_size, model.kind, model.inner_rule)
+    return _query_metric(model, net.genotype, params, query_x, query_y), params
+
+
+def _query_metric(model: MetaNet, genotype: Genotype, params: Mapping[str, Tensor], query_x: Tensor, query_y: Tensor) -> float:
+    """One task's query metric (accuracy or MSE) of its discrete network with ``params``."""
     with torch.no_grad():
-        pred = forward_genotype(model.plan, net.genotype, params, query_x)
-    return float(task_metric(model.kind, pred[None], query_y[None])[0]), params
+        pred = forward_genotype(model.plan, genotype, params, query_x)
+    return float(task_metric(model.kind, pred[None], query_y[None])[0])
 
 
 def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
@@ -573,11 +578,8 @@ def _scores_along(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y
     """The query metric after each of the step counts ``ks`` of one adaptation with the
     model's learned update rule: what ``evaluate_task`` gives at each count alone (the rule
     is causal: its first k steps do not depend on later ones), for the steps of the largest."""
-
     def score(params: Mapping[str, Tensor]) -> float:
-        with torch.no_grad():
-            pred = forward_genotype(model.plan, net.genotype, params, query_x)
-        return float(task_metric(model.kind, pred[None], query_y[None])[0])
+        return _query_metric(model, net.genotype, params, query_x, query_y)
 
     out = {0: score(net.params)} if 0 in ks else {}
     keep = set(ks)
