@@ -163,9 +163,10 @@ def merge_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str,
     """``new`` (a table just run) with what ``old`` (the same table from an earlier command)
     has and ``new`` does not: the settings ``new`` did not run, each keeping the command,
     date, budget, seeds and test tasks that produced it; and, in a setting both ran with the
-    same budget, seeds and test tasks (and on the same CPU, where both record theirs: a
-    wall-clock budget buys different work on another), the rows of the methods ``new``
-    did not run, each keeping that meta as its ``"meta"``. Nothing carries over between tables scored in
+    same budget, seeds and test tasks, the rows of the methods ``new`` did not run, each
+    keeping that meta as its ``"meta"``. A row from another CPU carries too (the machines
+    of this kind differ by chance): ``table_markdown`` then says which CPU each row
+    trained on, since a wall-clock budget buys different work there. Nothing carries over between tables scored in
     different metrics or inner steps, or between a smoke run and a real one; a row that
     ``new`` ran is ``new``'s alone."""
     if old is None or old.get("smoke") != new.get("smoke") or old["metric"] != new["metric"] or list(old["eval_steps"]) != list(new["eval_steps"]):
@@ -190,12 +191,17 @@ def merge_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str,
 
 def _scored_alike(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two commands' rows of one setting compare: the same budget, seeds and test
-    tasks, and the same CPU where both record theirs."""
-    cpus = [(m.get("machine") or {}).get("cpu") for m in (a, b)]
+    tasks."""
     # ways and shots are the setting's own (its label): a table from before per-setting
     # meta keeps one test, its first setting's, for every setting
     tests = [{k: v for k, v in (m.get("test") or {}).items() if k not in ("ways", "shots")} for m in (a, b)]
-    return all(a.get(k) == b.get(k) for k in ("budget", "seeds")) and tests[0] == tests[1] and (None in cpus or cpus[0] == cpus[1])
+    return all(a.get(k) == b.get(k) for k in ("budget", "seeds")) and tests[0] == tests[1]
+
+
+def _row_cpu(row: dict[str, Any]) -> str:
+    """The CPU capabilities a row's seeds trained on (``AVX2``, ``AVX512``), or "not recorded"."""
+    caps = sorted({s["cpu"].split(",")[0] for s in row["per_seed"] if s.get("cpu")})
+    return ", ".join(caps) if caps else "not recorded"
 
 
 def _foreign(t: dict[str, Any], setting: str) -> dict[str, Any] | None:
@@ -266,12 +272,16 @@ def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
             names = ", ".join(f"`{m}`" for m, rm in row_metas.items() if rm["command"] == cmd)
             rm = next(rm for rm in row_metas.values() if rm["command"] == cmd)
             out += [f"Rows {names} from an earlier command than this setting's (same budget, seeds and test tasks):", "", *_run_lines(rm), ""]
-        head = ["method", "meta-steps"] + [_steps_header(k, metric) for k in ks] + ["generate (ms/task)", "budget", "seeds", "reproduce"]
+        cpus = {m: _row_cpu(r) for m, r in rows.items() if r["per_seed"]}
+        mixed = len(set(cpus.values())) > 1
+        if mixed:
+            out += ["The rows trained on different CPUs (column `CPU`): a wall-clock budget buys different work on each, so compare the meta-steps too.", ""]
+        head = ["method", "meta-steps", *(["CPU"] if mixed else [])] + [_steps_header(k, metric) for k in ks] + ["generate (ms/task)", "budget", "seeds", "reproduce"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {k: _best(rows, k, metric, lambda r: r["aggregate"]) for k in ks}
         for method, row in rows.items():
             failed = not row["per_seed"]
-            cells = [method, "-" if failed else f"{row['steps']:.0f}"]
+            cells = [method, "-" if failed else f"{row['steps']:.0f}", *([cpus.get(method, "-")] if mixed else [])]
             for k in ks:
                 c = "failed" if failed else format_stat(row["aggregate"][k], metric)
                 cells.append(f"**{c}**" if best[k] == method else c)

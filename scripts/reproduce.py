@@ -18,7 +18,7 @@ Running several tables by separate commands into the same ``--out`` merges them:
 table keeps the command and date that produced it, and so does each setting of a table
 that a later command did not run (``--ways 20`` after ``--ways 5``), and so does each row
 of a setting that a later command ran without that method, where both scored the setting
-with the same budget, seeds and test tasks (on the same CPU, where both record it): to
+with the same budget, seeds and test tasks (a row from another CPU says so): to
 add rows to a setting, run it with the new methods alone (or with every row and
 ``--reuse``: finished runs are not redone). A
 table with ``train_shots`` (mini-ImageNet, multi-domain) trains each method once, at that

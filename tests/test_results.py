@@ -197,12 +197,17 @@ def test_merge_keeps_the_rows_a_later_command_of_the_same_setting_did_not_run() 
     other["setting_meta"]["5-way 1-shot"]["budget"] = "40 min"
     other["rows"]["5-way 1-shot"] = {"protonet": _row(0.6, 20.0, 1.0, "cmd proto")}
     assert merge_settings(old, other) is other
-    elsewhere = _table("cmd", ["5-way 1-shot"])  # nor from another CPU, where both record theirs
-    elsewhere["rows"]["5-way 1-shot"] = {"protonet": _row(0.6, 20.0, 1.0, "cmd proto")}
+    assert "| CPU |" not in md  # no row records a CPU: no column
+    elsewhere = _table("cmd", ["5-way 1-shot"])  # a row from another CPU carries, and the table says which CPU
+    elsewhere["rows"]["5-way 1-shot"] = {"protonet": dict(_row(0.6, 20.0, 1.0, "cmd proto"), per_seed=[{"cpu": "AVX512, Intel Xeon"}])}
     elsewhere["setting_meta"]["5-way 1-shot"]["machine"] = dict(elsewhere["machine"], cpu="AVX512, Intel Xeon")
-    assert merge_settings(old, elsewhere)["rows"]["5-way 1-shot"]["maml"]["meta"]["command"] == "cmd --methods maml"  # old's CPU unknown
+    old["rows"]["5-way 1-shot"]["maml"]["per_seed"] = [{"cpu": "AVX2, AMD EPYC"}]
     old["setting_meta"]["5-way 1-shot"]["machine"] = dict(old["machine"], cpu="AVX2, AMD EPYC")
-    assert merge_settings(old, elsewhere) is elsewhere
+    mixed = merge_settings(old, elsewhere)
+    assert list(mixed["rows"]["5-way 1-shot"]) == ["maml", "protonet"]
+    md = "\n".join(table_markdown("toy", mixed, "figs"))
+    assert "| method | meta-steps | CPU | accuracy after 1 step |" in md
+    assert "| maml | 10 | AVX2 | 50.00% ± 5.00 |" in md and "| protonet | 20 | AVX512 | **60.00% ± 5.00** |" in md
     assert merge_settings(old, _table("cmd again", ["5-way 1-shot"]))["rows"]["5-way 1-shot"]["maml"].get("meta") is None
 
 
