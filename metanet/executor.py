@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import Genotype
-from .ops import activation, batch_norm, batch_norm_reference, conv2d_im2col, conv2d_im2col_batch_norm, get_op, relu_conv2d
+from .ops import activation, batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, get_op, relu_conv2d
 from .plan import IM2COL_MAX_FAN_IN, STRATEGIES, CellPlan, EdgePlan, ExecOptions, InputPlan, OpCall, Params, Plan, Slot, compile, init_params, param_count
 
 __all__ = [
@@ -62,6 +62,10 @@ def _stem(plan: Plan, params: Params, x: Tensor, fused: bool = False) -> Tensor:
     if plan.stem_im2col:
         y = conv2d_im2col(x, params["stem.w"], padding=stem.kernel // 2)  # (N, C, H, W)
     elif plan.image:
+        if fused and plan.stem_channels_last:  # the convolution passes the order on
+            x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last, also under vmap
+        if plan.stem_fold:  # exact: the norm folded into the weights and a bias
+            return activation(stem.activation)(conv2d_batch_norm(x, params["stem.w"], padding=stem.kernel // 2))
         y = F.conv2d(x, params["stem.w"], padding=stem.kernel // 2)  # (N, C, H, W)
     else:
         y = F.linear(x, params["stem.w"], params["stem.b"])  # (N, W)

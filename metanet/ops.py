@@ -32,6 +32,7 @@ __all__ = [
     "batch_norm_reference",
     "conv2d_im2col",
     "conv2d_im2col_batch_norm",
+    "conv2d_batch_norm",
     "relu_conv2d",
     "activation",
     "ACTIVATIONS",
@@ -268,24 +269,66 @@ def conv2d_im2col_batch_norm(x: Tensor, w: Tensor, stride: int = 1, padding: int
             product is computed as ``(N, H*W, C_out)``): the same values, for a strided
             convolution that runs faster on a channels-last input (executor.Plan).
     """
-    if torch.is_autocast_enabled(x.device.type):
-        # round the operands as autocast would round the product's, before the statistics,
-        # so that this equals the vmapped network (cast to bf16 as a whole, executor.run)
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
+    x, w = _autocast_operands(x, w)
     n, c_out = x.shape[0], w.shape[0]
     cols, ho, wo = _patches(x, w, stride, padding)
-    stats = torch.promote_types(cols.dtype, torch.float32)
-    with torch.autocast(x.device.type, enabled=False):
-        cols = cols.to(stats)
-        cols = cols - cols.mean((0, 2), keepdim=True)
-        cov = torch.bmm(cols, cols.transpose(1, 2)).sum(0) / (n * ho * wo)  # (K, K)
-        wm = w.reshape(c_out, -1).to(stats)
-        wm = wm * torch.rsqrt(((wm @ cov) * wm).sum(1, keepdim=True) + eps)
-    wm, cols = wm.to(x.dtype).expand(n, -1, -1), cols.to(x.dtype)
+    wm, _, centred = _folded_norm(cols, w, eps, centre=True)
+    wm, cols = wm.to(x.dtype).expand(n, -1, -1), centred.to(x.dtype)
     if channels_last:
         return torch.bmm(cols.transpose(1, 2), wm.transpose(1, 2)).view(n, ho, wo, c_out).permute(0, 3, 1, 2)
     return torch.bmm(wm, cols).view(n, c_out, ho, wo)  # as in conv2d_im2col
+
+
+def conv2d_batch_norm(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, eps: float = 1e-5) -> Tensor:
+    """``batch_norm(conv2d(x, w))`` as one convolution: the norm folded into its weights
+    and a bias.
+
+    The statistics are ``conv2d_im2col_batch_norm``'s (the patches' mean ``mu`` and
+    covariance ``Sigma``), the output ``conv2d(x, w / sigma) - (w / sigma) . mu``, a native
+    convolution that keeps the input's memory order. For a stem with more input channels
+    than im2col pays for (an RGB image: ``Sigma`` is 27 x 27), this replaces the norm's
+    passes over the full-size output, forward and backward, by the patch statistics; the
+    derivatives, of any order, are those of the plain ops, exactly.
+
+    Args:
+        x: ``(N, C_in, H, W)``.
+        w: ``(C_out, C_in, k, k)``, no bias (a norm without affine terms follows).
+    """
+    x, w = _autocast_operands(x, w)
+    cols, _, _ = _patches(x, w, stride, padding)
+    wm, mu, _ = _folded_norm(cols, w, eps, centre=False)
+    bias = -(wm @ mu.reshape(-1))
+    return F.conv2d(x, wm.reshape(w.shape).to(x.dtype), bias.to(x.dtype), stride=stride, padding=padding)
+
+
+def _autocast_operands(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` and ``w`` rounded as autocast would round a product's operands, before the
+    statistics, so that a folded norm equals the vmapped network (cast to bf16 as a whole,
+    executor.run)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), w.to(dtype)
+    return x, w
+
+
+def _folded_norm(cols: Tensor, w: Tensor, eps: float, centre: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(w / sigma, mu, cols - mu)`` for patches ``cols`` ``(N, K, L)``: the weights
+    ``(C_out, K)`` scaled by the output channels' batch standard deviations, the patch mean
+    ``(1, K, 1)`` and the centred patches (``centre``; else None, and the covariance is the
+    second moment less ``mu mu^T``: one pass fewer over the patches), all float32 (or
+    float64) even under autocast."""
+    n, _, length = cols.shape
+    stats = torch.promote_types(cols.dtype, torch.float32)
+    with torch.autocast(cols.device.type, enabled=False):
+        cols = cols.to(stats)
+        mu = cols.mean((0, 2), keepdim=True)
+        centred = cols - mu if centre else None
+        c = centred if centre else cols
+        cov = torch.bmm(c, c.transpose(1, 2)).sum(0) / (n * length)  # (K, K)
+        if not centre:
+            cov = cov - mu.reshape(-1, 1) * mu.reshape(1, -1)
+        wm = w.reshape(w.shape[0], -1).to(stats)
+        return wm * torch.rsqrt(((wm @ cov) * wm).sum(1, keepdim=True) + eps), mu, centred
 
 
 class _ReluConv2d(torch.autograd.Function):

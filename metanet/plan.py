@@ -116,6 +116,7 @@ class ExecOptions:
     channels_last: bool = True  # the channels-last layouts where the plan allows them
     group_edges: bool = True  # fused path: one convolution for edges sharing a source
     native_norm: bool = True  # ops.batch_norm (one native kernel); False: ops.batch_norm_reference
+    stem_fold: bool = True  # a convolution stem with its batch norm folded in (ops.conv2d_batch_norm)
 
 
 @dataclass(frozen=True)
@@ -132,10 +133,12 @@ class Plan:
     cells: tuple[CellPlan, ...]
     slots: tuple[Slot, ...]
     stem_im2col: bool = False  # run the image stem as unfold + matmul (few input channels)
-    # Fused path: the im2col stem with its norm folded in hands its output over in
-    # channels-last order (free), which the strided 3x3 convolution after it runs ~1.3x
-    # faster on, forward and backward; set only where every reader of the stem output is
-    # a convolution of kernel >= 3, whose outputs go back to NCHW (see _channels_last).
+    # Fused path: the stem hands its output over in channels-last order (free for the
+    # im2col stem with its norm folded in; a convolution stem reads its image in that
+    # order, a copy of a few input channels), which the strided 3x3 convolution after it
+    # runs ~1.3x faster on, forward and backward; set only where every reader of the stem
+    # output is a convolution of kernel >= 3, whose outputs go back to NCHW (see
+    # _channels_last).
     stem_channels_last: bool = False
     # ... and the whole network stays channels-last, where every edge of every cell is
     # such a convolution: no projection, pooling, 1x1 convolution or edge group.
@@ -145,12 +148,18 @@ class Plan:
     group_edges: bool = True
     # the batch norm of cell outputs: ops.batch_norm, or the plain-ops reference
     native_norm: bool = True
+    # a convolution stem (not im2col) with its batch norm folded into its weights and a
+    # bias (ops.conv2d_batch_norm): no norm pass over the full-size stem output; the
+    # im2col stem always folds its norm
+    stem_fold: bool = False
 
     def __post_init__(self) -> None:
         if self.stem_im2col and not self.image:
             raise ValueError("Plan: stem_im2col needs an image space")
-        if self.stem_channels_last and not (self.stem_im2col and self.space.norm == "batch"):
-            raise ValueError("Plan: stem_channels_last needs the im2col stem with batch norm folded in; build plans with compile(space, ExecOptions(...))")
+        if self.stem_channels_last and not (self.image and self.space.norm == "batch"):
+            raise ValueError("Plan: stem_channels_last needs an image space with batch norm; build plans with compile(space, ExecOptions(...))")
+        if self.stem_fold and (self.stem_im2col or not self.image or self.space.norm != "batch"):
+            raise ValueError("Plan: stem_fold needs a convolution stem (not im2col) of an image space with batch norm")
         if self.channels_last and not self.stem_channels_last:
             raise ValueError("Plan: channels_last needs stem_channels_last; build plans with compile(space, ExecOptions(...))")
 
@@ -261,11 +270,12 @@ def _reads_channels_last(e: EdgePlan) -> bool:
     return all(e.ops[i].op.name.startswith("conv_") and (e.ops[i].kernel_size or 0) >= 3 for i in e.separate)
 
 
-def _channels_last(space: SearchSpace, cells: list[CellPlan], stem_im2col: bool) -> tuple[bool, bool]:
+def _channels_last(space: SearchSpace, cells: list[CellPlan]) -> tuple[bool, bool]:
     """``(stem_channels_last, channels_last)`` of the fused path.
 
-    The folded im2col stem can give its output in channels-last order for free, and the
-    convolutions that read it are faster so. That is allowed only where every reader of
+    The stem of an image space with batch norm can give its output in channels-last order
+    (the folded im2col stem for free, a convolution stem from its image read in that
+    order), and the convolutions that read it are faster so. That is allowed only where every reader of
     the stem is a k x k convolution, k >= 3, and not a projection, pooling or 1x1
     convolution: a channels-last 1x1 stride-2 weight gradient corrupts the heap on some
     oneDNN builds (compile.py), and other ops would run in, and pass on, an order they
@@ -273,7 +283,7 @@ def _channels_last(space: SearchSpace, cells: list[CellPlan], stem_im2col: bool)
     channels-last output), the whole network stays channels-last; otherwise the stem's
     readers' outputs go back to NCHW (executor._network).
     """
-    if not (stem_im2col and space.norm == "batch"):
+    if not (space.task.domain == "image" and space.norm == "batch"):
         return False, False
     stem_readers, everything = True, True
     for cp in cells:
@@ -354,8 +364,9 @@ def compile(space: SearchSpace, options: ExecOptions = ExecOptions()) -> Plan:  
     names = [s.name for s in slots]
     assert len(names) == len(set(names)), "duplicate slot names"
     im2col = image and (c_in * stem.kernel * stem.kernel <= IM2COL_MAX_FAN_IN if options.stem_im2col is None else options.stem_im2col)
-    stem_cl, cl = _channels_last(space, cells, im2col) if options.channels_last else (False, False)
-    return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=stem_cl, channels_last=cl, group_edges=options.group_edges, native_norm=options.native_norm)
+    stem_cl, cl = _channels_last(space, cells) if options.channels_last else (False, False)
+    fold = options.stem_fold and image and space.norm == "batch" and not im2col
+    return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=stem_cl, channels_last=cl, group_edges=options.group_edges, native_norm=options.native_norm, stem_fold=fold)
 
 
 def init_params(plan: Plan, generator: torch.Generator | None = None, names: list[str] | None = None) -> dict[str, Tensor]:

@@ -44,11 +44,12 @@ from .plan import ExecOptions, compile
 __all__ = ["PathChoice", "choose_paths", "step_timer", "candidates", "path_key", "cpu_model", "REFERENCE", "MARGIN"]
 
 log = logging.getLogger(__name__)
-REFERENCE = ExecOptions(stem_im2col=False, channels_last=False, group_edges=False, native_norm=False)
+REFERENCE = ExecOptions(stem_im2col=False, channels_last=False, group_edges=False, native_norm=False, stem_fold=False)
 # a candidate replaces the best so far only when faster by more than timing noise: paths
 # that do not apply to a space (edge groups on conv4) time the same up to noise
 MARGIN = 0.97
-_VERSION = 2  # of the cache file's layout and candidates (2: the per-task backward)
+_FLAGS = ("channels_last", "stem_im2col", "group_edges", "native_norm", "stem_fold")  # ExecOptions' switches
+_VERSION = 3  # of the cache file's layout and candidates (2: the per-task backward; 3: convolution stems channels-last and folded)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def candidates(image: bool) -> list[tuple[str, str, ExecOptions]]:
     fast = ExecOptions()
     out = [("loop", "loop", fast), ("vmap", "vmap", fast), (PER_TASK, PER_TASK, fast)]
     if image:
-        for name in ("channels_last", "stem_im2col", "group_edges", "native_norm"):
+        for name in _FLAGS:
             out.append((f"-{name}", "", dataclasses.replace(fast, **{name: False})))
         out.append(("reference", "", REFERENCE))
     return out
@@ -122,7 +123,7 @@ def _read(path: Path, key: dict[str, Any]) -> PathChoice | None:
         data = json.loads(path.read_text())
         if data["key"] != key:
             return None
-        options = ExecOptions(**{k: data["options"][k] for k in ("stem_im2col", "channels_last", "group_edges", "native_norm")})
+        options = ExecOptions(**{k: data["options"][k] for k in _FLAGS})
         if data["strategy"] not in ("loop", "vmap", PER_TASK) or not all(isinstance(v, (bool, type(None))) for v in dataclasses.asdict(options).values()):
             return None
         return PathChoice(data["strategy"], options, {str(k): float(v) for k, v in data["times"].items()}, cached=True)

@@ -142,10 +142,10 @@ def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
 
 @contextlib.contextmanager
 def reference_paths(model: MetaNet) -> Iterator[None]:
-    """The executor without its fast paths: conv stem (so no folded norm and no
-    channels-last order either), plain-ops batch norm."""
+    """The executor without its fast paths: conv stem without its norm folded in, NCHW
+    throughout, plain-ops batch norm."""
     plan = model.plan
-    model.plan = X.compile(plan.space, X.ExecOptions(stem_im2col=False, native_norm=False))
+    model.plan = X.compile(plan.space, X.ExecOptions(stem_im2col=False, channels_last=False, native_norm=False, stem_fold=False))
     try:
         yield
     finally:
@@ -298,7 +298,7 @@ def main() -> None:
     tuned = choose_paths(model, ep, step, timer=step_timer(model, ep, step, "fp32", repeats=min(repeats, 3)))
 
     def flags(plan: X.Plan) -> dict[str, bool]:
-        return {k: bool(getattr(plan, k)) for k in ("stem_im2col", "stem_channels_last", "channels_last", "group_edges", "native_norm")}
+        return {k: bool(getattr(plan, k)) for k in ("stem_im2col", "stem_channels_last", "channels_last", "group_edges", "native_norm", "stem_fold")}
 
     with reference_paths(model):
         reference_flags = flags(model.plan)

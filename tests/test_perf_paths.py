@@ -22,7 +22,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metanet import executor as X
-from metanet.ops import batch_norm, batch_norm_reference, conv2d_im2col, conv2d_im2col_batch_norm, relu_conv2d
+from metanet.ops import batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, relu_conv2d
 from metanet.space import builtin_spaces, load
 
 DT = torch.float64
@@ -131,8 +131,14 @@ def test_conv2d_im2col_under_vmap() -> None:
     assert_close(got, torch.stack([F.conv2d(x[b], w[b], padding=1) for b in range(2)]))
 
 
+_FOLDED = [pytest.param(conv2d_im2col_batch_norm, id="im2col"), pytest.param(conv2d_batch_norm, id="conv")]
+
+
+@pytest.mark.parametrize("folded_op", _FOLDED)
 @pytest.mark.parametrize("c_in,k,stride,padding", [(1, 3, 1, 1), (3, 3, 2, 1), (2, 5, 1, 2)])
-def test_conv2d_im2col_batch_norm_equals_conv_then_norm_to_second_order(c_in: int, k: int, stride: int, padding: int) -> None:
+def test_folded_batch_norm_equals_conv_then_norm_to_second_order(folded_op, c_in: int, k: int, stride: int, padding: int) -> None:
+    """``conv2d_im2col_batch_norm`` and ``conv2d_batch_norm`` against a convolution and the
+    plain-ops norm: values, first and second derivatives, float64."""
     g = torch.Generator().manual_seed(7)
     x = torch.rand(4, c_in, 7, 7, generator=g, dtype=DT) + 0.5  # a mean far from 0, as images have
     w = torch.randn(5, c_in, k, k, generator=g, dtype=DT)
@@ -141,24 +147,25 @@ def test_conv2d_im2col_batch_norm_equals_conv_then_norm_to_second_order(c_in: in
         def fn(t, folded):
             xx, ww = (t, w) if wrt == "x" else (x, t)
             if folded:
-                return conv2d_im2col_batch_norm(xx, ww, stride=stride, padding=padding)
+                return folded_op(xx, ww, stride=stride, padding=padding)
             return batch_norm_reference(F.conv2d(xx, ww, stride=stride, padding=padding))
         arg = x if wrt == "x" else w
         for a, b in zip(_grads(lambda t: fn(t, True), arg, r), _grads(lambda t: fn(t, False), arg, r)):
             assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
-    _gradgradcheck_conv(conv2d_im2col_batch_norm, x, w, stride=stride, padding=padding)
+    _gradgradcheck_conv(folded_op, x, w, stride=stride, padding=padding)
 
 
-def test_conv2d_im2col_batch_norm_under_vmap_and_autocast() -> None:
+@pytest.mark.parametrize("folded_op", _FOLDED)
+def test_folded_batch_norm_under_vmap_and_autocast(folded_op) -> None:
     g = torch.Generator().manual_seed(8)
     x = torch.rand(3, 5, 1, 8, 8, generator=g)  # (B, N, C, H, W): per-task statistics
     w = torch.randn(3, 16, 1, 3, 3, generator=g)
     ref = torch.stack([batch_norm_reference(F.conv2d(x[b], w[b], padding=1)) for b in range(3)])
-    assert_close(torch.func.vmap(lambda xx, ww: conv2d_im2col_batch_norm(xx, ww, padding=1))(x, w), ref, rtol=1e-4, atol=1e-4)
+    assert_close(torch.func.vmap(lambda xx, ww: folded_op(xx, ww, padding=1))(x, w), ref, rtol=1e-4, atol=1e-4)
     # bf16: the product in bf16, the statistics in float32, gradients float32 for float32 leaves
     wl = w[0].clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv2d_im2col_batch_norm(x[0], wl, padding=1)
+        y = folded_op(x[0], wl, padding=1)
     assert y.dtype == torch.bfloat16
     assert_close(y.float(), ref[0], rtol=0, atol=0.05)
     (gw,) = torch.autograd.grad(y.float().pow(2).sum(), wl)
@@ -185,12 +192,15 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_executor_stem_runs_no_norm_over_its_output() -> None:
-    """conv4's 1-channel stem takes the folded path: no batch-norm kernel sees a tensor of
-    the stem's output size (the cells' norms run on the smaller strided outputs)."""
-    plan = X.compile(load("conv4"))
+@pytest.mark.parametrize("c_in", [1, 3])
+def test_executor_stem_runs_no_norm_over_its_output(c_in: int) -> None:
+    """A 1-channel stem (im2col) and a 3-channel one (a convolution) take folded paths: no
+    batch-norm kernel sees a tensor of the stem's output size (the cells' norms run on the
+    smaller strided outputs)."""
+    plan = _conv4_with("conv_3x3", c_in=c_in)
+    assert plan.stem_im2col == (c_in == 1) and plan.stem_fold == (c_in == 3)
     params, alpha = _one_task(plan)
-    x = torch.rand(1, 6, 1, 28, 28)
+    x = torch.rand(1, 6, c_in, 28, 28)
     stem_numel = 6 * plan.space.stem.channels * 28 * 28
 
     def norm_sizes(p: X.Plan) -> list[int]:
@@ -203,12 +213,12 @@ def test_executor_stem_runs_no_norm_over_its_output() -> None:
 
     sizes = norm_sizes(plan)
     assert sizes and stem_numel not in sizes
-    assert stem_numel in norm_sizes(X.compile(plan.space, X.ExecOptions(stem_im2col=False)))  # the reference path norms the stem output
+    assert stem_numel in norm_sizes(X.compile(plan.space, X.ExecOptions(stem_im2col=False, stem_fold=False)))  # the reference path norms the stem output
 
 
 _CONV4_WITH = """
 name: conv4_variant
-task: {{kind: classification, input: [1, 28, 28], outputs: 5}}
+task: {{kind: classification, input: [{c_in}, {size}, {size}], outputs: 5}}
 norm: batch
 stem: {{op: conv_3x3, channels: 64}}
 cell: {{nodes: 1, inputs: 1, preact: relu, output: last}}
@@ -219,10 +229,10 @@ head: {{op: global_pool_linear}}
 """
 
 
-def _conv4_with(first: str, second: str = "conv_3x3") -> X.Plan:
+def _conv4_with(first: str, second: str = "conv_3x3", c_in: int = 1, size: int = 28, options: X.ExecOptions = X.ExecOptions()) -> X.Plan:  # noqa: B008 - frozen
     from metanet.space import loads
 
-    return X.compile(loads(_CONV4_WITH.format(first=first, second=second)))
+    return X.compile(loads(_CONV4_WITH.format(first=first, second=second, c_in=c_in, size=size)), options)
 
 
 @pytest.mark.parametrize(
@@ -234,8 +244,10 @@ def _conv4_with(first: str, second: str = "conv_3x3") -> X.Plan:
      ("conv_3x3", "skip", True, False)],
 )  # fmt: skip
 def test_channels_last_only_where_every_reader_is_a_wide_conv(first: str, second: str, stem_cl: bool, all_cl: bool) -> None:
-    plan = _conv4_with(first, second)
-    assert (plan.stem_channels_last, plan.channels_last) == (stem_cl, all_cl)
+    for c_in in (1, 3):  # the im2col stem and a convolution stem
+        plan = _conv4_with(first, second, c_in=c_in)
+        assert plan.stem_im2col == (c_in == 1)
+        assert (plan.stem_channels_last, plan.channels_last) == (stem_cl, all_cl)
     assert X.compile(load("conv4")).channels_last  # one conv_3x3 per cell
     omniglot = X.compile(load("conv_omniglot"))  # merged 3x3 edges read the stem; edge groups and a projection later
     assert omniglot.stem_channels_last and not omniglot.channels_last
@@ -256,7 +268,7 @@ def _conv_input_layouts(plan: X.Plan, fused: bool) -> tuple[list[str], torch.Ten
         nchw, cl = x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
         return "nchw" if nchw else "cl" if cl else "strided"
 
-    x = torch.rand(1, 6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(1, 6, *plan.space.task.input, generator=torch.Generator().manual_seed(1))
     with _Recorder(record) as seen:
         out = X.run(plan, alpha, params, x, fused=fused)
         out.sum().backward()
@@ -282,6 +294,48 @@ def test_channels_last_runs_where_the_plan_says_and_nowhere_else() -> None:
     assert set(naive_layouts) == {"nchw"}
     torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-5)
 
+    # a convolution stem (3 input channels) reads its image channels-last and passes the order on
+    rgb = _conv4_with("conv_3x3", c_in=3)
+    layouts, fused = _conv_input_layouts(rgb, fused=True)
+    assert layouts == ["cl"] * 6  # stem and 2 convolutions, forward and backward
+    naive_layouts, naive = _conv_input_layouts(rgb, fused=False)
+    assert set(naive_layouts) == {"nchw"}
+    torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-5)
+    rgb_stem_only = _conv4_with("conv_3x3", "max_pool_3x3, conv_3x3", c_in=3)
+    assert _conv_input_layouts(rgb_stem_only, fused=True)[0] == ["cl", "cl", "nchw", "nchw", "cl", "cl"]
+
+
+@pytest.mark.parametrize("off", [{"channels_last": False}, {"stem_fold": False}, {"channels_last": False, "stem_fold": False}], ids=["nchw", "unfolded", "both"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_convolution_stem_fast_paths_meta_gradient_equals_reference(strategy: str, off: dict[str, bool]) -> None:
+    """Second-order MAML meta-gradient (one inner step, float64) of a 3-channel convolution
+    stem with its norm folded in, handing over channels-last, against the same network
+    without either or both."""
+    fast = _conv4_with("conv_3x3", c_in=3, size=8)
+    slow = _conv4_with("conv_3x3", c_in=3, size=8, options=X.ExecOptions(**off))
+    assert fast.channels_last and fast.stem_fold and not fast.stem_im2col
+    assert (slow.stem_channels_last, slow.stem_fold) == (off.get("channels_last", True), off.get("stem_fold", True))
+    g = torch.Generator().manual_seed(6)
+    B = 2
+    alpha = torch.ones((B, *fast.space.alpha_shape), dtype=DT)
+    base = {k: v.to(DT) for k, v in X.init_params(fast, g).items()}
+    xs, xq = torch.randn(B, 3, 3, 8, 8, generator=g, dtype=DT), torch.randn(B, 3, 3, 8, 8, generator=g, dtype=DT)
+    ys, yq = torch.randint(0, 5, (B, 3), generator=g), torch.randint(0, 5, (B, 3), generator=g)
+
+    def meta_grad(plan: X.Plan) -> list[torch.Tensor]:
+        p0 = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        p = {k: v.expand(B, *v.shape) for k, v in p0.items()}
+        loss = F.cross_entropy(X.run(plan, alpha, p, xs, strategy=strategy, fused=True).flatten(0, 1), ys.flatten())
+        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+        fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
+        outer = F.cross_entropy(X.run(plan, alpha, fast_w, xq, strategy=strategy, fused=True).flatten(0, 1), yq.flatten())
+        return list(torch.autograd.grad(outer, list(p0.values())))
+
+    got, ref = meta_grad(fast), meta_grad(slow)
+    assert got[0].abs().sum() > 0  # stem.w
+    for name, a, b in zip(base, got, ref):
+        assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
 
 def test_stem_im2col_is_chosen_for_few_input_channels() -> None:
     for name in builtin_spaces():
@@ -296,8 +350,8 @@ def test_stem_im2col_is_chosen_for_few_input_channels() -> None:
 def test_im2col_stem_meta_gradient_equals_conv_stem(strategy: str) -> None:
     """Second-order MAML meta-gradient (one inner step) with and without the im2col stem."""
     fast = X.compile(load("tiny"))
-    slow = X.compile(fast.space, X.ExecOptions(stem_im2col=False))
-    assert fast.stem_im2col
+    slow = X.compile(fast.space, X.ExecOptions(stem_im2col=False, stem_fold=False))
+    assert fast.stem_im2col and not slow.stem_fold
     g = torch.Generator().manual_seed(5)
     B = 2
     alpha = torch.softmax(torch.randn((B, *fast.space.alpha_shape), generator=g, dtype=DT).masked_fill(~fast.space.alpha_mask, float("-inf")), -1)
