@@ -294,6 +294,8 @@ def conv2d_batch_norm(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, e
         x: ``(N, C_in, H, W)``.
         w: ``(C_out, C_in, k, k)``, no bias (a norm without affine terms follows).
     """
+    if not torch.is_grad_enabled():  # no backward to spare: the plain forward is cheaper
+        return batch_norm(F.conv2d(x, w, stride=stride, padding=padding), eps)
     x, w = _autocast_operands(x, w)
     cols, _, _ = _patches(x, w, stride, padding)
     wm, mu, _ = _folded_norm(cols, w, eps, centre=False)

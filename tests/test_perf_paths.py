@@ -153,6 +153,8 @@ def test_folded_batch_norm_equals_conv_then_norm_to_second_order(folded_op, c_in
         for a, b in zip(_grads(lambda t: fn(t, True), arg, r), _grads(lambda t: fn(t, False), arg, r)):
             assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
     _gradgradcheck_conv(folded_op, x, w, stride=stride, padding=padding)
+    with torch.no_grad():  # the forward alone (conv2d_batch_norm: the plain one)
+        assert_close(folded_op(x, w, stride=stride, padding=padding), batch_norm_reference(F.conv2d(x, w, stride=stride, padding=padding)))
 
 
 @pytest.mark.parametrize("folded_op", _FOLDED)
