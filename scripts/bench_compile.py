@@ -56,6 +56,7 @@ def main() -> None:
         "quick": args.quick,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "space": "mlp_regression",
         "setting": f"sinusoid {cfg.shots}-shot, VAE + conditional architecture, second order, 1 inner step, {args.strategy}",
         "meta_batch": tasks,

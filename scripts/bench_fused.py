@@ -189,7 +189,7 @@ def main() -> None:
     quick = args.quick
     repeats = args.repeats or (3 if quick else 7)
     tasks, images = (4, 40) if quick else (16, 80)
-    out: dict = {"bench": "fused", "quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats}
+    out: dict = {"bench": "fused", "quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "repeats": repeats}
     out["edge"] = {"tasks": tasks, "images": images, "channels": 32, "size": 14, **edge_case(tasks, images, repeats)}
     # (tasks, images, repeats): darts_cnn's naive supernet saves ~0.6 GB per task of 80
     # images, so it runs fewer tasks (8 of them exhaust 23 GB).

@@ -190,7 +190,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else 21
-    out: dict = {"bench": "generate", "quick": args.quick, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    out: dict = {"bench": "generate", "quick": args.quick, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     out["mlp_regression"] = generation("mlp_regression", repeats)
     out["conv_omniglot"] = generation("conv_omniglot", repeats)
     tasks = args.meta_batch or (2 if args.quick else 8)

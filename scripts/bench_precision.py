@@ -35,6 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -90,7 +92,7 @@ def main() -> None:
         for p in PRECISIONS:  # one at a time, both threads
             res = subprocess.run([sys.executable, "-m", "metanet", "evaluate", str(runs[p]), "--episodes", str(episodes), "--inner-steps", "1", "--seed", "1234"], check=True, stdout=subprocess.PIPE, text=True)
             scores[p] = json.loads(res.stdout.strip().splitlines()[-1])
-        result: dict = {"bench": "precision", "quick": args.quick, "method": args.method, "space": METHODS[args.method][1], "seed": args.seed, "setting": "Omniglot 5-way 1-shot, 15 queries, second order, 1 inner step", "steps": steps, "meta_batch": args.meta_batch, "threads_per_run": 1, "test_episodes": episodes}
+        result: dict = {"bench": "precision", "quick": args.quick, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "method": args.method, "space": METHODS[args.method][1], "seed": args.seed, "setting": "Omniglot 5-way 1-shot, 15 queries, second order, 1 inner step", "steps": steps, "meta_batch": args.meta_batch, "threads_per_run": 1, "test_episodes": episodes}
         for p in PRECISIONS:
             seconds, vals = metrics(runs[p])
             result[p] = {

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from metanet.tasks import default_data_root
 
@@ -56,6 +57,7 @@ def test_quick_benchmark_prints_one_json_line(name: str, ratios: list[str]) -> N
     assert len(lines) == 1, out.stdout[-2000:]
     figures = json.loads(lines[0])
     assert figures["bench"] == name and figures["quick"] is True
+    assert figures["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # figures depend on it
     numbers = dict(_numbers(figures))
     for key in ratios:
         value = numbers[f".{key}"]
