@@ -299,7 +299,8 @@ def conv2d_batch_norm(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, e
     x, w = _autocast_operands(x, w)
     cols, _, _ = _patches(x, w, stride, padding)
     wm, mu, _ = _folded_norm(cols, w, eps, centre=False)
-    bias = -(wm @ mu.reshape(-1))
+    with torch.autocast(x.device.type, enabled=False):  # in the statistics' precision
+        bias = -(wm @ mu.reshape(-1))
     return F.conv2d(x, wm.reshape(w.shape).to(x.dtype), bias.to(x.dtype), stride=stride, padding=padding)
 
 

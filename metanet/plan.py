@@ -4,8 +4,8 @@
 weight slots (names, shapes, inits), the preprocessing of each cell input, every
 candidate edge with its ops, and, per edge, which linear ops the fused path merges into
 one convolution (decided by counting multiply-adds), with the execution choices of
-``ExecOptions`` (the im2col stem, channels-last layouts, edge groups, the norm kernel)
-worked out together. Nothing re-walks the graph per step; ``metanet.executor`` runs it.
+``ExecOptions`` (the im2col stem, the folded convolution stem, channels-last layouts, edge
+groups, the norm kernel) worked out together. Nothing re-walks the graph per step; ``metanet.executor`` runs it.
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ class Plan:
 
     Build with ``compile(space, options)``: the layout flags are worked out together there;
     ``__post_init__`` refuses the combinations that cannot run (channels-last without the
-    channels-last stem, the stem without im2col and batch norm), not every one that
-    ``compile`` would not choose.
+    channels-last stem, a channels-last stem without batch norm, a folded convolution stem
+    on an im2col stem), not every one that ``compile`` would not choose.
     """
 
     space: SearchSpace

@@ -366,7 +366,9 @@ def verdict_lines(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[
     if not rows[ours]["per_seed"]:
         return [f"Verdict, {ours} at the same budget:", "", f"- cannot compare: {ours} failed in every seed.", ""]
     has_maml = "maml" in rows and rows["maml"]["per_seed"]
-    out = [f"Verdict, {ours} against {'MAML' if has_maml else 'the other rows'} at the same budget (computed from the rows above):", ""]
+    mixed = len({_row_cpu(r) for r in rows.values() if r["per_seed"]}) > 1
+    where = " (computed from the rows above" + ("; they trained on different CPUs, column `CPU`" if mixed else "") + ")"
+    out = [f"Verdict, {ours} against {'MAML' if has_maml else 'the other rows'} at the same budget{where}:", ""]
     if "maml" in rows and not has_maml:
         out.append("- cannot compare: maml failed in every seed.")
     if has_maml:

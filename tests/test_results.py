@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from metanet.results import aggregate_seeds, format_stat, from_json, merge_settings, pool, table_commands, table_markdown, to_json, verdict
+from metanet.results import aggregate_seeds, format_stat, from_json, merge_settings, pool, table_commands, table_markdown, to_json, verdict, verdict_lines
 
 
 def summary(scores: np.ndarray) -> dict:
@@ -255,3 +255,11 @@ def test_json_round_trip_keeps_nan_figures_as_nan() -> None:
     assert math.isnan(back["aggregate"]["1"]["mean"]) and math.isnan(back["aggregate"]["1"]["ci95"])
     assert back["curve"][0] == 0.5 and math.isnan(back["curve"][1])
     assert back["population_png"] is None  # not a figure: stays null
+
+
+def test_the_verdict_says_when_its_rows_trained_on_different_cpus() -> None:
+    rows = {"maml": dict(_row(0.5, 10.0, 1.0, "cmd maml"), per_seed=[{"cpu": "AVX2, AMD EPYC"}]),
+            "metanet": dict(_row(0.6, 10.0, 1.0, "cmd metanet"), per_seed=[{"cpu": "AVX512, Intel Xeon"}])}  # fmt: skip
+    assert "they trained on different CPUs, column `CPU`" in verdict_lines(rows, ["1"], "accuracy")[0]
+    rows["maml"]["per_seed"] = rows["metanet"]["per_seed"]
+    assert verdict_lines(rows, ["1"], "accuracy")[0] == "Verdict, metanet against MAML at the same budget (computed from the rows above):"
