@@ -218,6 +218,21 @@ def test_executor_stem_runs_no_norm_over_its_output(c_in: int) -> None:
     assert stem_numel in norm_sizes(X.compile(plan.space, X.ExecOptions(stem_im2col=False, stem_fold=False)))  # the reference path norms the stem output
 
 
+def _meta_grad(plan: X.Plan, alpha: torch.Tensor, base: dict[str, torch.Tensor], episode: tuple[torch.Tensor, ...], strategy: str, fused: bool = False, extra: tuple[torch.Tensor, ...] = ()) -> list[torch.Tensor]:
+    """Second-order MAML meta-gradient: one inner SGD step (lr 0.1) from the shared weights
+    ``base`` on ``(xs, ys)``, then the query loss on ``(xq, yq)``, differentiated with
+    respect to ``extra`` and the weights."""
+    xs, ys, xq, yq = episode
+    b = xs.shape[0]
+    p0 = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+    p = {k: v.expand(b, *v.shape) for k, v in p0.items()}  # shared init, as MAML
+    loss = F.cross_entropy(X.run(plan, alpha, p, xs, strategy=strategy, fused=fused).flatten(0, 1), ys.flatten())
+    grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+    fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
+    outer = F.cross_entropy(X.run(plan, alpha, fast_w, xq, strategy=strategy, fused=fused).flatten(0, 1), yq.flatten())
+    return list(torch.autograd.grad(outer, [*extra, *p0.values()]))
+
+
 _CONV4_WITH = """
 name: conv4_variant
 task: {{kind: classification, input: [{c_in}, {size}, {size}], outputs: 5}}
@@ -324,16 +339,8 @@ def test_convolution_stem_fast_paths_meta_gradient_equals_reference(strategy: st
     xs, xq = torch.randn(B, 3, 3, 8, 8, generator=g, dtype=DT), torch.randn(B, 3, 3, 8, 8, generator=g, dtype=DT)
     ys, yq = torch.randint(0, 5, (B, 3), generator=g), torch.randint(0, 5, (B, 3), generator=g)
 
-    def meta_grad(plan: X.Plan) -> list[torch.Tensor]:
-        p0 = {k: v.clone().requires_grad_(True) for k, v in base.items()}
-        p = {k: v.expand(B, *v.shape) for k, v in p0.items()}
-        loss = F.cross_entropy(X.run(plan, alpha, p, xs, strategy=strategy, fused=True).flatten(0, 1), ys.flatten())
-        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-        fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
-        outer = F.cross_entropy(X.run(plan, alpha, fast_w, xq, strategy=strategy, fused=True).flatten(0, 1), yq.flatten())
-        return list(torch.autograd.grad(outer, list(p0.values())))
-
-    got, ref = meta_grad(fast), meta_grad(slow)
+    episode = (xs, ys, xq, yq)
+    got, ref = (_meta_grad(p, alpha, base, episode, strategy, fused=True) for p in (fast, slow))
     assert got[0].abs().sum() > 0  # stem.w
     for name, a, b in zip(base, got, ref):
         assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
@@ -361,16 +368,8 @@ def test_im2col_stem_meta_gradient_equals_conv_stem(strategy: str) -> None:
     xs, xq = torch.randn(B, 3, 1, 8, 8, generator=g, dtype=DT), torch.randn(B, 3, 1, 8, 8, generator=g, dtype=DT)
     ys, yq = torch.randint(0, 3, (B, 3), generator=g), torch.randint(0, 3, (B, 3), generator=g)
 
-    def meta_grad(plan: X.Plan) -> list[torch.Tensor]:
-        p0 = {k: v.clone().requires_grad_(True) for k, v in base.items()}
-        p = {k: v.expand(B, *v.shape) for k, v in p0.items()}  # shared init, as MAML
-        loss = F.cross_entropy(X.run(plan, alpha, p, xs, strategy=strategy).flatten(0, 1), ys.flatten())
-        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-        fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
-        outer = F.cross_entropy(X.run(plan, alpha, fast_w, xq, strategy=strategy).flatten(0, 1), yq.flatten())
-        return list(torch.autograd.grad(outer, list(p0.values())))
-
-    got, ref = meta_grad(fast), meta_grad(slow)
+    episode = (xs, ys, xq, yq)
+    got, ref = (_meta_grad(p, alpha, base, episode, strategy) for p in (fast, slow))
     assert got[0].abs().sum() > 0  # stem.w
     for name, a, b in zip(base, got, ref):
         assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
@@ -498,14 +497,7 @@ def test_grouped_edge_convolutions_meta_gradient_equals_per_edge(strategy: str) 
     def meta_grad(grouped: bool) -> list[torch.Tensor]:
         run_plan = X.compile(plan.space, X.ExecOptions(group_edges=grouped))
         lg = logits.clone().requires_grad_(True)
-        alpha = torch.softmax(lg, -1)
-        p0 = {k: v.clone().requires_grad_(True) for k, v in base.items()}
-        p = {k: v.expand(B, *v.shape) for k, v in p0.items()}
-        loss = F.cross_entropy(X.run(run_plan, alpha, p, xs, fused=True, strategy=strategy).flatten(0, 1), ys.flatten())
-        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-        fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
-        outer = F.cross_entropy(X.run(run_plan, alpha, fast_w, xq, fused=True, strategy=strategy).flatten(0, 1), yq.flatten())
-        return list(torch.autograd.grad(outer, [lg, *p0.values()]))
+        return _meta_grad(run_plan, torch.softmax(lg, -1), base, (xs, ys, xq, yq), strategy, fused=True, extra=(lg,))
 
     got, ref = meta_grad(True), meta_grad(False)
     assert got[0].abs().sum() > 0
