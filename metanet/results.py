@@ -204,6 +204,12 @@ def _row_cpu(row: dict[str, Any]) -> str:
     return ", ".join(caps) if caps else "not recorded"
 
 
+def _mixed_cpus(rows: dict[str, Any]) -> dict[str, str] | None:
+    """Each trained row's CPU (``_row_cpu``) where the rows trained on more than one, else None."""
+    cpus = {m: _row_cpu(r) for m, r in rows.items() if r["per_seed"]}
+    return cpus if len(set(cpus.values())) > 1 else None
+
+
 def _foreign(t: dict[str, Any], setting: str) -> dict[str, Any] | None:
     """The meta of a setting that an earlier command than the table's produced, else None."""
     meta = (t.get("setting_meta") or {}).get(setting)
@@ -272,16 +278,15 @@ def table_markdown(name: str, t: dict[str, Any], figures_rel: str) -> list[str]:
             names = ", ".join(f"`{m}`" for m, rm in row_metas.items() if rm["command"] == cmd)
             rm = next(rm for rm in row_metas.values() if rm["command"] == cmd)
             out += [f"Rows {names} from an earlier command than this setting's (same budget, seeds and test tasks):", "", *_run_lines(rm), ""]
-        cpus = {m: _row_cpu(r) for m, r in rows.items() if r["per_seed"]}
-        mixed = len(set(cpus.values())) > 1
-        if mixed:
+        cpus = _mixed_cpus(rows)
+        if cpus:
             out += ["The rows trained on different CPUs (column `CPU`): a wall-clock budget buys different work on each, so compare the meta-steps too.", ""]
-        head = ["method", "meta-steps", *(["CPU"] if mixed else [])] + [_steps_header(k, metric) for k in ks] + ["generate (ms/task)", "budget", "seeds", "reproduce"]
+        head = ["method", "meta-steps", *(["CPU"] if cpus else [])] + [_steps_header(k, metric) for k in ks] + ["generate (ms/task)", "budget", "seeds", "reproduce"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {k: _best(rows, k, metric, lambda r: r["aggregate"]) for k in ks}
         for method, row in rows.items():
             failed = not row["per_seed"]
-            cells = [method, "-" if failed else f"{row['steps']:.0f}", *([cpus.get(method, "-")] if mixed else [])]
+            cells = [method, "-" if failed else f"{row['steps']:.0f}", *([cpus.get(method, "-")] if cpus else [])]
             for k in ks:
                 c = "failed" if failed else format_stat(row["aggregate"][k], metric)
                 cells.append(f"**{c}**" if best[k] == method else c)
@@ -366,8 +371,7 @@ def verdict_lines(rows: dict[str, Any], ks: Sequence[str], metric: str) -> list[
     if not rows[ours]["per_seed"]:
         return [f"Verdict, {ours} at the same budget:", "", f"- cannot compare: {ours} failed in every seed.", ""]
     has_maml = "maml" in rows and rows["maml"]["per_seed"]
-    mixed = len({_row_cpu(r) for r in rows.values() if r["per_seed"]}) > 1
-    where = " (computed from the rows above" + ("; they trained on different CPUs, column `CPU`" if mixed else "") + ")"
+    where = " (computed from the rows above" + ("; they trained on different CPUs, column `CPU`" if _mixed_cpus(rows) else "") + ")"
     out = [f"Verdict, {ours} against {'MAML' if has_maml else 'the other rows'} at the same budget{where}:", ""]
     if "maml" in rows and not has_maml:
         out.append("- cannot compare: maml failed in every seed.")

@@ -61,7 +61,7 @@ from metanet.meta import MetaNet, ModelConfig, cpu_bf16_units, meta_loss, precis
 from metanet.ops import conv2d_im2col
 from metanet.space import load
 from metanet.trainer import reuse_freed_memory
-from metanet.tuning import choose_paths, step_timer
+from metanet.tuning import REFERENCE, choose_paths, step_timer
 from metanet.tasks import Episode
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
@@ -142,10 +142,11 @@ def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
 
 @contextlib.contextmanager
 def reference_paths(model: MetaNet) -> Iterator[None]:
-    """The executor without its fast paths: conv stem without its norm folded in, NCHW
-    throughout, plain-ops batch norm."""
+    """The executor without its fast paths (``tuning.REFERENCE``, what ``--strategy auto``
+    times as "reference"): conv stem without its norm folded in, NCHW throughout, plain-ops
+    batch norm, one convolution per edge."""
     plan = model.plan
-    model.plan = X.compile(plan.space, X.ExecOptions(stem_im2col=False, channels_last=False, native_norm=False, stem_fold=False))
+    model.plan = X.compile(plan.space, REFERENCE)
     try:
         yield
     finally:
