@@ -45,6 +45,8 @@ import argparse
 import contextlib
 import copy
 import json
+import os
+import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -56,7 +58,7 @@ from torch import nn
 from _bench import interleaved  # scripts/_bench.py
 
 import metanet.executor as X
-from metanet.distributed import per_task_gradients
+from metanet.distributed import meta_gradients, per_task_gradients, setup, shard
 from metanet.meta import MetaNet, ModelConfig, cpu_bf16_units, meta_loss, precision
 from metanet.ops import conv2d_im2col
 from metanet.space import load
@@ -103,10 +105,12 @@ def copy_weights(model: MetaNet, net: nn.Sequential) -> None:
         net[-1].bias.copy_(base["head.b"])
 
 
-def clone_step(net: nn.Sequential, ep: Episode, steps: int = 1) -> None:
-    """learn2learn-style second-order MAML: clone, adapt ``steps`` steps, query loss, backward per task."""
+def clone_step(net: nn.Sequential, ep: Episode, steps: int = 1, meta_batch: int | None = None) -> None:
+    """learn2learn-style second-order MAML: clone, adapt ``steps`` steps, query loss, backward
+    per task; each task's loss weighted ``1 / meta_batch`` (default: ``ep``'s tasks)."""
     params = dict(net.named_parameters())
     b = ep.support_x.shape[0]
+    scale = meta_batch or b
     for t in range(b):
         fast = params
         for _ in range(steps):
@@ -114,7 +118,7 @@ def clone_step(net: nn.Sequential, ep: Episode, steps: int = 1) -> None:
             grads = torch.autograd.grad(support, list(fast.values()), create_graph=True)
             fast = {k: p - INNER_LR * g for (k, p), g in zip(fast.items(), grads)}
         query = F.cross_entropy(torch.func.functional_call(net, fast, (ep.query_x[t],)), ep.query_y[t])
-        (query / b).backward()
+        (query / scale).backward()
 
 
 def ours_step(model: MetaNet, ep: Episode, strategy: str, arithmetic: str = "fp32") -> None:
@@ -158,6 +162,86 @@ def grads_of(params: list[torch.Tensor], step: Callable[[], None]) -> list[torch
         p.grad = None
     step()
     return [p.grad.detach().clone() for p in params]
+
+
+def build(space_name: str) -> tuple[MetaNet, nn.Sequential]:
+    """Our conv4 (plain MAML on the executor) and the clone loop's nn.Module, same weights."""
+    torch.manual_seed(0)
+    space = load(space_name)
+    model = MetaNet(space, 0, ModelConfig(arch="fixed", weights="off", proto_head=False, inner_lr=INNER_LR, use_metadata=False))
+    net = conv4_module(space.task.outputs, space.task.input[0], space.stem.channels)
+    copy_weights(model, net)
+    return model, net
+
+
+def trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def process_worker(rank: int, world: int, port: int, space_name: str, tasks: int, repeats: int, reuse: bool, results: "torch.multiprocessing.Queue") -> None:
+    """Rank ``rank`` of ``world`` processes with one intra-op thread each, as ``torchrun
+    --nproc_per_node`` runs ``metanet train`` (torchrun sets ``OMP_NUM_THREADS=1``): each
+    process adapts its block of the meta-batch (``distributed.shard``) and one all-reduce
+    per step sums the gradients. Ours and the clone loop, sharded alike, alternate; rank 0
+    sends their median step times and our summed meta-gradient."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if reuse:
+        reuse_freed_memory()
+    ctx = setup("cpu")
+    model, net = build(space_name)
+    ep = episode(tasks, shape=tuple(model.space.task.input))
+    part = shard(tasks, rank, world)
+    params, clone_params = trainable(model), trainable(net)
+
+    def ours() -> None:
+        noise = torch.Generator().manual_seed(0)
+        _, grads, _ = meta_gradients(model, ep, part, noise, params, strategy="loop", inner_steps=1, order="second", temperature=1.0, gumbel=False, hard=False)
+        for p, g in zip(params, grads):
+            p.grad = g
+        ctx.all_reduce_step(params, True, {})
+
+    def clone() -> None:
+        for p in clone_params:
+            p.grad = None
+        clone_step(net, ep.slice(part), meta_batch=tasks)
+        ctx.all_reduce_step(clone_params, True, {})
+
+    def synchronised(step: Callable[[], None]) -> Callable[[], None]:
+        def f() -> None:
+            ctx.barrier()
+            step()
+            ctx.barrier()
+        return f
+
+    med = interleaved({"ours": synchronised(ours), "clone": synchronised(clone)}, repeats)
+    ours()
+    if rank == 0:
+        # as numpy arrays: a tensor would travel as shared memory that dies with this process
+        results.put((med, [None if p.grad is None else p.grad.numpy().copy() for p in params]))
+    ctx.close()
+
+
+def processes(space_name: str, world: int, tasks: int, repeats: int, reuse: bool) -> tuple[dict[str, float], list[torch.Tensor | None]]:
+    """``process_worker`` on ``world`` processes: median step seconds and the meta-gradient."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for the process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=process_worker, args=(r, world, port, space_name, tasks, repeats, reuse, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        med, arrays = results.get(timeout=3600)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"a benchmark process failed: exit codes {[p.exitcode for p in procs]}")
+    return med, [None if a is None else torch.from_numpy(a) for a in arrays]
 
 
 def check_agreement(model: MetaNet, net: nn.Sequential, tasks: int = 2) -> tuple[float, float]:
@@ -254,6 +338,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-vmap", action="store_true", help="skip the vmap strategy (slow on CPU)")
     ap.add_argument("--space", default="conv4", choices=("conv4", "conv4_miniimagenet", "conv4_miniimagenet_64"), help="the conv4 network: Omniglot's 1x28x28, 64 channels (default), or mini-ImageNet's 3x84x84 with 32 or 64 channels")
+    ap.add_argument("--procs", type=int, default=None, help="also time ours and the clone loop on this many processes with one thread each, the meta-batch sharded as under torchrun (default: the thread count; 0 or 1: skip)")
     ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
     args = ap.parse_args()
     reused = reuse_freed_memory() if args.reuse_freed_memory else False
@@ -261,11 +346,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tasks = args.meta_batch or (4 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 5)
-    torch.manual_seed(0)
-    space = load(args.space)
-    model = MetaNet(space, 0, ModelConfig(arch="fixed", weights="off", proto_head=False, inner_lr=INNER_LR, use_metadata=False))
-    net = conv4_module(space.task.outputs, space.task.input[0], space.stem.channels)
-    copy_weights(model, net)
+    model, net = build(args.space)
+    space = model.space
     ep = episode(tasks, shape=tuple(space.task.input))
 
     agree, agree_task = check_agreement(model, net)
@@ -336,6 +418,30 @@ def main() -> None:
         "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward")},
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15),
     }
+    world = torch.get_num_threads() if args.procs is None else args.procs
+    if world > 1:
+        # one process's meta-gradient at one thread, as the processes run (float32 sums
+        # in another order differ by more than the all-reduce's rounding on this step)
+        params, threads = trainable(model), torch.get_num_threads()
+        torch.set_num_threads(1)
+        for p in params:
+            p.grad = None
+        ours_step(model, ep, "loop")
+        single = [p.grad for p in params]
+        torch.set_num_threads(threads)
+        med_p, grads_p = processes(args.space, world, tasks, repeats, reused)
+        diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads_p, single) if b is not None)
+        out["processes"] = {
+            "processes": world,
+            "threads_each": 1,
+            "step_s": {"ours": round(med_p["ours"], 3), "clone": round(med_p["clone"], 3)},
+            "speedup_vs_clone_loop": round(med["clone_loop"] / med_p["ours"], 2),
+            "speedup_vs_clone_processes": round(med_p["clone"] / med_p["ours"], 2),
+            "clone_speedup_vs_clone_loop": round(med["clone_loop"] / med_p["clone"], 2),
+            "achieved_gflops": round(flops / med_p["ours"] / 1e9, 1),
+            "fraction_of_peak": round(flops / med_p["ours"] / peak, 3),
+            "meta_grad_max_rel_diff_vs_ours_loop": float(f"{diff:.2e}"),
+        }
     for name, arithmetic, top_peak in (("fp32", "fp32", peak), ("bf16", "bf16", peak_bf16)):
         top, total_s, products_s = profile_step(lambda: ours_step(model, ep, "loop", arithmetic))
         out[f"profile_{name}"] = {
