@@ -178,8 +178,9 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 def shard_loss(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, **kw: Any) -> tuple[Tensor, dict[str, float]]:
     """This rank's share of the meta-objective of ``episode``, the whole meta-batch.
 
-    The generators run on all B tasks, drawing from ``noise`` exactly what one process
-    draws; the inner loop and the losses run on the tasks in ``part`` only. The loss and
+    The generators, the inner loop and the losses run on the tasks in ``part`` only; the
+    noise is drawn from ``noise`` exactly as one process draws it for all B tasks
+    (``MetaNet.generate``'s ``part``), so each task gets the same noise. The loss and
     the metrics are those tasks' means weighted by ``len(part) / B``, so that their sums
     over the ranks are the whole meta-batch's.
 
@@ -194,8 +195,8 @@ def shard_loss(model: MetaNet, episode: Episode, part: slice, noise: torch.Gener
     b = episode.batch_size
     if part.start == 0 and part.stop == b:
         return meta_loss(model, episode, generator=noise, **kw)
-    full, step_kw = _generate(model, episode, noise, kw)
-    loss, m = outer_loss(model, full.slice(part), episode.slice(part), **step_kw)
+    mine, step_kw = _generate(model, episode, part, noise, kw)
+    loss, m = outer_loss(model, mine, episode.slice(part), **step_kw)
     w = (part.stop - part.start) / b
     return loss * w, {k: v * w for k, v in m.items()}
 
@@ -206,8 +207,8 @@ PER_TASK = "task"  # the task strategy: the loop executor, one backward per task
 def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, inputs: Sequence[Tensor], context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext, **kw: Any) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
     """``shard_loss`` and its gradients with respect to ``inputs``, one backward per task.
 
-    The generators run once on all B tasks (the same noise as ``shard_loss``); their
-    outputs are cut into per-task leaves, and each task of ``part`` runs its inner loop,
+    The generators run once on the tasks of ``part`` (the same noise as ``shard_loss``);
+    their outputs are cut into per-task leaves, and each task runs its inner loop,
     query loss and backward alone, so that its graph is freed before the next task's is
     built: the memory of one task's adaptation instead of the meta-batch's. The collected
     gradients of the generated tensors are then backpropagated into the generators once.
@@ -225,8 +226,7 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
     b = episode.batch_size
     inputs = list(inputs)
     with context():
-        full, step_kw = _generate(model, episode, noise, {**kw, "strategy": "loop"})
-    mine = full.slice(part)
+        mine, step_kw = _generate(model, episode, part, noise, {**kw, "strategy": "loop"})
     named = mine.tensors()
     outputs = {name: t for name, t in named.items() if t.requires_grad}  # what carries gradient into the generators
     cotangents: dict[str, list[Tensor]] = {name: [] for name in outputs}
@@ -263,9 +263,10 @@ def meta_gradients(model: MetaNet, episode: Episode, part: slice, noise: torch.G
     return loss, torch.autograd.grad(loss, list(inputs), allow_unused=True), m
 
 
-def _generate(model: MetaNet, episode: Episode, noise: torch.Generator, kw: dict[str, Any]) -> tuple[Generated, dict[str, Any]]:
-    """The generators on all of ``episode``'s tasks with ``meta_loss``'s keywords ``kw``,
-    and the keywords left for ``outer_loss``."""
-    full = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw.get("temperature", 1.0), gumbel=kw.get("gumbel", False), hard=kw.get("hard", False), sample=model.config.weights == "vae", generator=noise, strategy=kw["strategy"], op_dropout=kw.get("op_dropout", 0.0))
-    return full, {k: v for k, v in kw.items() if k not in ("gumbel", "hard", "op_dropout")}
+def _generate(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, kw: dict[str, Any]) -> tuple[Generated, dict[str, Any]]:
+    """The generators on the tasks ``part`` of ``episode`` with ``meta_loss``'s keywords
+    ``kw`` (the noise drawn as for all of them: ``MetaNet.generate``'s ``part``), and the
+    keywords left for ``outer_loss``."""
+    mine = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=kw.get("temperature", 1.0), gumbel=kw.get("gumbel", False), hard=kw.get("hard", False), sample=model.config.weights == "vae", generator=noise, strategy=kw["strategy"], op_dropout=kw.get("op_dropout", 0.0), part=part)
+    return mine, {k: v for k, v in kw.items() if k not in ("gumbel", "hard", "op_dropout")}
 

@@ -11,6 +11,7 @@ with one dense matrix: its size grows with the number of output channels, not we
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,20 @@ WEIGHT_MODES = ("vae", "off")
 def safe_name(name: str) -> str:
     """A slot name usable as an nn.Module attribute (no dots)."""
     return name.replace(".", "__")
+
+
+Rows = tuple[slice, int]  # a block of a meta-batch: (the block's tasks, the meta-batch's size)
+
+
+def _draw(fn: Callable[..., Tensor], shape: torch.Size, rows: Rows | None, **kw: object) -> Tensor:
+    """``fn(shape, **kw)`` (``torch.rand``, ``torch.randn``); with ``rows = (part, b)`` and
+    ``shape[0] == len(part)``, the rows ``part`` of the draw for all ``b`` tasks, so that a
+    block of tasks gets the noise it gets in the whole meta-batch and the generator ends
+    in the same state."""
+    if rows is None:
+        return fn(shape, **kw)
+    part, b = rows
+    return fn((b, *shape[1:]), **kw)[part]
 
 
 class ArchitectureGenerator(nn.Module):
@@ -89,37 +104,38 @@ class ArchitectureGenerator(nn.Module):
             out = out + self.proj(F.layer_norm(e, e.shape[-1:]) if self.norm else e).view(b, *self.shape)
         return out.masked_fill(~self.mask, float("-inf"))
 
-    def weights(self, logits: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def weights(self, logits: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None, rows: Rows | None = None) -> Tensor:
         """Op weights from logits: tempered softmax, or Gumbel-softmax.
 
         ``hard``: straight-through; the forward pass runs the network ``discretise`` emits
         (``graph.discrete_alpha``: the space's keep and zero rules, every node connected),
-        the backward pass the softmax's gradient.
+        the backward pass the softmax's gradient. ``rows``: the logits are this block of a
+        meta-batch; the noise is drawn as for the whole (``_draw``).
         """
         if gumbel:
-            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            u = _draw(torch.rand, logits.shape, rows, generator=generator, device=logits.device, dtype=logits.dtype)
             logits = logits - torch.log(-torch.log(u.clamp_min(1e-10)))
         soft = torch.softmax(logits / temperature, dim=-1)
         if not hard:
             return soft
         return discrete_alpha(self.space, soft) + soft - soft.detach()
 
-    def forward(self, e: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None, drop: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    def forward(self, e: Tensor, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, generator: torch.Generator | None = None, drop: float = 0.0, rows: Rows | None = None) -> tuple[Tensor, Tensor | None]:
         """Op weights ``(B, edges, ops)`` and logits (None when fixed).
 
         ``drop``: operation-level dropout of the parameter-free ops (P-DARTS): each task's
         each such op is left out of its edge with this probability (drawn from
         ``generator``), on edges that keep an op with weights. The logits returned are
-        the undropped ones.
+        the undropped ones. ``rows``: ``e`` is this block of a meta-batch (``weights``).
         """
         if self.mode == "fixed":
             return self.fixed.expand(e.shape[0], *self.shape), None
         logits = self.logits(e)
         used = logits
         if drop > 0:
-            draw = torch.rand(logits.shape, generator=generator, device=logits.device) < drop
+            draw = _draw(torch.rand, logits.shape, rows, generator=generator, device=logits.device) < drop
             used = logits.masked_fill(draw & self.droppable, float("-inf"))
-        return self.weights(used, temperature, gumbel, hard, generator), logits
+        return self.weights(used, temperature, gumbel, hard, generator, rows), logits
 
     def param_free_share(self, alpha: Tensor) -> Tensor:
         """The share of each task's alpha on parameter-free ops, mean over edges ``(B,)``."""
@@ -161,13 +177,15 @@ class WeightGenerator(nn.Module):
         nn.init.zeros_(self.decoder.weight)  # start at the base weights; z learns to modulate
         nn.init.zeros_(self.decoder.bias)
 
-    def forward(self, e: Tensor, alpha: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+    def forward(self, e: Tensor, alpha: Tensor, sample: bool = True, generator: torch.Generator | None = None, rows: Rows | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
         """Generate weights.
 
         Args:
             e: ``(B, dim)`` task embeddings.
             alpha: ``(B, edges, ops)`` op weights.
             sample: draw z by reparameterisation; otherwise z = mu.
+            rows: ``e`` is this block of a meta-batch; z's noise is drawn as for the whole
+                (``_draw``).
 
         Returns:
             ``({slot: (B, *shape)}, kl (B,), z (B, latent) or None)``.
@@ -180,7 +198,7 @@ class WeightGenerator(nn.Module):
         mu, logvar = stats.chunk(2, dim=-1)
         logvar = logvar.clamp(-8.0, 8.0)
         if sample:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            eps = _draw(torch.randn, mu.shape, rows, generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + eps * torch.exp(0.5 * logvar)
         else:
             z = mu

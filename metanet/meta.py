@@ -220,11 +220,16 @@ class MetaNet(nn.Module):
         lr = self.lr(name)
         return lr.detach() if isinstance(lr, Tensor) else lr
 
-    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop", proto_head: bool = True, ways: int | None = None, op_dropout: float = 0.0) -> Generated:
+    def generate(self, support_x: Tensor, support_y: Tensor, metadata: Tensor | None = None, *, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, sample: bool = False, generator: torch.Generator | None = None, strategy: str = "loop", proto_head: bool = True, ways: int | None = None, op_dropout: float = 0.0, part: slice | None = None) -> Generated:
         """Run both generators on a meta-batch of support sets.
 
         ``op_dropout``: meta-training's operation-level dropout of parameter-free ops
         (``ArchitectureGenerator.forward``'s ``drop``).
+
+        ``part``: generate for these tasks of the meta-batch only (one process's block
+        under torchrun), as ``generate(...).slice(part)`` would, noise included: every
+        task is generated from its own support set alone, and the noise is drawn for the
+        whole meta-batch and cut, so ``generator`` ends in the same state.
 
         ``proto_head=False`` skips the supernet's prototype head (for callers that build the
         head from a discrete network's own features instead). ``ways``: the tasks' number of
@@ -233,9 +238,14 @@ class MetaNet(nn.Module):
         """
         if not self.config.use_metadata:
             metadata = None
+        rows = None
+        if part is not None:
+            rows = (part, support_x.shape[0])
+            support_x, support_y = support_x[part], support_y[part]
+            metadata = metadata[part] if metadata is not None else None
         e = self.encoder(support_x, support_y, metadata, ways=ways)
-        alpha, logits = self.arch(e, temperature, gumbel, hard, generator, drop=op_dropout)
-        params, kl, z = self.weights(e, alpha, sample=sample, generator=generator)
+        alpha, logits = self.arch(e, temperature, gumbel, hard, generator, drop=op_dropout, rows=rows)
+        params, kl, z = self.weights(e, alpha, sample=sample, generator=generator, rows=rows)
         if self.proto and proto_head:
             feats = run(self.plan, alpha, params, support_x, fused=self.config.fused, strategy=strategy, features=True)
             params["head.w"], params["head.b"] = self.proto_head(feats, support_y, ways)
