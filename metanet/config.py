@@ -110,7 +110,9 @@ class TrainConfig:
     meta_batch: int = _field(25, "pos_int", "tasks per meta-step")
     inner_steps: int = _field(1, "nonneg_int", "inner-loop (adaptation) steps per task during meta-training")
     eval_inner_steps: int = _field(10, "nonneg_int", "adaptation steps when validating")
-    order: str = _field("second", ORDERS, "meta-gradient: second (MAML), first (first-order MAML) or reptile")
+    order: str = _field("second", ORDERS, "meta-gradient: second (MAML), first (first-order MAML), reptile, or implicit (iMAML: the implicit gradient of a proximal inner problem, memory independent of --inner-steps; needs --prox)")
+    prox: float = _field(0.0, "nonneg_float", "weight lambda of a proximal term lambda/2 |w - w0|^2 in each task's support loss during meta-training, tying the adapted weights to the generated ones (iMAML's regulariser; order implicit needs it > 0)")
+    cg_steps: int = _field(5, "pos_int", "order implicit: conjugate-gradient steps that solve for the implicit meta-gradient")
     beta: float = _field(1e-3, "nonneg_float", "weight of the VAE's KL term in the outer loss")
     entropy_weight: float = _field(0.0, "finite", "weight of the architecture's mean edge entropy in the outer loss (> 0 pushes towards one op per edge)")
     temperature: float = _field(1.0, "pos_float", "softmax temperature of the architecture logits at the start")
@@ -217,6 +219,12 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: head {cfg.head} compares queries with the support set and has no inner loop; give inner_steps 0 and eval_inner_steps 0 (got {cfg.inner_steps} and {cfg.eval_inner_steps})")
     if cfg.head != "linear" and cfg.order == "reptile":
         raise ConfigError(f"{source}: head {cfg.head} has no inner steps, and reptile's update comes from inner steps; use order second or first")
+    if cfg.order == "implicit":
+        if not cfg.prox > 0:
+            raise ConfigError(f"{source}: order implicit needs prox > 0, the weight of the proximal term its inner problem is solved with (iMAML's lambda, e.g. --prox 1.0)")
+        clashes = [name for name, on in (("meta_sgd", cfg.meta_sgd), ("inner_optimizer " + cfg.inner_optimizer, cfg.inner_optimizer != "sgd"), ("adapt_alpha", cfg.adapt_alpha), ("checkpoint_steps", cfg.checkpoint_steps), ("precision " + cfg.precision, cfg.precision != "fp32"), ("head " + cfg.head, cfg.head != "linear")) if on]
+        if clashes:
+            raise ConfigError(f"{source}: order implicit differentiates the solution of a proximal inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not {clashes[0]}")
     if cfg.compile and cfg.precision != "fp32":
         # Measured: the compiled bf16 sinusoid step differed from eager bf16 by 1.8e-4, and
         # bf16 meta-gradients differ from fp32 ones by per cent; a tolerance that admits

@@ -4,7 +4,8 @@
 (optionally) Meta-SGD step sizes. For a meta-batch it generates per-task op weights and
 initial weights, adapts the weights with k gradient steps on each task's support set, and
 returns the query loss; the outer loop backpropagates through the adaptation into both
-generators (second order), or not (first order), or uses Reptile's update.
+generators (second order), or not (first order), or uses Reptile's update, or the
+implicit gradient of a proximal inner problem (iMAML).
 
 The task dimension is data throughout. The batched inner loop takes one gradient of the
 SUM of per-task support losses with respect to the stacked per-task weights: tasks are
@@ -54,7 +55,7 @@ __all__ = [
     "bf16_warning",
 ]
 
-ORDERS = ("second", "first", "reptile")
+ORDERS = ("second", "first", "reptile", "implicit")
 INNER_OPTIMIZERS = ("sgd", "metasgd", "lstm")
 PRECISIONS = ("fp32", "bf16")
 
@@ -297,7 +298,7 @@ class MetaNet(nn.Module):
             return run(self.plan, alpha, params, x, fused=self.config.fused, strategy=strategy, features=True)
         return self.head(feats(episode.support_x), episode.support_y, feats(episode.query_x), self.space.task.outputs)
 
-    def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0, checkpoint: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0, checkpoint: bool = False, prox: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
         """``steps`` inner SGD steps (``sgd``) on the support sets of all tasks at once.
 
         With ``create_graph`` the steps stay differentiable (second order); without, they
@@ -305,7 +306,9 @@ class MetaNet(nn.Module):
         the generators unchanged (first order). With ``adapt_alpha`` the architecture
         logits take steps too, of size ``alpha_lr``. ``checkpoint``: recompute each
         second-order step in the backward pass instead of keeping its activations (see
-        ``sgd``). Returns the (possibly adapted) op weights and the adapted weights.
+        ``sgd``). ``prox``: each task's support loss gets ``prox / 2 * |w - w0|^2``, the
+        distance of its weights from the generated ones ``w0`` (iMAML's proximal term).
+        Returns the (possibly adapted) op weights and the adapted weights.
         """
         if self.head is not None and steps:
             raise ValueError(f"the {self.config.head} head compares queries with the support set; it has no inner loop (inner steps must be 0, got {steps})")
@@ -317,12 +320,17 @@ class MetaNet(nn.Module):
         context = {"alpha": gen.alpha} if not adapt_alpha else {}
         if self.lrs is not None:
             context.update({f"lr:{k}": self.lrs[safe_name(k)] for k in gen.params})
+        if prox:  # differentiated through with the steps (second order), else a constant
+            context.update({f"w0:{k}": v if create_graph else v.detach() for k, v in gen.params.items()})
 
         def support_loss(p: dict[str, Tensor], c: dict[str, Tensor]) -> Tensor:
             p = dict(p)
             logits = p.pop(_LOGITS, None)
             a = self.arch.weights(logits, temperature) if adapt_alpha else c["alpha"]
-            return task_loss(self.kind, self.predict(a, p, x, strategy), y)
+            loss = task_loss(self.kind, self.predict(a, p, x, strategy), y)
+            if prox:
+                loss = loss + 0.5 * prox * _task_dot({k: v - c[f"w0:{k}"] for k, v in p.items()}, {k: v - c[f"w0:{k}"] for k, v in p.items()})
+            return loss
 
         def lr(name: str, c: dict[str, Tensor]) -> Tensor | float:
             return self.config.alpha_lr if name == _LOGITS else c.get(f"lr:{name}", self.config.inner_lr)
@@ -430,19 +438,86 @@ def _recomputed(step: Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str,
     return dict(zip(pk, _Recompute.apply(flat, *params.values(), *context.values())))
 
 
-def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None, op_dropout: float = 0.0, param_prior: float = 0.0, checkpoint: bool = False) -> tuple[Tensor, dict[str, float]]:
+def _task_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """Per task, the dot product of two sets of per-task tensors ``(B, ...)``: ``(B,)``."""
+    return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)
+
+
+def _conjugate_gradient(apply: Callable[[dict[str, Tensor]], dict[str, Tensor]], rhs: dict[str, Tensor], steps: int) -> dict[str, Tensor]:
+    """``steps`` conjugate-gradient iterations for ``A x = rhs`` from ``x = 0``, every task
+    its own system (``apply`` is ``x -> A x`` for all tasks at once, A block-diagonal by
+    task). A task whose residual vanished, or whose search direction meets non-positive
+    curvature, stops where it is."""
+    x = {k: torch.zeros_like(v) for k, v in rhs.items()}
+    r = dict(rhs)
+    p = dict(rhs)
+    rr = _task_dot(r, r)
+    for _ in range(steps):
+        ap = apply(p)
+        pap = _task_dot(p, ap)
+        ok = (pap > 0) & (rr > 0)
+        step = torch.where(ok, rr / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+        x = {k: x[k] + _per_task(step, x[k]) * p[k] for k in x}
+        r = {k: r[k] - _per_task(step, r[k]) * ap[k] for k in r}
+        rr_new = _task_dot(r, r)
+        beta = torch.where(ok, rr_new / torch.where(ok, rr, torch.ones_like(rr)), torch.zeros_like(rr))
+        p = {k: r[k] + _per_task(beta, p[k]) * p[k] for k in p}
+        rr = rr_new
+    return x
+
+
+def _per_task(s: Tensor, like: Tensor) -> Tensor:
+    """``(B,)`` scalars shaped to broadcast against ``like`` ``(B, ...)``."""
+    return s.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _implicit_term(model: MetaNet, gen: Generated, alpha: Tensor, adapted: dict[str, Tensor], objective: Tensor, episode, prox: float, cg_steps: int, strategy: str) -> Tensor:
+    """A term of value 0 whose gradient with respect to the generated weights ``w0`` is the
+    implicit meta-gradient of iMAML (Rajeswaran et al., 2019): ``(I + H / prox)^-1 g``
+    per task, with ``g`` the gradient of ``objective`` at the adapted weights and ``H`` the
+    Hessian of the task's support loss there, solved by ``cg_steps`` conjugate-gradient
+    steps on Hessian-vector products. Exact where the adapted weights minimise the
+    proximal inner problem; its memory is one support forward's double-backward graph,
+    whatever the number of inner steps."""
+    names = [k for k in adapted if adapted[k].requires_grad]
+    wrt = [adapted[k] for k in names]
+    g = torch.autograd.grad(objective, wrt, retain_graph=True, allow_unused=True)
+    rhs = {k: torch.zeros_like(w) if d is None else d.detach() for k, w, d in zip(names, wrt, g)}
+    support = task_loss(model.kind, model.predict(alpha.detach(), adapted, episode.support_x, strategy), episode.support_y).sum()
+    first = torch.autograd.grad(support, wrt, create_graph=True, allow_unused=True)
+    used = [i for i, d in enumerate(first) if d is not None and d.requires_grad]
+
+    def apply(v: dict[str, Tensor]) -> dict[str, Tensor]:  # (I + H / prox) v
+        hv = torch.autograd.grad([first[i] for i in used], [wrt[i] for i in used], [v[names[i]] for i in used], retain_graph=True, allow_unused=True) if used else ()
+        out = dict(v)
+        for i, h in zip(used, hv):
+            if h is not None:
+                out[names[i]] = v[names[i]] + h / prox
+        return out
+
+    v = _conjugate_gradient(apply, rhs, cg_steps)
+    term = sum((gen.params[k] * v[k]).sum() for k in names if gen.params[k].requires_grad)
+    return term - term.detach() if isinstance(term, Tensor) else objective.new_zeros(())
+
+
+def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None, op_dropout: float = 0.0, param_prior: float = 0.0, checkpoint: bool = False, prox: float = 0.0, cg_steps: int = 5) -> tuple[Tensor, dict[str, float]]:
     """The outer objective for one meta-batch, and its metrics: ``MetaNet.generate`` (drawing
     the VAE, Gumbel and op-dropout noise from ``generator``), then ``outer_loss``."""
     gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator, strategy=strategy, op_dropout=op_dropout)
-    return outer_loss(model, gen, episode, inner_steps=inner_steps, order=order, beta=beta, entropy_weight=entropy_weight, temperature=temperature, strategy=strategy, param_prior=param_prior, checkpoint=checkpoint)
+    return outer_loss(model, gen, episode, inner_steps=inner_steps, order=order, beta=beta, entropy_weight=entropy_weight, temperature=temperature, strategy=strategy, param_prior=param_prior, checkpoint=checkpoint, prox=prox, cg_steps=cg_steps)
 
 
-def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, strategy: str = "loop", param_prior: float = 0.0, checkpoint: bool = False) -> tuple[Tensor, dict[str, float]]:
+def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, strategy: str = "loop", param_prior: float = 0.0, checkpoint: bool = False, prox: float = 0.0, cg_steps: int = 5) -> tuple[Tensor, dict[str, float]]:
     """The outer objective of generated networks ``gen`` for ``episode``'s tasks.
 
     ``second``: backpropagate through the inner steps. ``first``: treat the inner gradients
     as constants. ``reptile``: a surrogate whose gradient with respect to the initial
-    weights is ``theta_0 - theta_k`` (averaged over tasks). ``param_prior`` weighs the
+    weights is ``theta_0 - theta_k`` (averaged over tasks). ``implicit`` (iMAML): the inner
+    steps descend the support loss plus ``prox / 2 * |w - w0|^2`` without a graph, and the
+    generated weights ``w0`` get the implicit gradient ``(I + H / prox)^-1 g`` (``cg_steps``
+    conjugate-gradient steps; ``_implicit_term``); the op weights get the query loss's
+    direct gradient only, not their effect through the adapted weights. ``prox`` adds the
+    proximal term to the other orders' inner loops too. ``param_prior`` weighs the
     share of the tempered architecture softmax on parameter-free ops (a prior against
     the collapse to ops that need no training); ``entropy_weight`` its mean edge entropy.
     ``checkpoint``: recompute each second-order inner step in the backward pass (memory
@@ -450,12 +525,19 @@ def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, ord
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    alpha, adapted = model.adapt(gen, episode.support_x, episode.support_y, inner_steps, create_graph=order == "second", strategy=strategy, temperature=temperature, checkpoint=checkpoint)
+    if order == "implicit" and not prox > 0:
+        raise ValueError(f"order implicit needs a proximal term prox > 0 (iMAML's lambda), got {prox!r}")
+    alpha, adapted = model.adapt(gen, episode.support_x, episode.support_y, inner_steps, create_graph=order == "second", strategy=strategy, temperature=temperature, checkpoint=checkpoint, prox=prox)
     b = episode.support_x.shape[0]
     if order == "reptile":
         with torch.no_grad():
             pred = model.predict_query(alpha, adapted, episode, strategy)
         objective = sum((p0 * (p0 - adapted[k]).detach()).sum() for k, p0 in gen.params.items()) / b
+    elif order == "implicit":
+        adapted = {k: v.detach().requires_grad_(gen.params[k].requires_grad) for k, v in adapted.items()}
+        pred = model.predict_query(alpha, adapted, episode, strategy)
+        objective = task_loss(model.kind, pred, episode.query_y).mean()
+        objective = objective + _implicit_term(model, gen, alpha, adapted, objective, episode, prox, cg_steps, strategy)
     else:
         pred = model.predict_query(alpha, adapted, episode, strategy)
         objective = task_loss(model.kind, pred, episode.query_y).mean()

@@ -3,9 +3,11 @@
 Prints ONE JSON line. conv4 second-order MAML (5-way 1-shot, 15 queries, 28x28, the
 ``bench_meta`` setting) at 1, 5, 10 and 20 inner steps: metanet's meta-step keeping every
 inner step's activations, metanet's with ``--checkpoint-steps`` (each inner step
-recomputed in the backward pass), both again with one backward per task (``--strategy
-task``: the graph of one task's adaptation at a time), and the clone-and-adapt loop a
-learn2learn user writes (one backward per task). Each figure is measured in a fresh
+recomputed in the backward pass), ``--order implicit`` (iMAML: the inner steps keep no
+graph; a proximal term of weight ``PROX`` and ``CG_STEPS`` conjugate-gradient steps; a
+different meta-gradient, so only its memory and time compare), all three again with one
+backward per task (``--strategy task``: the graph of one task's adaptation at a time), and
+the clone-and-adapt loop a learn2learn user writes (one backward per task). Each figure is measured in a fresh
 process, after one warm-up step on one task: the rise of the step's peak resident set (``VmHWM``, reset
 just before the step through ``/proc/self/clear_refs``) over the resident set then, in
 MB; the step's wall time beside it. ``ratio_10_to_1`` (``ratio_5_to_1`` with ``--quick``)
@@ -52,15 +54,20 @@ def _reset_peak() -> bool:
         return False
 
 
+PROX, CG_STEPS = 1.0, 5  # the implicit order's proximal weight and conjugate-gradient steps
+
+
 def run(path: str, model: MetaNet, net: torch.nn.Sequential, ep, steps: int) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
-    checkpoint = path.endswith("_checkpointed")
+    kw = {"order": "second", "checkpoint": path.endswith("_checkpointed")}
+    if path.endswith("_implicit"):
+        kw.update(order="implicit", prox=PROX, cg_steps=CG_STEPS)
     if path == "clone_loop":
         clone_step(net, ep, steps)
     elif path.startswith("ours_per_task"):
-        per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator().manual_seed(0), params, inner_steps=steps, order="second", checkpoint=checkpoint)
+        per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator().manual_seed(0), params, inner_steps=steps, **kw)
     else:
-        loss, _ = meta_loss(model, ep, inner_steps=steps, order="second", strategy="loop", checkpoint=checkpoint)
+        loss, _ = meta_loss(model, ep, inner_steps=steps, strategy="loop", **kw)
         torch.autograd.grad(loss, params, allow_unused=True)
 
 
@@ -92,7 +99,7 @@ def main() -> None:
         print(json.dumps(one(args.one[0], int(args.one[1]), tasks)))
         return
     steps = (1, 5) if args.quick else (1, 5, 10, 20)
-    paths = ("ours", "ours_checkpointed", "ours_per_task", "ours_per_task_checkpointed", "clone_loop")
+    paths = ("ours", "ours_checkpointed", "ours_implicit", "ours_per_task", "ours_per_task_checkpointed", "ours_per_task_implicit", "clone_loop")
     out: dict = {"bench": "memory", "quick": args.quick, "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "network": "conv4",
                  "setting": "5-way 1-shot, 15 queries, 28x28, second order", "meta_batch": tasks, "inner_steps": list(steps)}  # fmt: skip

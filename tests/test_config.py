@@ -38,6 +38,10 @@ def test_a_minutes_run_trains_for_its_minutes(tmp_path) -> None:
         ({"minutes": -1.0}, "config: minutes must be a finite number > 0 or null, got -1.0"),
         ({"checkpoint_steps": True, "precision": "bf16"}, "config: checkpoint_steps needs precision fp32: a recomputed step runs outside the forward's autocast; use one or the other"),
         ({"op_dropout": 0.2, "adapt_alpha": True}, "config: op_dropout does not reach an inner loop that adapts the architecture (adapt_alpha); use one or the other"),
+        ({"order": "implicit"}, "config: order implicit needs prox > 0, the weight of the proximal term its inner problem is solved with (iMAML's lambda, e.g. --prox 1.0)"),
+        ({"order": "implicit", "prox": 1.0, "inner_optimizer": "lstm"}, "config: order implicit differentiates the solution of a proximal inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not inner_optimizer lstm"),
+        ({"order": "implicit", "prox": 1.0, "precision": "bf16"}, "config: order implicit differentiates the solution of a proximal inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not precision bf16"),
+        ({"prox": -1.0}, "config: prox must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_a_bad_config_is_refused_when_built(given: dict, message: str) -> None:

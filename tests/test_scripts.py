@@ -44,7 +44,7 @@ def _numbers(d: object, path: str = "") -> list[tuple[str, float]]:
         pytest.param("precision", ["speedup_bf16_vs_fp32", "fp32.accuracy", "bf16.accuracy"], marks=_needs_omniglot),
         ("compile", ["step_ms.eager", "step_ms.compiled"]),
         ("data", ["load.first_load_s", "load.cached_load_s", "sampling.conv4_miniimagenet.share"]),
-        ("memory", ["ratio_5_to_1.ours", "ratio_5_to_1.ours_checkpointed", "ours_checkpointed.5.peak_rise_mb"]),
+        ("memory", ["ratio_5_to_1.ours", "ratio_5_to_1.ours_checkpointed", "ours_checkpointed.5.peak_rise_mb", "ratio_5_to_1.ours_implicit"]),
     ],
 )  # fmt: skip
 def test_quick_benchmark_prints_one_json_line(name: str, ratios: list[str]) -> None:
