@@ -225,6 +225,10 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
         clashes = [name for name, on in (("meta_sgd", cfg.meta_sgd), ("inner_optimizer " + cfg.inner_optimizer, cfg.inner_optimizer != "sgd"), ("adapt_alpha", cfg.adapt_alpha), ("checkpoint_steps", cfg.checkpoint_steps), ("precision " + cfg.precision, cfg.precision != "fp32"), ("head " + cfg.head, cfg.head != "linear")) if on]
         if clashes:
             raise ConfigError(f"{source}: order implicit differentiates the solution of a proximal inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not {clashes[0]}")
+        if cfg.compile:
+            # Measured (sinusoid, vmap): the compile failed after 35 s, "torch.compile with
+            # aot_autograd does not currently support double backward", and the run went on eager.
+            raise ConfigError(f"{source}: order implicit cannot be compiled: its Hessian-vector products are a double backward, which torch.compile does not support; use one or the other")
     if cfg.compile and cfg.precision != "fp32":
         # Measured: the compiled bf16 sinusoid step differed from eager bf16 by 1.8e-4, and
         # bf16 meta-gradients differ from fp32 ones by per cent; a tolerance that admits
