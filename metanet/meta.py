@@ -329,7 +329,8 @@ class MetaNet(nn.Module):
             a = self.arch.weights(logits, temperature) if adapt_alpha else c["alpha"]
             loss = task_loss(self.kind, self.predict(a, p, x, strategy), y)
             if prox:
-                loss = loss + 0.5 * prox * _task_dot({k: v - c[f"w0:{k}"] for k, v in p.items()}, {k: v - c[f"w0:{k}"] for k, v in p.items()})
+                away = {k: v - c[f"w0:{k}"] for k, v in p.items()}
+                loss = loss + 0.5 * prox * _task_dot(away, away)
             return loss
 
         def lr(name: str, c: dict[str, Tensor]) -> Tensor | float:
