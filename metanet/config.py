@@ -222,6 +222,8 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
     if cfg.order == "implicit":
         if not cfg.prox > 0:
             raise ConfigError(f"{source}: order implicit needs prox > 0, the weight of the proximal term its inner problem is solved with (iMAML's lambda, e.g. --prox 1.0)")
+        if cfg.inner_steps < 1:
+            raise ConfigError(f"{source}: order implicit needs inner_steps >= 1: its gradient is that of the proximal problem's solution, which the inner steps approach (got {cfg.inner_steps})")
         clashes = [name for name, on in (("meta_sgd", cfg.meta_sgd), ("inner_optimizer " + cfg.inner_optimizer, cfg.inner_optimizer != "sgd"), ("adapt_alpha", cfg.adapt_alpha), ("checkpoint_steps", cfg.checkpoint_steps), ("precision " + cfg.precision, cfg.precision != "fp32"), ("head " + cfg.head, cfg.head != "linear")) if on]
         if clashes:
             raise ConfigError(f"{source}: order implicit differentiates the solution of a proximal inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not {clashes[0]}")

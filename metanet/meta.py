@@ -448,15 +448,19 @@ def _conjugate_gradient(apply: Callable[[dict[str, Tensor]], dict[str, Tensor]],
     """``steps`` conjugate-gradient iterations for ``A x = rhs`` from ``x = 0``, every task
     its own system (``apply`` is ``x -> A x`` for all tasks at once, A block-diagonal by
     task). A task whose residual vanished, or whose search direction meets non-positive
-    curvature, stops where it is."""
+    curvature (``A`` need not be positive definite away from a minimum), stops where it
+    is; one that stops before its first step keeps ``rhs`` (``A`` taken as the identity:
+    the first-order answer) rather than 0."""
     x = {k: torch.zeros_like(v) for k, v in rhs.items()}
     r = dict(rhs)
     p = dict(rhs)
     rr = _task_dot(r, r)
+    moved = torch.zeros_like(rr, dtype=torch.bool)
     for _ in range(steps):
         ap = apply(p)
         pap = _task_dot(p, ap)
         ok = (pap > 0) & (rr > 0)
+        moved = moved | ok
         step = torch.where(ok, rr / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         x = {k: x[k] + _per_task(step, x[k]) * p[k] for k in x}
         r = {k: r[k] - _per_task(step, r[k]) * ap[k] for k in r}
@@ -464,7 +468,7 @@ def _conjugate_gradient(apply: Callable[[dict[str, Tensor]], dict[str, Tensor]],
         beta = torch.where(ok, rr_new / torch.where(ok, rr, torch.ones_like(rr)), torch.zeros_like(rr))
         p = {k: r[k] + _per_task(beta, p[k]) * p[k] for k in p}
         rr = rr_new
-    return x
+    return {k: torch.where(_per_task(moved, x[k]), x[k], rhs[k]) for k in x}
 
 
 def _per_task(s: Tensor, like: Tensor) -> Tensor:

@@ -102,7 +102,7 @@ def main() -> None:
     paths = ("ours", "ours_checkpointed", "ours_implicit", "ours_per_task", "ours_per_task_checkpointed", "ours_per_task_implicit", "clone_loop")
     out: dict = {"bench": "memory", "quick": args.quick, "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "network": "conv4",
-                 "setting": "5-way 1-shot, 15 queries, 28x28, second order", "meta_batch": tasks, "inner_steps": list(steps)}  # fmt: skip
+                 "setting": "5-way 1-shot, 15 queries, 28x28, second order; the _implicit paths iMAML", "meta_batch": tasks, "inner_steps": list(steps)}  # fmt: skip
     here = Path(__file__).resolve()
     for path in paths:
         out[path] = {}

@@ -46,6 +46,7 @@ import contextlib
 import copy
 import json
 import os
+import queue
 import socket
 import statistics
 import time
@@ -235,10 +236,20 @@ def processes(space_name: str, world: int, tasks: int, repeats: int, reuse: bool
     for p in procs:
         p.start()
     try:
-        med, arrays = results.get(timeout=3600)
-    finally:
+        while True:  # a process that dies leaves the others waiting in a collective: stop them all
+            try:
+                med, arrays = results.get(timeout=5)
+                break
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError(f"a benchmark process failed: exit codes {[p.exitcode for p in procs]}") from None
         for p in procs:
             p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
     if any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"a benchmark process failed: exit codes {[p.exitcode for p in procs]}")
     return med, [None if a is None else torch.from_numpy(a) for a in arrays]
@@ -338,7 +349,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-vmap", action="store_true", help="skip the vmap strategy (slow on CPU)")
     ap.add_argument("--space", default="conv4", choices=("conv4", "conv4_miniimagenet", "conv4_miniimagenet_64"), help="the conv4 network: Omniglot's 1x28x28, 64 channels (default), or mini-ImageNet's 3x84x84 with 32 or 64 channels")
-    ap.add_argument("--procs", type=int, default=None, help="also time ours and the clone loop on this many processes with one thread each, the meta-batch sharded as under torchrun (default: the thread count; 0 or 1: skip)")
+    ap.add_argument("--procs", type=int, default=None, help="also time ours and the clone loop on this many processes with one thread each, the meta-batch sharded as under torchrun (default: the thread count, at least 2; at most the meta-batch; 0 or 1: skip)")
     ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
     args = ap.parse_args()
     reused = reuse_freed_memory() if args.reuse_freed_memory else False
@@ -418,7 +429,7 @@ def main() -> None:
         "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward")},
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15),
     }
-    world = torch.get_num_threads() if args.procs is None else args.procs
+    world = min(max(2, torch.get_num_threads()) if args.procs is None else args.procs, tasks)  # every process needs a task
     if world > 1:
         # one process's meta-gradient at one thread, as the processes run (float32 sums
         # in another order differ by more than the all-reduce's rounding on this step)

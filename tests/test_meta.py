@@ -341,3 +341,26 @@ def test_implicit_order_needs_a_proximal_term():
     model = _tiny_model()
     with pytest.raises(ValueError, match="prox > 0"):
         meta_loss(model, _image_episode(), inner_steps=1, order="implicit")
+
+
+def test_conjugate_gradient_solves_each_tasks_system_and_falls_back_on_negative_curvature():
+    """``_conjugate_gradient`` (the implicit order's solver) against ``torch.linalg.solve`` on
+    three tasks' own positive definite systems (float64, as many steps as unknowns), and a
+    task whose matrix is negative definite keeps the right-hand side (the first-order answer)."""
+    from metanet.meta import _conjugate_gradient
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    a = m @ m.transpose(1, 2) + 0.5 * torch.eye(6, dtype=torch.float64)
+    a[2] = -a[2]  # the third task: negative curvature from the first step
+    rhs = torch.randn(3, 6, generator=g, dtype=torch.float64)
+
+    def apply(v):  # two "weights" per task: the first 2 and the last 4 unknowns
+        x = torch.cat([v["u"], v["w"].flatten(1)], 1)
+        y = torch.einsum("bij,bj->bi", a, x)
+        return {"u": y[:, :2], "w": y[:, 2:].reshape(3, 2, 2)}
+
+    out = _conjugate_gradient(apply, {"u": rhs[:, :2], "w": rhs[:, 2:].reshape(3, 2, 2)}, steps=6)
+    got = torch.cat([out["u"], out["w"].flatten(1)], 1)
+    torch.testing.assert_close(got[:2], torch.linalg.solve(a[:2], rhs[:2]), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(got[2], rhs[2])
