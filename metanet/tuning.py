@@ -44,11 +44,11 @@ from .plan import ExecOptions, compile
 __all__ = ["PathChoice", "choose_paths", "step_timer", "candidates", "path_key", "cpu_model", "REFERENCE", "MARGIN"]
 
 log = logging.getLogger(__name__)
-REFERENCE = ExecOptions(stem_im2col=False, channels_last=False, group_edges=False, native_norm=False, stem_fold=False)
+_FLAGS = ("channels_last", "stem_im2col", "group_edges", "native_norm", "stem_fold")  # ExecOptions' switches
+REFERENCE = ExecOptions(**{name: False for name in _FLAGS})  # every fast path off
 # a candidate replaces the best so far only when faster by more than timing noise: paths
 # that do not apply to a space (edge groups on conv4) time the same up to noise
 MARGIN = 0.97
-_FLAGS = ("channels_last", "stem_im2col", "group_edges", "native_norm", "stem_fold")  # ExecOptions' switches
 _VERSION = 3  # of the cache file's layout and candidates (2: the per-task backward; 3: convolution stems channels-last and folded)
 
 

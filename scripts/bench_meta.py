@@ -158,11 +158,12 @@ def reference_paths(model: MetaNet) -> Iterator[None]:
         model.plan = plan
 
 
-def grads_of(params: list[torch.Tensor], step: Callable[[], None]) -> list[torch.Tensor]:
+def grads_of(params: list[torch.Tensor], step: Callable[[], None]) -> list[torch.Tensor | None]:
+    """The gradients ``step`` leaves in ``params`` (None where it leaves none)."""
     for p in params:
         p.grad = None
     step()
-    return [p.grad.detach().clone() for p in params]
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
 
 
 def build(space_name: str) -> tuple[MetaNet, nn.Sequential]:
@@ -235,14 +236,20 @@ def processes(space_name: str, world: int, tasks: int, repeats: int, reuse: bool
     procs = [ctx.Process(target=process_worker, args=(r, world, port, space_name, tasks, repeats, reuse, results)) for r in range(world)]
     for p in procs:
         p.start()
+
+    def check(finished: bool) -> None:
+        """Raise if a process failed (or, once all should have ended, did not end cleanly)."""
+        codes = [p.exitcode for p in procs]
+        if any(c not in ((0,) if finished else (None, 0)) for c in codes):
+            raise RuntimeError(f"a benchmark process failed: exit codes {codes}")
+
     try:
         while True:  # a process that dies leaves the others waiting in a collective: stop them all
             try:
                 med, arrays = results.get(timeout=5)
                 break
             except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(f"a benchmark process failed: exit codes {[p.exitcode for p in procs]}") from None
+                check(finished=False)
         for p in procs:
             p.join(timeout=60)
     finally:
@@ -250,8 +257,7 @@ def processes(space_name: str, world: int, tasks: int, repeats: int, reuse: bool
             if p.is_alive():
                 p.terminate()
                 p.join()
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"a benchmark process failed: exit codes {[p.exitcode for p in procs]}")
+    check(finished=True)
     return med, [None if a is None else torch.from_numpy(a) for a in arrays]
 
 
@@ -433,12 +439,9 @@ def main() -> None:
     if world > 1:
         # one process's meta-gradient at one thread, as the processes run (float32 sums
         # in another order differ by more than the all-reduce's rounding on this step)
-        params, threads = trainable(model), torch.get_num_threads()
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        for p in params:
-            p.grad = None
-        ours_step(model, ep, "loop")
-        single = [p.grad for p in params]
+        single = grads_of(trainable(model), lambda: ours_step(model, ep, "loop"))
         torch.set_num_threads(threads)
         med_p, grads_p = processes(args.space, world, tasks, repeats, reused)
         diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads_p, single) if b is not None)
