@@ -111,7 +111,7 @@ class TrainConfig:
     inner_steps: int = _field(1, "nonneg_int", "inner-loop (adaptation) steps per task during meta-training")
     eval_inner_steps: int = _field(10, "nonneg_int", "adaptation steps when validating")
     order: str = _field("second", ORDERS, "meta-gradient: second (MAML), first (first-order MAML), reptile, or implicit (iMAML: the implicit gradient of a proximal inner problem, memory independent of --inner-steps; needs --prox)")
-    prox: float = _field(0.0, "nonneg_float", "weight lambda of a proximal term lambda/2 |w - w0|^2 in each task's support loss during meta-training, tying the adapted weights to the generated ones (iMAML's regulariser; order implicit needs it > 0)")
+    prox: float = _model("prox", "nonneg_float", "weight lambda of a proximal term lambda/2 |w - w0|^2 in each task's support loss, tying the adapted weights to the generated ones, in meta-training and in evaluation alike (iMAML's regulariser; order implicit needs it > 0)")
     cg_steps: int = _field(5, "pos_int", "order implicit: conjugate-gradient steps that solve for the implicit meta-gradient")
     beta: float = _field(1e-3, "nonneg_float", "weight of the VAE's KL term in the outer loss")
     entropy_weight: float = _field(0.0, "finite", "weight of the architecture's mean edge entropy in the outer loss (> 0 pushes towards one op per edge)")

@@ -69,6 +69,7 @@ class ModelConfig:
     dim: int = 64  # task embedding
     latent: int = 32  # VAE latent
     inner_lr: float = 0.01
+    prox: float = 0.0  # every inner loop's proximal weight: support loss + prox / 2 |w - w0|^2 (iMAML's lambda)
     meta_sgd: bool = False  # learn a step size per weight
     adapt_alpha: bool = False  # the inner loop also adapts the alpha logits
     alpha_lr: float = 0.1
@@ -298,7 +299,7 @@ class MetaNet(nn.Module):
             return run(self.plan, alpha, params, x, fused=self.config.fused, strategy=strategy, features=True)
         return self.head(feats(episode.support_x), episode.support_y, feats(episode.query_x), self.space.task.outputs)
 
-    def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0, checkpoint: bool = False, prox: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    def adapt(self, gen: Generated, x: Tensor, y: Tensor, steps: int, *, create_graph: bool, strategy: str = "loop", temperature: float = 1.0, checkpoint: bool = False, prox: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``steps`` inner SGD steps (``sgd``) on the support sets of all tasks at once.
 
         With ``create_graph`` the steps stay differentiable (second order); without, they
@@ -306,10 +307,12 @@ class MetaNet(nn.Module):
         the generators unchanged (first order). With ``adapt_alpha`` the architecture
         logits take steps too, of size ``alpha_lr``. ``checkpoint``: recompute each
         second-order step in the backward pass instead of keeping its activations (see
-        ``sgd``). ``prox``: each task's support loss gets ``prox / 2 * |w - w0|^2``, the
-        distance of its weights from the generated ones ``w0`` (iMAML's proximal term).
-        Returns the (possibly adapted) op weights and the adapted weights.
+        ``sgd``). ``prox`` (default ``config.prox``): each task's support loss gets
+        ``prox / 2 * |w - w0|^2``, the distance of its weights from the generated ones
+        ``w0`` (iMAML's proximal term). Returns the (possibly adapted) op weights and the
+        adapted weights.
         """
+        prox = self.config.prox if prox is None else prox
         if self.head is not None and steps:
             raise ValueError(f"the {self.config.head} head compares queries with the support set; it has no inner loop (inner steps must be 0, got {steps})")
         adapt_alpha = self.config.adapt_alpha and gen.logits is not None
@@ -505,14 +508,14 @@ def _implicit_term(model: MetaNet, gen: Generated, alpha: Tensor, adapted: dict[
     return term - term.detach() if isinstance(term, Tensor) else objective.new_zeros(())
 
 
-def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None, op_dropout: float = 0.0, param_prior: float = 0.0, checkpoint: bool = False, prox: float = 0.0, cg_steps: int = 5) -> tuple[Tensor, dict[str, float]]:
+def meta_loss(model: MetaNet, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, gumbel: bool = False, hard: bool = False, strategy: str = "loop", generator: torch.Generator | None = None, op_dropout: float = 0.0, param_prior: float = 0.0, checkpoint: bool = False, prox: float | None = None, cg_steps: int = 5) -> tuple[Tensor, dict[str, float]]:
     """The outer objective for one meta-batch, and its metrics: ``MetaNet.generate`` (drawing
     the VAE, Gumbel and op-dropout noise from ``generator``), then ``outer_loss``."""
     gen = model.generate(episode.support_x, episode.support_y, episode.metadata, temperature=temperature, gumbel=gumbel, hard=hard, sample=model.config.weights == "vae", generator=generator, strategy=strategy, op_dropout=op_dropout)
     return outer_loss(model, gen, episode, inner_steps=inner_steps, order=order, beta=beta, entropy_weight=entropy_weight, temperature=temperature, strategy=strategy, param_prior=param_prior, checkpoint=checkpoint, prox=prox, cg_steps=cg_steps)
 
 
-def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, strategy: str = "loop", param_prior: float = 0.0, checkpoint: bool = False, prox: float = 0.0, cg_steps: int = 5) -> tuple[Tensor, dict[str, float]]:
+def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, order: str = "second", beta: float = 1e-3, entropy_weight: float = 0.0, temperature: float = 1.0, strategy: str = "loop", param_prior: float = 0.0, checkpoint: bool = False, prox: float | None = None, cg_steps: int = 5) -> tuple[Tensor, dict[str, float]]:
     """The outer objective of generated networks ``gen`` for ``episode``'s tasks.
 
     ``second``: backpropagate through the inner steps. ``first``: treat the inner gradients
@@ -521,8 +524,9 @@ def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, ord
     steps descend the support loss plus ``prox / 2 * |w - w0|^2`` without a graph, and the
     generated weights ``w0`` get the implicit gradient ``(I + H / prox)^-1 g`` (``cg_steps``
     conjugate-gradient steps; ``_implicit_term``); the op weights get the query loss's
-    direct gradient only, not their effect through the adapted weights. ``prox`` adds the
-    proximal term to the other orders' inner loops too. ``param_prior`` weighs the
+    direct gradient only, not their effect through the adapted weights. ``prox`` (default
+    the model's ``ModelConfig.prox``, which evaluation adapts with too) adds the proximal
+    term to the other orders' inner loops as well. ``param_prior`` weighs the
     share of the tempered architecture softmax on parameter-free ops (a prior against
     the collapse to ops that need no training); ``entropy_weight`` its mean edge entropy.
     ``checkpoint``: recompute each second-order inner step in the backward pass (memory
@@ -530,6 +534,7 @@ def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, ord
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    prox = model.config.prox if prox is None else prox
     if order == "implicit" and not prox > 0:
         raise ValueError(f"order implicit needs a proximal term prox > 0 (iMAML's lambda), got {prox!r}")
     alpha, adapted = model.adapt(gen, episode.support_x, episode.support_y, inner_steps, create_graph=order == "second", strategy=strategy, temperature=temperature, checkpoint=checkpoint, prox=prox)
@@ -568,12 +573,22 @@ def outer_loss(model: MetaNet, gen: Generated, episode, *, inner_steps: int, ord
 # --------------------------------------------------------------------- evaluation path
 
 
-def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: Callable[[str], Tensor | float], kind: str, rule: LSTMRule | None = None, after_step: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, Tensor]:
+def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: Callable[[str], Tensor | float], kind: str, rule: LSTMRule | None = None, after_step: Callable[[int, dict[str, Tensor]], None] | None = None, prox: float = 0.0, anchor: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """``steps`` SGD steps (``sgd``, the training inner loop's routine) of one task's
     discrete network on ``(x, y)``; returns new weights (``after_step``: as ``sgd``). Where
     every edge into a cell was dropped, the weights before it do not reach the output, and
-    their step is zero."""
-    return sgd(lambda p, c: task_loss(kind, forward_genotype(plan, genotype, p, x), y), params, steps, lambda name, c: lr(name), create_graph=False, rule=rule, after_step=after_step)
+    their step is zero. ``prox``: the loss gets ``prox / 2 * |w - w0|^2`` as in training
+    (``MetaNet.adapt``), ``w0`` the weights ``anchor`` (default ``params``: the generated
+    ones when adapting from them)."""
+    w0 = {k: v.detach() for k, v in (params if anchor is None else anchor).items()}
+
+    def loss(p: dict[str, Tensor], c: dict[str, Tensor]) -> Tensor:
+        out = task_loss(kind, forward_genotype(plan, genotype, p, x), y)
+        if prox:
+            out = out + 0.5 * prox * sum(((v - w0[k]) ** 2).sum() for k, v in p.items())
+        return out
+
+    return sgd(loss, params, steps, lambda name, c: lr(name), create_graph=False, rule=rule, after_step=after_step)
 
 
 @dataclass
@@ -611,9 +626,12 @@ def generate_networks(model: MetaNet, episode, *, sample: bool = False, ways: in
     return out
 
 
-def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, steps: int) -> tuple[float, dict[str, Tensor]]:
+def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, steps: int, anchor: Mapping[str, Tensor] | None = None) -> tuple[float, dict[str, Tensor]]:
     """Adapt one generated network ``steps`` steps on its support set and score the query set.
 
+    The steps descend the support loss plus the model's proximal term
+    (``ModelConfig.prox``) towards ``anchor``, the generated weights (default
+    ``net.params``; give them when ``net`` holds weights already adapted some steps).
     Returns the query metric (accuracy or MSE) and the adapted weights. An episodic head
     (``heads.py``) has no inner loop: it classifies the queries from the support set's
     features, whatever ``steps``.
@@ -624,7 +642,7 @@ def evaluate_task(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y
             sf, qf = (forward_genotype(model.plan, net.genotype, net.params, x, features=True) for x in (support_x, query_x))
             pred = model.head(sf[None], support_y[None], qf[None], int(support_y.max()) + 1)
         return float(task_metric(model.kind, pred, query_y[None])[0]), net.params
-    params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, model.step_size, model.kind, model.inner_rule)
+    params = adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, steps, model.step_size, model.kind, model.inner_rule, prox=model.config.prox, anchor=anchor)
     return _query_metric(model, net.genotype, params, query_x, query_y), params
 
 
@@ -658,9 +676,9 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
                 for k, score in _scores_along(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], ks).items():
                     scores[k].append(score)
                 continue
-            done = 0
+            done, generated = 0, net.params
             for k in ks:
-                score, params = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], k - done)
+                score, params = evaluate_task(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], k - done, anchor=generated)
                 scores[k].append(score)
                 if model.head is not None:  # no inner loop: the same score at every step count
                     scores.update({j: scores[j] + [score] for j in ks if j != k})
@@ -681,7 +699,7 @@ def _scores_along(model: MetaNet, net: TaskNetwork, support_x: Tensor, support_y
     out = {0: score(net.params)} if 0 in ks else {}
     keep = set(ks)
     adapt_discrete(model.plan, net.genotype, net.params, support_x, support_y, max(ks), model.step_size, model.kind, model.inner_rule,
-                   after_step=lambda i, p: out.update({i: score(p)}) if i in keep else None)  # fmt: skip
+                   after_step=lambda i, p: out.update({i: score(p)}) if i in keep else None, prox=model.config.prox)  # fmt: skip
     return out
 
 

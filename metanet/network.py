@@ -7,7 +7,7 @@ genotype's weights as parameters, whose ``forward`` is ``executor.forward_genoty
 No generator code is needed to run, fine-tune, save, reload or export it.
 
 Generation is ``meta.generate_networks`` and optional adaptation is ``meta.adapt_discrete``
-with the model's step sizes, exactly as ``meta.evaluate_task`` calls it: the network a
+with the model's step sizes and proximal term, exactly as ``meta.evaluate_task`` calls it: the network a
 user gets is the network that validation scores.
 
 A saved network is a folder (``GeneratedNetwork.save``, written whole or not at all)::
@@ -513,7 +513,7 @@ def generate(run_or_model: MetaNet | str | Path, support_x: Any, support_y: Any,
         support_y: ``(N,)`` class ids, or ``(N,)`` / ``(N, outputs)`` regression targets.
         metadata: the task's family id (models trained with metadata; -1: unknown).
         adapt_steps: inner-loop steps on the support set after generation, with the
-            model's step sizes (as ``meta.evaluate_task``).
+            model's step sizes and proximal term (as ``meta.evaluate_task``).
         sample: draw the VAE latent (global torch RNG) instead of taking its mean.
 
     Returns:
@@ -555,7 +555,7 @@ def _generate(model: MetaNet, x: Tensor, y: Tensor, meta: Tensor | None, adapt_s
         adapt_ms = 0.0
         if adapt_steps:
             start = time.perf_counter()
-            params = adapt_discrete(model.plan, net.genotype, net.params, x[b], y[b], adapt_steps, model.step_size, model.kind, model.inner_rule)
+            params = adapt_discrete(model.plan, net.genotype, net.params, x[b], y[b], adapt_steps, model.step_size, model.kind, model.inner_rule, prox=model.config.prox)
             with torch.no_grad():
                 for name, value in params.items():
                     getattr(module, safe_name(name)).copy_(value)

@@ -123,7 +123,7 @@ def build_model(cfg: TrainConfig, space: SearchSpace, n_families: int) -> MetaNe
 def step_keywords(cfg: TrainConfig, strategy: str) -> dict[str, Any]:
     """``meta_loss``'s keyword arguments for a config's meta-step (all but the noise)."""
     return {"inner_steps": cfg.inner_steps, "order": cfg.order, "beta": cfg.beta, "entropy_weight": cfg.entropy_weight, "gumbel": cfg.gumbel, "hard": cfg.hard,
-            "strategy": strategy, "op_dropout": cfg.op_dropout, "param_prior": cfg.param_prior, "checkpoint": cfg.checkpoint_steps, "prox": cfg.prox, "cg_steps": cfg.cg_steps}  # fmt: skip
+            "strategy": strategy, "op_dropout": cfg.op_dropout, "param_prior": cfg.param_prior, "checkpoint": cfg.checkpoint_steps, "cg_steps": cfg.cg_steps}  # fmt: skip
 
 
 def reuse_freed_memory() -> bool:

@@ -470,7 +470,7 @@ def _fused_check(model: MetaNet, ep: Episode, cfg: TrainConfig, tasks: int = 4) 
         m = MetaNet(model.space, model.encoder.n_families, dataclasses.replace(model.config, fused=fused))
         m.load_state_dict(model.state_dict())
         m.double().train()
-        loss, _ = meta_loss(m, ep64, inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, strategy="loop", generator=torch.Generator().manual_seed(0), prox=cfg.prox, cg_steps=cfg.cg_steps)
+        loss, _ = meta_loss(m, ep64, inner_steps=cfg.inner_steps, order=cfg.order, beta=cfg.beta, strategy="loop", generator=torch.Generator().manual_seed(0), cg_steps=cfg.cg_steps)
         losses["fused" if fused else "unfused"] = float(loss.detach())
     diff = abs(losses["fused"] - losses["unfused"])
     return {**losses, "abs_diff": diff, "rel_diff": diff / max(abs(losses["fused"]), 1e-12), "dtype": "float64", "tasks": b}

@@ -341,6 +341,45 @@ def test_implicit_order_needs_a_proximal_term():
     model = _tiny_model()
     with pytest.raises(ValueError, match="prox > 0"):
         meta_loss(model, _image_episode(), inner_steps=1, order="implicit")
+    # the model's own proximal weight (ModelConfig.prox) is the default
+    kw = dict(inner_steps=2, order="implicit", cg_steps=3)
+    given, _ = meta_loss(model, _image_episode(), prox=0.5, generator=torch.Generator().manual_seed(1), **kw)
+    own, _ = meta_loss(_tiny_model(prox=0.5), _image_episode(), generator=torch.Generator().manual_seed(1), **kw)
+    assert own.item() == given.item()
+
+
+def test_evaluation_adapts_with_the_models_proximal_term():
+    """Evaluation and generation adapt as the model was trained: on the support loss plus
+    prox/2 |w - w0|^2, w0 the generated weights (float64). The adapted weights equal SGD on
+    that loss by hand and differ from steps without the term; scoring after 1 and 4 steps
+    in one pass equals 4 steps alone (the term keeps pulling towards the generated weights,
+    not towards those after the first step)."""
+    from metanet.executor import forward_genotype
+    from metanet.meta import evaluate, evaluate_task, generate_networks
+    from metanet.network import generate
+
+    prox, lr = 2.0, 0.05
+    torch.manual_seed(0)
+    model = MetaNet(spaces.loads(SMOOTH_MLP), 0, ModelConfig(dim=8, latent=4, arch="shared", inner_lr=lr, prox=prox)).double().eval()
+    ep = _sinusoid64()
+    net = generate_networks(model, ep)[0]
+    x, y = ep.support_x[0], ep.support_y[0]
+    w = dict(net.params)
+    for _ in range(4):
+        p = {k: v.detach().requires_grad_() for k, v in w.items()}
+        loss = task_loss(model.kind, forward_genotype(model.plan, net.genotype, p, x), y)
+        loss = loss + prox / 2 * sum(((p[k] - net.params[k]) ** 2).sum() for k in p)
+        w = {k: (p[k] - lr * g).detach() for k, g in zip(p, torch.autograd.grad(loss, list(p.values())))}
+    _, adapted = evaluate_task(model, net, x, y, ep.query_x[0], ep.query_y[0], 4)
+    for k in w:
+        torch.testing.assert_close(adapted[k], w[k], rtol=1e-12, atol=1e-14, msg=k)
+    emitted = generate(model, x, y, adapt_steps=4)  # metanet generate --adapt-steps
+    for k, v in emitted.module.state_dict().items():
+        torch.testing.assert_close(v, w[k.replace("__", ".")], rtol=1e-12, atol=1e-14, msg=k)
+    assert evaluate(model, [ep], [1, 4])[4]["mean"] == pytest.approx(evaluate(model, [ep], 4)["mean"], rel=1e-12)
+    model.config = dataclasses.replace(model.config, prox=0.0)
+    _, plain = evaluate_task(model, net, x, y, ep.query_x[0], ep.query_y[0], 4)
+    assert max(float((plain[k] - w[k]).abs().max()) for k in w) > 1e-4
 
 
 def test_conjugate_gradient_solves_each_tasks_system_and_falls_back_on_negative_curvature():
