@@ -348,6 +348,31 @@ def test_implicit_order_needs_a_proximal_term():
     assert own.item() == given.item()
 
 
+def test_an_implicit_run_validates_and_reloads_with_its_proximal_term(tmp_path):
+    """``--order implicit --prox`` end to end: the run trains, its config.yaml gives the
+    loaded model the proximal weight, and the validation it recorded after its last step is
+    what ``evaluate`` gives the loaded model with the term, and not without it."""
+    import json
+
+    from metanet.meta import evaluate
+    from metanet.tasks import fixed_episodes
+    from metanet.trainer import build_tasks
+
+    cfg = TrainConfig(space="mlp_regression", tasks="sinusoid", steps=6, meta_batch=4, inner_steps=2, order="implicit", prox=2.0, cg_steps=3,
+                      eval_inner_steps=3, val_every=6, val_tasks=8, log_every=1, strategy="loop", seed=1)  # fmt: skip
+    out = train(cfg, tmp_path / "run")
+    assert out["step"] == 6 and out["nonfinite"] == 0
+    model, loaded = load_run(tmp_path / "run", "last")
+    assert loaded.prox == model.config.prox == 2.0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recorded = [r["val"]["mean"] for r in rows if "val" in r]
+    assert len(recorded) == 1
+    episodes = fixed_episodes(build_tasks(cfg, "val", queries=cfg.queries, space=model.space), 8, 4, seed=cfg.seed + 10_000)
+    assert evaluate(model, episodes, 3)["mean"] == pytest.approx(recorded[0], rel=1e-6)
+    model.config = dataclasses.replace(model.config, prox=0.0)
+    assert evaluate(model, episodes, 3)["mean"] != pytest.approx(recorded[0], rel=1e-3)
+
+
 def test_evaluation_adapts_with_the_models_proximal_term():
     """Evaluation and generation adapt as the model was trained: on the support loss plus
     prox/2 |w - w0|^2, w0 the generated weights (float64). The adapted weights equal SGD on
