@@ -7,8 +7,8 @@ genotype's weights as parameters, whose ``forward`` is ``executor.forward_genoty
 No generator code is needed to run, fine-tune, save, reload or export it.
 
 Generation is ``meta.generate_networks`` and optional adaptation is ``meta.adapt_discrete``
-with the model's step sizes and proximal term, exactly as ``meta.evaluate_task`` calls it: the network a
-user gets is the network that validation scores.
+with the model's step sizes and proximal term, exactly as ``meta.evaluate_task`` calls it:
+the network a user gets is the network that validation scores.
 
 A saved network is a folder (``GeneratedNetwork.save``, written whole or not at all)::
 
