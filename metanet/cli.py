@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("run", help="run directory")
     ge.add_argument("--support", required=True, help=".npz with x (N, *input) and y (N,) or (N, outputs)")
     ge.add_argument("--metadata", help="task family id (or family name for multimodal runs)")
-    ge.add_argument("--adapt-steps", dest="adapt_steps", type=_nonneg_int, default=0, help="inner-loop steps on the support set")
+    ge.add_argument("--adapt-steps", dest="adapt_steps", type=_nonneg_int, default=0, help="inner-loop steps on the support set (with the model's step sizes and proximal term, as in validation)")
     ge.add_argument("--sample", action="store_true", help="sample the weight latent instead of taking its mean")
     ge.add_argument("--out", required=True, help="output folder")
     ge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")

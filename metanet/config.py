@@ -217,6 +217,8 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: checkpoint_steps does not carry the LSTM inner optimizer's state through a recomputed step; use one or the other")
     if cfg.head != "linear" and (cfg.inner_steps or cfg.eval_inner_steps):
         raise ConfigError(f"{source}: head {cfg.head} compares queries with the support set and has no inner loop; give inner_steps 0 and eval_inner_steps 0 (got {cfg.inner_steps} and {cfg.eval_inner_steps})")
+    if cfg.head != "linear" and cfg.prox > 0:
+        raise ConfigError(f"{source}: head {cfg.head} has no inner loop for prox to act in; give prox 0 (got {cfg.prox})")
     if cfg.head != "linear" and cfg.order == "reptile":
         raise ConfigError(f"{source}: head {cfg.head} has no inner steps, and reptile's update comes from inner steps; use order second or first")
     if cfg.order == "implicit":

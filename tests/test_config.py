@@ -42,6 +42,7 @@ def test_a_minutes_run_trains_for_its_minutes(tmp_path) -> None:
         ({"order": "implicit", "prox": 1.0, "inner_optimizer": "lstm"}, "config: order implicit differentiates the solution of a proximal inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not inner_optimizer lstm"),
         ({"order": "implicit", "prox": 1.0, "precision": "bf16"}, "config: order implicit differentiates the solution of a proximal inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not precision bf16"),
         ({"prox": -1.0}, "config: prox must be a finite number >= 0, got -1.0"),
+        ({"head": "matching", "inner_steps": 0, "eval_inner_steps": 0, "prox": 1.0}, "config: head matching has no inner loop for prox to act in; give prox 0 (got 1.0)"),
         ({"order": "implicit", "prox": 1.0, "inner_steps": 0}, "config: order implicit needs inner_steps >= 1: its gradient is that of the proximal problem's solution, which the inner steps approach (got 0)"),
         ({"order": "implicit", "prox": 1.0, "compile": True}, "config: order implicit cannot be compiled: its Hessian-vector products are a double backward, which torch.compile does not support; use one or the other"),
     ],

@@ -358,7 +358,7 @@ def test_an_implicit_run_validates_and_reloads_with_its_proximal_term(tmp_path):
     from metanet.tasks import fixed_episodes
     from metanet.trainer import build_tasks
 
-    cfg = TrainConfig(space="mlp_regression", tasks="sinusoid", steps=6, meta_batch=4, inner_steps=2, order="implicit", prox=2.0, cg_steps=3,
+    cfg = TrainConfig(space="mlp_regression", tasks="sinusoid", steps=6, meta_batch=4, inner_steps=2, inner_lr=0.05, order="implicit", prox=2.0, cg_steps=3,
                       eval_inner_steps=3, val_every=6, val_tasks=8, log_every=1, strategy="loop", seed=1)  # fmt: skip
     out = train(cfg, tmp_path / "run")
     assert out["step"] == 6 and out["nonfinite"] == 0
@@ -370,7 +370,7 @@ def test_an_implicit_run_validates_and_reloads_with_its_proximal_term(tmp_path):
     episodes = fixed_episodes(build_tasks(cfg, "val", queries=cfg.queries, space=model.space), 8, 4, seed=cfg.seed + 10_000)
     assert evaluate(model, episodes, 3)["mean"] == pytest.approx(recorded[0], rel=1e-6)
     model.config = dataclasses.replace(model.config, prox=0.0)
-    assert evaluate(model, episodes, 3)["mean"] != pytest.approx(recorded[0], rel=1e-3)
+    assert evaluate(model, episodes, 3)["mean"] != pytest.approx(recorded[0], rel=1e-2)
 
 
 def test_evaluation_adapts_with_the_models_proximal_term():
