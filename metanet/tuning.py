@@ -8,7 +8,9 @@ else the earlier candidate: the fast paths first). The candidates are the fast p
 under the three strategies (loop, vmap, and ``task``: the loop with one backward per
 task), each fast path turned off alone, and every reference path at
 once, so the choice is never slower than the reference by more than that 3% margin, as
-measured.
+measured. A candidate that runs exactly as one already timed (a switch that does not
+apply to the space, such as edge groups on conv4) is not timed again, so timing noise
+cannot choose it.
 
 The choice is cached per machine and shape: one JSON file per key under
 ``<cache>/paths/`` (``METANET_CACHE``, else ``~/.cache/metanet``), written to a temporary
@@ -39,9 +41,9 @@ import torch
 
 from .distributed import PER_TASK, meta_gradients
 from .meta import MetaNet, precision
-from .plan import ExecOptions, compile
+from .plan import ExecOptions, Plan, compile
 
-__all__ = ["PathChoice", "choose_paths", "step_timer", "candidates", "path_key", "cpu_model", "REFERENCE", "MARGIN"]
+__all__ = ["PathChoice", "choose_paths", "step_timer", "candidates", "runs_as", "path_key", "cpu_model", "REFERENCE", "MARGIN"]
 
 log = logging.getLogger(__name__)
 _FLAGS = ("channels_last", "stem_im2col", "group_edges", "native_norm", "stem_fold")  # ExecOptions' switches
@@ -83,7 +85,8 @@ def cpu_model() -> str:
 def candidates(image: bool) -> list[tuple[str, str, ExecOptions]]:
     """``(label, strategy, options)`` to time: the fast paths under loop, vmap and the per-task
     backward (``task``), then (image
-    spaces, where the layouts apply) each fast path off alone and all of them off."""
+    spaces, where the layouts apply) each fast path off alone and all of them off.
+    ``choose_paths`` skips a candidate that runs as one already timed (``runs_as``)."""
     fast = ExecOptions()
     out = [("loop", "loop", fast), ("vmap", "vmap", fast), (PER_TASK, PER_TASK, fast)]
     if image:
@@ -91,6 +94,14 @@ def candidates(image: bool) -> list[tuple[str, str, ExecOptions]]:
             out.append((f"-{name}", "", dataclasses.replace(fast, **{name: False})))
         out.append(("reference", "", REFERENCE))
     return out
+
+
+def runs_as(plan: Plan) -> tuple[bool, ...]:
+    """``plan``'s switches as they change its execution: edge groups only where a cell has
+    any, the native norm only where the space normalises (a folded convolution stem and the
+    channels-last layouts are already off in a plan where they do not apply)."""
+    groups = plan.group_edges and any(cp.groups for cp in plan.cells)
+    return (plan.stem_im2col, plan.stem_channels_last, plan.channels_last, groups, plan.native_norm and plan.space.norm == "batch", plan.stem_fold)
 
 
 def path_key(model: MetaNet, episode: Any, step: Mapping[str, Any], precision_name: str) -> dict[str, Any]:
@@ -191,10 +202,15 @@ def choose_paths(model: MetaNet, episode: Any, step: Mapping[str, Any], precisio
     timer = timer or step_timer(model, episode, step, precision_name)
     times: dict[str, float] = {}
     best: tuple[float, str, ExecOptions] | None = None
+    timed: set[tuple[str, tuple[bool, ...]]] = set()
     for label, strategy, options in candidates(model.plan.image):
         strategy = strategy or best[1]  # the option candidates: under the faster strategy
         if label.startswith(("-", "reference")):
             label = f"{strategy} {label}"
+        execution = (strategy, runs_as(compile(model.space, options)))
+        if execution in timed:  # a switch that does not apply to this space: the same run again
+            continue
+        timed.add(execution)
         times[label] = timer(strategy, options)
         if best is None or times[label] < MARGIN * best[0]:
             best = (times[label], strategy, options)

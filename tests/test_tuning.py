@@ -12,10 +12,10 @@ import torch
 
 from metanet import space as spaces
 from metanet.meta import MetaNet, ModelConfig
-from metanet.plan import ExecOptions
+from metanet.plan import ExecOptions, compile
 from metanet.tasks import Episode
 from metanet.trainer import TrainConfig, train
-from metanet.tuning import REFERENCE, candidates, choose_paths, path_key
+from metanet.tuning import REFERENCE, candidates, choose_paths, path_key, runs_as
 
 STEP = {"inner_steps": 1, "order": "second", "strategy": "auto"}
 
@@ -130,7 +130,24 @@ def test_timing_the_real_meta_step_tries_every_candidate_and_restores_the_plan()
     plan = model.plan
     choice = choose_paths(model, ep, STEP)
     assert model.plan is plan and all(p.grad is None for p in model.parameters())
-    assert len(choice.times) == len(candidates(True)) and all(t > 0 for t in choice.times.values())
+    distinct = {(s or choice.strategy, runs_as(compile(model.space, o))) for _, s, o in candidates(True)}
+    assert len(choice.times) == len(distinct) and all(t > 0 for t in choice.times.values())
+
+
+def test_a_switch_that_does_not_apply_is_not_timed_and_cannot_be_chosen() -> None:
+    """conv4 has an im2col stem (no convolution stem to fold) and no edge groups: turning
+    those switches off runs the same step, so it is not timed again, and a noisy faster
+    measurement of it cannot be chosen (it was, as "loop, without stem_fold", once)."""
+    torch.manual_seed(0)
+    model = MetaNet(spaces.load("conv4"), 0, ModelConfig(arch="fixed", weights="off", proto_head=False, use_metadata=False))
+    g = torch.Generator().manual_seed(0)
+    ep = Episode(torch.randn(2, 5, 1, 28, 28, generator=g), torch.arange(5).expand(2, 5).contiguous(), torch.randn(2, 5, 1, 28, 28, generator=g), torch.arange(5).expand(2, 5).contiguous())
+    inert = [dataclasses.replace(ExecOptions(), **{name: False}) for name in ("stem_fold", "group_edges")]
+    calls: list = []
+    choice = choose_paths(model, ep, STEP, timer=_timer({("loop", o): 0.5 for o in inert}, calls, other=1.0))
+    assert (choice.strategy, choice.options) == ("loop", ExecOptions())
+    assert not any(o in inert for _, o in calls)
+    assert set(choice.times) == {"loop", "vmap", "task", "loop -channels_last", "loop -stem_im2col", "loop -native_norm", "loop reference"}
 
 
 def test_a_candidate_within_timing_noise_does_not_replace_the_fast_paths() -> None:
