@@ -332,8 +332,7 @@ class MetaNet(nn.Module):
             a = self.arch.weights(logits, temperature) if adapt_alpha else c["alpha"]
             loss = task_loss(self.kind, self.predict(a, p, x, strategy), y)
             if prox:
-                away = {k: v - c[f"w0:{k}"] for k, v in p.items()}
-                loss = loss + 0.5 * prox * _task_dot(away, away)
+                loss = loss + _proximal(p, {k: c[f"w0:{k}"] for k in p}, prox)
             return loss
 
         def lr(name: str, c: dict[str, Tensor]) -> Tensor | float:
@@ -445,6 +444,13 @@ def _recomputed(step: Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str,
 def _task_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     """Per task, the dot product of two sets of per-task tensors ``(B, ...)``: ``(B,)``."""
     return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)
+
+
+def _proximal(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], prox: float) -> Tensor:
+    """The proximal term ``prox / 2 * |w - w0|^2`` per task ``(B,)`` of per-task weights
+    ``(B, ...)`` and their anchor (the inner loops of training and evaluation)."""
+    away = {k: v - anchor[k] for k, v in params.items()}
+    return 0.5 * prox * _task_dot(away, away)
 
 
 def _conjugate_gradient(apply: Callable[[dict[str, Tensor]], dict[str, Tensor]], rhs: dict[str, Tensor], steps: int) -> dict[str, Tensor]:
@@ -580,12 +586,12 @@ def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor],
     their step is zero. ``prox``: the loss gets ``prox / 2 * |w - w0|^2`` as in training
     (``MetaNet.adapt``), ``w0`` the weights ``anchor`` (default ``params``: the generated
     ones when adapting from them)."""
-    w0 = {k: v.detach() for k, v in (params if anchor is None else anchor).items()}
+    w0 = {k: v.detach()[None] for k, v in (params if anchor is None else anchor).items()}  # a task dimension of 1
 
     def loss(p: dict[str, Tensor], c: dict[str, Tensor]) -> Tensor:
         out = task_loss(kind, forward_genotype(plan, genotype, p, x), y)
         if prox:
-            out = out + 0.5 * prox * sum(((v - w0[k]) ** 2).sum() for k, v in p.items())
+            out = out + _proximal({k: v[None] for k, v in p.items()}, w0, prox)[0]
         return out
 
     return sgd(loss, params, steps, lambda name, c: lr(name), create_graph=False, rule=rule, after_step=after_step)

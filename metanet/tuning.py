@@ -43,10 +43,12 @@ from .distributed import PER_TASK, meta_gradients
 from .meta import MetaNet, precision
 from .plan import ExecOptions, Plan, compile
 
-__all__ = ["PathChoice", "choose_paths", "step_timer", "candidates", "runs_as", "path_key", "cpu_model", "REFERENCE", "MARGIN"]
+__all__ = ["PathChoice", "choose_paths", "step_timer", "candidates", "runs_as", "PLAN_SWITCHES", "path_key", "cpu_model", "REFERENCE", "MARGIN"]
 
 log = logging.getLogger(__name__)
 _FLAGS = ("channels_last", "stem_im2col", "group_edges", "native_norm", "stem_fold")  # ExecOptions' switches
+# a compiled Plan's switches: ExecOptions' as compile resolved them for the space, and the layout it derives
+PLAN_SWITCHES = ("stem_im2col", "stem_channels_last", "channels_last", "group_edges", "native_norm", "stem_fold")
 REFERENCE = ExecOptions(**{name: False for name in _FLAGS})  # every fast path off
 # a candidate replaces the best so far only when faster by more than timing noise: paths
 # that do not apply to a space (edge groups on conv4) time the same up to noise
@@ -100,8 +102,10 @@ def runs_as(plan: Plan) -> tuple[bool, ...]:
     """``plan``'s switches as they change its execution: edge groups only where a cell has
     any, the native norm only where the space normalises (a folded convolution stem and the
     channels-last layouts are already off in a plan where they do not apply)."""
-    groups = plan.group_edges and any(cp.groups for cp in plan.cells)
-    return (plan.stem_im2col, plan.stem_channels_last, plan.channels_last, groups, plan.native_norm and plan.space.norm == "batch", plan.stem_fold)
+    on = {k: bool(getattr(plan, k)) for k in PLAN_SWITCHES}
+    on["group_edges"] &= any(cp.groups for cp in plan.cells)
+    on["native_norm"] &= plan.space.norm == "batch"
+    return tuple(on.values())
 
 
 def path_key(model: MetaNet, episode: Any, step: Mapping[str, Any], precision_name: str) -> dict[str, Any]:

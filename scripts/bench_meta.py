@@ -64,7 +64,7 @@ from metanet.meta import MetaNet, ModelConfig, cpu_bf16_units, meta_loss, precis
 from metanet.ops import conv2d_im2col
 from metanet.space import load
 from metanet.trainer import reuse_freed_memory
-from metanet.tuning import REFERENCE, choose_paths, step_timer
+from metanet.tuning import PLAN_SWITCHES, REFERENCE, choose_paths, step_timer
 from metanet.tasks import Episode
 
 WAYS, SHOTS, QUERIES, SIZE = 5, 1, 15, 28
@@ -398,7 +398,7 @@ def main() -> None:
     tuned = choose_paths(model, ep, step, timer=step_timer(model, ep, step, "fp32", repeats=min(repeats, 3)))
 
     def flags(plan: X.Plan) -> dict[str, bool]:
-        return {k: bool(getattr(plan, k)) for k in ("stem_im2col", "stem_channels_last", "channels_last", "group_edges", "native_norm", "stem_fold")}
+        return {k: bool(getattr(plan, k)) for k in PLAN_SWITCHES}
 
     with reference_paths(model):
         reference_flags = flags(model.plan)
