@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from metanet.config import ConfigError
 from metanet.draw import draw_population_png
 from metanet.export import op_frequency
 from metanet.graph import population_health
@@ -584,7 +585,10 @@ def plan_jobs(args: argparse.Namespace, tables: Sequence[str], runs: Path, figur
                 if table_name == "multidomain":
                     test.update(domains=args.domains, left_out=args.left_out)
                 for method in methods_for(table_name, args):
-                    cfg = make_config(table, setting, method, seed, args)
+                    try:  # a clash of the command's options with a row's: one line, before anything runs
+                        cfg = make_config(table, setting, method, seed, args)
+                    except ConfigError as e:
+                        raise SystemExit(f"scripts/reproduce.py: {table_name} {setting.label} {method.name}: {str(e).removeprefix('config: ')}") from None
                     draw = method.name == "metanet" and seed == 0 and (i == 0 or not args.smoke)  # smoke: one per table
                     png = figures / f"{table_name}_{setting.slug}_population.png" if draw else None
                     trainer = Setting(table_name, table.train_shots, setting.ways) if table.train_shots not in (None, setting.shots) else None
@@ -1012,7 +1016,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="metanet-smoke-")) if args.smoke else DEFAULT_OUT)
     figures = out / "results"
     runs = Path(args.runs) if args.runs else (REPO / "runs" / "reproduce" if out.resolve() == DEFAULT_OUT.resolve() else out / "runs")
-    figures.mkdir(parents=True, exist_ok=True)
     skipped: dict[str, str] = {}
     tables = list(args.tables)
     if "omniglot" in tables:
@@ -1046,11 +1049,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             skipped["miniimagenet"] = reason
             tables.remove("miniimagenet")
             print(f"miniimagenet: skipped ({reason})")
+    jobs = plan_jobs(args, tables, runs, figures)  # refuses a clash before anything is written
+    figures.mkdir(parents=True, exist_ok=True)
     prev_threads = torch.get_num_threads()
     _worker_setup()
     t0 = time.perf_counter()
     try:
-        jobs = plan_jobs(args, tables, runs, figures)
         print(f"{len(jobs)} runs into {runs}; outputs in {out}", flush=True)
         results = run_jobs(jobs, args.jobs)
     finally:

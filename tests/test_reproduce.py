@@ -174,6 +174,20 @@ def test_bad_arguments_name_the_problem(rp, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_row_that_clashes_with_the_command_is_refused_before_anything_runs(rp, tmp_path, capsys):
+    """The implicit order runs in fp32 only: ``--precision bf16`` with an iMAML row stops at
+    once with one line naming the row and the clash, and writes nothing."""
+    out = tmp_path / "out"
+    argv = ["--table", "omniglot", "--methods", "maml", "imaml", "--ways", "5", "--shots", "1", "--precision", "bf16", "--data-root", str(tmp_path), "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        rp.main(argv)
+    assert str(e.value) == (
+        "scripts/reproduce.py: omniglot 5-way 1-shot imaml: order implicit differentiates the solution of a proximal "
+        "inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not precision bf16"
+    )
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------- the smoke run
 
 
