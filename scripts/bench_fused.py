@@ -20,6 +20,7 @@ nothing there.
 
     python scripts/bench_fused.py            # about 5 minutes on 2 cores
     python scripts/bench_fused.py --quick    # under a minute
+    python scripts/bench_fused.py --device cuda    # on a GPU, each time ending when its kernels have finished
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from _bench import interleaved  # scripts/_bench.py
+from _bench import bench_device, device_arg, interleaved, machine  # scripts/_bench.py
 
 from metanet import executor as X
 from metanet.space import load, loads
@@ -75,20 +76,20 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> 
     return sum(storages.values())
 
 
-def batch(plan: X.Plan, tasks: int, images: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Per-task soft alpha, per-task weights (leaves) and inputs ``(B, N, *input)``."""
+def batch(plan: X.Plan, tasks: int, images: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Per-task soft alpha, per-task weights (leaves) and inputs ``(B, N, *input)`` on ``device``."""
     space = plan.space
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn((tasks, *space.alpha_shape), generator=g)
-    alpha = torch.softmax(logits.masked_fill(~space.alpha_mask, float("-inf")), -1).requires_grad_(True)
+    alpha = torch.softmax(logits.masked_fill(~space.alpha_mask, float("-inf")), -1).to(device).requires_grad_(True)
     base = X.init_params(plan, g)
-    params = {k: (v + 0.01 * torch.randn((tasks, *v.shape), generator=g)).requires_grad_(True) for k, v in base.items()}
-    x = torch.randn((tasks, images, *space.task.input), generator=g)
+    params = {k: (v + 0.01 * torch.randn((tasks, *v.shape), generator=g)).to(device).requires_grad_(True) for k, v in base.items()}
+    x = torch.randn((tasks, images, *space.task.input), generator=g).to(device)
     return alpha, params, x
 
 
-def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int) -> dict:
-    alpha, params, x = batch(plan, tasks, images)
+def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int, device: torch.device) -> dict:
+    alpha, params, x = batch(plan, tasks, images, device)
     leaves = [alpha, *params.values()]
 
     def forward(fused: bool) -> torch.Tensor:
@@ -108,7 +109,7 @@ def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int) -> dict:
     groups = sum(len(cp.groups) for cp in plan.cells)
     if groups:
         variants["fused_per_edge"] = per_edge
-    t = interleaved(variants, repeats)
+    t = interleaved(variants, repeats, device)
     mem = {k: saved_bytes(lambda f=f: forward(f), [*leaves, x]) for k, f in (("naive", False), ("fused", True))}
     merged = sum(len(e.merged) for cp in plan.cells for e in cp.edges)
     out = {
@@ -123,14 +124,14 @@ def supernet_case(plan: X.Plan, tasks: int, images: int, repeats: int) -> dict:
     return out
 
 
-def edge_case(tasks: int, images: int, repeats: int) -> dict:
+def edge_case(tasks: int, images: int, repeats: int, device: torch.device) -> dict:
     """A single NB201 edge: naive vs merged on the edge alone."""
     plan = X.compile(loads(EDGE_SPACE, "nb201_edge"))
-    alpha, params, _ = batch(plan, tasks, 1)
+    alpha, params, _ = batch(plan, tasks, 1, device)
     # The source node's value (in a network: a norm's output); the edge applies the cell's
     # ReLU pre-activation. Either path keeps one full-size tensor for it (the naive convs
     # its ReLU, the fused convolution the value itself), and both are counted.
-    x = torch.randn(tasks, images, 32, 14, 14, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(tasks, images, 32, 14, 14, generator=torch.Generator().manual_seed(1)).to(device)
     leaves = [alpha, *params.values()]
     per_task = {k: v.unbind(0) for k, v in params.items()}
 
@@ -144,16 +145,16 @@ def edge_case(tasks: int, images: int, repeats: int) -> dict:
     def step(fused: bool) -> None:
         torch.autograd.grad(forward(fused).pow(2).mean(), leaves, allow_unused=True)
 
-    t = interleaved({"naive": lambda: step(False), "fused": lambda: step(True)}, repeats)
+    t = interleaved({"naive": lambda: step(False), "fused": lambda: step(True)}, repeats, device)
     mem = {k: saved_bytes(lambda f=f: forward(f), leaves) for k, f in (("naive", False), ("fused", True))}
     return _ratios(t, mem)
 
 
-def op_breakdown(plan: X.Plan, images: int, repeats: int) -> dict[str, float]:
+def op_breakdown(plan: X.Plan, images: int, repeats: int, device: torch.device) -> dict[str, float]:
     """Share of a naive supernet step's op time per candidate op (forward + backward on
     each edge's input shape, summed over edges)."""
     g = torch.Generator().manual_seed(2)
-    params = {k: v.requires_grad_(True) for k, v in X.init_params(plan, g).items()}
+    params = {k: v.to(device).requires_grad_(True) for k, v in X.init_params(plan, g).items()}
     res = plan.space.task.input[1]
     per_op: dict[str, float] = {}
     cache: dict[tuple, float] = {}
@@ -164,14 +165,14 @@ def op_breakdown(plan: X.Plan, images: int, repeats: int) -> dict[str, float]:
             for call in e.ops:
                 key = (call.label, c, e.stride, res // scale)
                 if key not in cache:
-                    x = torch.randn(images, c, res // scale, res // scale, generator=g).relu().requires_grad_(True)
+                    x = torch.randn(images, c, res // scale, res // scale, generator=g).relu().to(device).requires_grad_(True)
 
                     def run(call=call, x=x, c=c, s=e.stride) -> None:
                         y = call(x, params, c, s)
                         if y.requires_grad:
                             torch.autograd.grad(y.pow(2).mean(), [x])
 
-                    cache[key] = interleaved({"op": run}, repeats)["op"]
+                    cache[key] = interleaved({"op": run}, repeats, device)["op"]
                 per_op[call.label] = per_op.get(call.label, 0.0) + cache[key]
         scale *= 2 if cp.spec.reduction else 1
     total = sum(per_op.values())
@@ -183,22 +184,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None)
+    device_arg(ap)
     args = ap.parse_args()
+    device = bench_device(ap, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
     repeats = args.repeats or (3 if quick else 7)
     tasks, images = (4, 40) if quick else (16, 80)
-    out: dict = {"bench": "fused", "quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "repeats": repeats}
-    out["edge"] = {"tasks": tasks, "images": images, "channels": 32, "size": 14, **edge_case(tasks, images, repeats)}
+    out: dict = {"bench": "fused", "quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, **machine(device), "repeats": repeats}
+    out["edge"] = {"tasks": tasks, "images": images, "channels": 32, "size": 14, **edge_case(tasks, images, repeats, device)}
     # (tasks, images, repeats): darts_cnn's naive supernet saves ~0.6 GB per task of 80
     # images, so it runs fewer tasks (8 of them exhaust 23 GB).
     sizes = {"conv_omniglot": (2, 40, repeats) if quick else (8, 80, repeats), "darts_cnn": (1, 40, 1) if quick else (2, 80, 3),
              "conv_miniimagenet": (1, 10, repeats) if quick else (4, 80, repeats)}  # 3x84x84 RGB  # fmt: skip
     for name, (st, si, reps) in sizes.items():
         plan = X.compile(load(name))
-        out[name] = {"tasks": st, "images": si, "repeats": reps, **supernet_case(plan, st, si, reps)}
-    out["darts_cnn"]["naive_time_share_by_op"] = op_breakdown(X.compile(load("darts_cnn")), sizes["darts_cnn"][1], 1 if quick else 3)
+        out[name] = {"tasks": st, "images": si, "repeats": reps, **supernet_case(plan, st, si, reps, device)}
+    out["darts_cnn"]["naive_time_share_by_op"] = op_breakdown(X.compile(load("darts_cnn")), sizes["darts_cnn"][1], 1 if quick else 3, device)
     print(json.dumps(out))
 
 

@@ -35,8 +35,13 @@ else took time. ``minor_page_faults_per_step``
 counts the fresh pages each variant maps per step (glibc returns large freed blocks to
 the system, so memory that is not reused is faulted in again).
 
+``--device cuda`` runs the same variants on a GPU, each time ending when its kernels have
+finished, against a GPU matmul peak; the CPU-only figures (the processes, page faults, the
+stem's two paths, the profiles by self CPU time) are null there.
+
     python scripts/bench_meta.py            # about 3 minutes on 2 cores
     python scripts/bench_meta.py --quick    # under a minute (meta-batch 4)
+    python scripts/bench_meta.py --device cuda
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _bench import interleaved  # scripts/_bench.py
+from _bench import bench_device, device_arg, interleaved, machine, synchronize  # scripts/_bench.py
 
 import metanet.executor as X
 from metanet.distributed import meta_gradients, per_task_gradients, setup, shard
@@ -140,7 +145,7 @@ def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
     generated tensors, run each task's adaptation and query loss and backward it alone,
     then backpropagate the collected gradients into the generators."""
     params = [p for p in model.parameters() if p.requires_grad]
-    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator().manual_seed(0), params, inner_steps=1, order="second")
+    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator(ep.support_x.device).manual_seed(0), params, inner_steps=1, order="second")
     for p, g in zip(params, grads):
         p.grad = g
 
@@ -263,9 +268,9 @@ def processes(space_name: str, world: int, tasks: int, repeats: int, reuse: bool
 
 def check_agreement(model: MetaNet, net: nn.Sequential, tasks: int = 2) -> tuple[float, float]:
     """Largest relative difference of the meta-gradients, in float64 on a few tasks: ours
-    vs the clone loop, and the per-task-backward variant vs ours."""
+    vs the clone loop, and the per-task-backward variant vs ours (on the model's device)."""
     model, net = copy.deepcopy(model).double(), copy.deepcopy(net).double()
-    e = episode(tasks, seed=1, shape=tuple(model.space.task.input))
+    e = episode(tasks, seed=1, shape=tuple(model.space.task.input)).to(next(net.parameters()).device)
     e = Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y)
     params = [model.weights.base[k.replace(".", "__")] for k in model.weights.names]
     g_ours = dict(zip(model.weights.names, grads_of(params, lambda: ours_step(model, e, "loop"))))
@@ -296,14 +301,16 @@ def stem_paths(images: int, repeats: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def peak_matmul_flops(n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of an ``n x n`` matmul in ``dtype`` (median of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def peak_matmul_flops(n: int, repeats: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> float:
+    """FLOP/s of an ``n x n`` matmul in ``dtype`` on ``device`` (median of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    synchronize(device)
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        synchronize(device)
         ts.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(ts)
 
@@ -357,15 +364,19 @@ def main() -> None:
     ap.add_argument("--space", default="conv4", choices=("conv4", "conv4_miniimagenet", "conv4_miniimagenet_64"), help="the conv4 network: Omniglot's 1x28x28, 64 channels (default), or mini-ImageNet's 3x84x84 with 32 or 64 channels")
     ap.add_argument("--procs", type=int, default=None, help="also time ours and the clone loop on this many processes with one thread each, the meta-batch sharded as under torchrun (default: the thread count, at least 2; at most the meta-batch; 0 or 1: skip)")
     ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
+    device_arg(ap)
     args = ap.parse_args()
+    dev = bench_device(ap, args.device)
+    cpu = dev.type == "cpu"
     reused = reuse_freed_memory() if args.reuse_freed_memory else False
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = args.meta_batch or (4 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 5)
     model, net = build(args.space)
+    model, net = model.to(dev), net.to(dev)
     space = model.space
-    ep = episode(tasks, shape=tuple(space.task.input))
+    ep = episode(tasks, shape=tuple(space.task.input)).to(dev)
 
     agree, agree_task = check_agreement(model, net)
 
@@ -383,15 +394,16 @@ def main() -> None:
     }
     if not args.no_vmap:
         variants["ours_vmap"] = lambda: ours_step(model, ep, "vmap")
-    med = interleaved(variants, repeats)
+    med = interleaved(variants, repeats, dev)
 
     flops = count_flops(lambda: ours_step(model, ep, "loop"))
     clone_flops = count_flops(lambda: clone_step(net, ep))
-    peak = peak_matmul_flops(2048 if not args.quick else 1024, 5)
+    n = (2048 if not args.quick else 1024) * (1 if cpu else 4)
+    peak = peak_matmul_flops(n, 5, device=dev)
     # Without bf16 matrix units autocast emulates bf16 (about 0.3 GFLOP/s for this matmul on
     # an AVX2 CPU, minutes per repeat): no peak to compare with, so none is measured.
-    bf16_units = cpu_bf16_units()
-    peak_bf16 = peak_matmul_flops(2048 if not args.quick else 1024, 5, torch.bfloat16) if bf16_units is not False else None
+    bf16_units = cpu_bf16_units() if cpu else True
+    peak_bf16 = peak_matmul_flops(n, 5, torch.bfloat16, dev) if bf16_units is not False else None
     achieved = flops / med["ours_loop"]
     # what --strategy auto would choose here: each candidate timed on this step (metanet.tuning)
     step = {"inner_steps": 1, "order": "second"}
@@ -407,7 +419,7 @@ def main() -> None:
         "quick": args.quick,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **machine(dev),
         "network": args.space,
         "input": list(space.task.input),
         "setting": f"{WAYS}-way {SHOTS}-shot, {QUERIES} queries, second order, 1 inner step",
@@ -432,10 +444,11 @@ def main() -> None:
         "bf16_matrix_units": bf16_units,
         "peak_matmul_gflops_bf16": round(peak_bf16 / 1e9, 1) if peak_bf16 else None,
         "fraction_of_bf16_peak": round(flops / med["ours_loop_bf16"] / peak_bf16, 3) if peak_bf16 else None,
-        "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward")},
-        "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15),
+        # the CPU's: fresh pages of host memory, and the stem's product against its convolution
+        "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward")} if cpu else None,
+        "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15) if cpu else None,
     }
-    world = min(max(2, torch.get_num_threads()) if args.procs is None else args.procs, tasks)  # every process needs a task
+    world = min(max(2, torch.get_num_threads()) if args.procs is None else args.procs, tasks) if cpu else 0  # every process needs a task
     if world > 1:
         # one process's meta-gradient at one thread, as the processes run (float32 sums
         # in another order differ by more than the all-reduce's rounding on this step)
@@ -457,6 +470,9 @@ def main() -> None:
             "meta_grad_max_rel_diff_vs_ours_loop": float(f"{diff:.2e}"),
         }
     for name, arithmetic, top_peak in (("fp32", "fp32", peak), ("bf16", "bf16", peak_bf16)):
+        if not cpu:  # self CPU time: on a GPU it measures the launches, not the kernels
+            out[f"profile_{name}"] = None
+            continue
         top, total_s, products_s = profile_step(lambda: ours_step(model, ep, "loop", arithmetic))
         out[f"profile_{name}"] = {
             "top_ops": top,

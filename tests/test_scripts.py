@@ -64,6 +64,42 @@ def test_quick_benchmark_prints_one_json_line(name: str, ratios: list[str]) -> N
         assert math.isfinite(value) and value > 0, (key, value)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize(
+    "name,ratios",
+    [
+        ("meta", ["speedup_vs_clone.ours_loop", "fraction_of_peak", "meta_grad_max_rel_diff_vs_clone"]),
+        ("memory", ["ratio_5_to_1.ours", "ratio_5_to_1.ours_checkpointed", "ours_checkpointed.5.peak_rise_mb"]),
+        ("fused", ["edge.speedup", "conv_omniglot.speedup", "conv_miniimagenet.memory_ratio"]),
+    ],
+)  # fmt: skip
+def test_quick_benchmark_runs_on_a_cuda_device(name: str, ratios: list[str]) -> None:
+    """Where there is a GPU, the benchmarks that time and size a meta-step run on it too."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / f"bench_{name}.py"), "--quick", "--device", "cuda"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["device"] == torch.cuda.get_device_name()
+    numbers = dict(_numbers(figures))
+    for key in ratios:
+        value = numbers[f".{key}"]
+        assert math.isfinite(value) and value >= 0, (key, value)
+
+
+@pytest.mark.parametrize("name", ["meta", "memory", "fused"])
+def test_a_benchmark_refuses_a_device_it_cannot_use(name: str) -> None:
+    devices = [("tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'")]
+    if not torch.cuda.is_available():
+        devices.append(("cuda", "--device cuda: no such CUDA device here"))
+    for device, message in devices:
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / f"bench_{name}.py"), "--device", device], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stdout == ""
+        assert message in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+
+
 def _script(name: str, *args: str, cwd: Path = ROOT) -> str:
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
