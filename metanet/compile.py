@@ -152,6 +152,17 @@ class CheckedStep:
         return self.fn(*args, **kwargs)
 
 
+def clock(*tensors: Any) -> float:
+    """``time.perf_counter()`` once the GPU work queued for ``tensors``' device has finished
+    (a CUDA device runs kernels asynchronously: a clock read at once would time their
+    launch); on the CPU, at once. Non-tensors among ``tensors`` are ignored."""
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_cuda:
+            torch.cuda.synchronize(t.device)
+            break
+    return time.perf_counter()
+
+
 def checked_compile(
     step_fn: Callable[..., Any],
     example: Sequence[Any],
@@ -183,22 +194,22 @@ def checked_compile(
         warning) when compilation or the first compiled call fails or the outputs differ.
     """
     compile_fn = compiler or (lambda f: torch.compile(f, backend=backend, **_inductor_args(mode, backend)))
-    t = time.perf_counter()
+    t = clock(*example)
     expected = step_fn(*example)
-    eager_s = time.perf_counter() - t
+    eager_s = clock(*example) - t
 
     def eager(reason: str, err: float = math.inf, compile_s: float = math.nan) -> CheckedStep:
         log.warning("meta-step not compiled, running eager: %s", reason)
         return CheckedStep(step_fn, False, reason, err, compile_s, eager_s)
 
-    t = time.perf_counter()
+    t = clock(*example)
     try:
         compiled = compile_fn(step_fn)
         got = compiled(*example)
     except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
         first = (str(e).strip().splitlines() or [""])[0]
         return eager(f"compilation failed ({type(e).__name__}: {first[:300]})", compile_s=time.perf_counter() - t)
-    compile_s = time.perf_counter() - t
+    compile_s = clock(*example) - t
     same, err, why = compare_outputs(got, expected, rtol, atol)
     if not same:
         return eager(f"compiled outputs differ from eager ({why})", err, compile_s)

@@ -18,6 +18,7 @@ gradients with one backward per task (the ``task`` strategy: memory of one task'
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -137,20 +138,27 @@ class Context:
             self.owns_group = False
 
 
+def train_device(device: str | torch.device | None, local_rank: int) -> torch.device:
+    """The device a process trains on: ``device``, where a GPU without an index (``cuda``)
+    means this process's own, ``cuda:LOCAL_RANK``; None: that GPU when CUDA is available,
+    else the CPU."""
+    if device is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
+
+
 def setup(device: str | torch.device | None = None) -> Context:
     """The job context from torchrun's environment; initialises the process group if needed.
 
     Args:
-        device: the device to train on; None picks ``cuda:LOCAL_RANK`` when CUDA is
-            available, else the CPU.
+        device: the device to train on (``train_device``); None picks ``cuda:LOCAL_RANK``
+            when CUDA is available, else the CPU.
     """
     world = env_world_size()
     rank = env_rank()
     local_rank = _env_int("LOCAL_RANK", 0)
-    if device is None:
-        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        dev = torch.device(device)
+    dev = train_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = False
@@ -160,7 +168,11 @@ def setup(device: str | torch.device | None = None) -> Context:
         if not dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank)
+        # nccl waits 10 minutes by default, gloo 30: the other ranks wait in a collective while
+        # rank 0 alone decodes a dataset, times the paths or validates, so both wait 30; and
+        # each rank's collectives run on its own GPU
+        extra = {"timeout": datetime.timedelta(minutes=30), "device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank, **extra)
         owns = True
     return Context(rank, world, local_rank, dev, owns)
 

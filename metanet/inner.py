@@ -87,7 +87,8 @@ class LSTMRule(nn.Module):
         their derivatives of every order (tests/test_inner.py checks it against the cell).
         """
         k = self.hidden
-        rows = torch.cat([torch.arange(0, k), torch.arange(2 * k, 4 * k)])  # LSTMCell's gate order is (i, f, g, o)
+        on = x.device  # LSTMCell's gate order is (i, f, g, o)
+        rows = torch.cat([torch.arange(0, k, device=on), torch.arange(2 * k, 4 * k, device=on)])
         gates = F.linear(x, self.cell.weight_ih[rows], (self.cell.bias_ih + self.cell.bias_hh)[rows])
         i, g, o = gates.chunk(3, 1)
         c = torch.sigmoid(i) * torch.tanh(g)

@@ -674,7 +674,9 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
     scores: dict[int, list[float]] = {k: [] for k in ks}
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     for ep in episodes:
+        ep = ep.to(device)  # fixed episodes are built on the CPU; the model may be on a GPU
         # a prototype head takes the episode's own number of classes (any N-way)
         ways = int(ep.support_y.max()) + 1 if model.kind == "classification" and model.any_ways else None
         for b, net in enumerate(generate_networks(model, ep, ways=ways)):

@@ -30,13 +30,13 @@ whole query set at once, not single examples.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
 import math
 import os
 import shutil
-import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .compile import clock
 from .executor import Plan, compile, forward_genotype
 from .generators import safe_name
 from .graph import Genotype
@@ -386,12 +387,16 @@ class GeneratedNetwork:
         return Path(path)
 
     def exported_program(self, example_x: Tensor | None = None, *, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
-        """The ``torch.export.ExportedProgram`` that ``export`` saves."""
+        """The ``torch.export.ExportedProgram`` that ``export`` saves, on the CPU (a network
+        on a GPU is exported from a CPU copy, so that the program loads on any machine)."""
         x = self._example(example_x).detach()
+        module = self.module
+        if x.device.type != "cpu" or self._weight().device.type != "cpu":
+            module, x = copy.deepcopy(module).cpu(), x.cpu()
         dynamic = None
         if dynamic_batch:
             dynamic = ({0: torch.export.Dim("batch", min=1)},)
-        return torch.export.export(self.module, (x,), dynamic_shapes=dynamic)
+        return torch.export.export(module, (x,), dynamic_shapes=dynamic)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -546,20 +551,20 @@ def _generate(model: MetaNet, x: Tensor, y: Tensor, meta: Tensor | None, adapt_s
         raise GenerateError(f"this model's {model.config.head} head classifies queries by comparing them with the support set, so it has no standalone network to emit; score it with metanet evaluate")
     t = x.shape[0]
     meta = None if meta is None else meta.to(x.device)
-    start = time.perf_counter()
+    start = clock(x)
     nets: list[TaskNetwork] = generate_networks(model, Episode(x, y, x, y, meta), sample=sample)
     modules = [DiscreteNetwork(model.plan, n.genotype, n.params) for n in nets]
-    ms = 1e3 * (time.perf_counter() - start) / t
+    ms = 1e3 * (clock(x) - start) / t
     out = []
     for b, (net, module) in enumerate(zip(nets, modules)):
         adapt_ms = 0.0
         if adapt_steps:
-            start = time.perf_counter()
+            start = clock(x)
             params = adapt_discrete(model.plan, net.genotype, net.params, x[b], y[b], adapt_steps, model.step_size, model.kind, model.inner_rule, prox=model.config.prox)
             with torch.no_grad():
                 for name, value in params.items():
                     getattr(module, safe_name(name)).copy_(value)
-            adapt_ms = 1e3 * (time.perf_counter() - start)
+            adapt_ms = 1e3 * (clock(x) - start)
         out.append(GeneratedNetwork(
             module, net.alpha, net.latent, net.embedding, generation_ms=ms, adapt_steps=adapt_steps, adapt_ms=adapt_ms,
             metadata=None if meta is None else int(meta[b]), example_x=x[b],

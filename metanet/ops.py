@@ -192,10 +192,12 @@ class _BatchNorm(torch.autograd.Function):
             # A backward that will not be differentiated again (create_graph=False; the
             # query side of a meta-step): the native fused kernel computes the same
             # r (gy - mean(gy) - y mean(gy y)) in one pass, with y as the normalised input
-            # (mean 0, invstd 1) and r as the affine weight.
+            # (mean 0, invstd 1) and r as the affine weight. The statistics take r's dtype:
+            # under bf16 autocast the CUDA kernel keeps them (and so r) in float32 and
+            # expects float32 back, the CPU kernel bf16.
             c = y.shape[1]
             dx = torch.ops.aten.native_batch_norm_backward(
-                gy, y, r.reshape(c), None, None, y.new_zeros(c), y.new_ones(c), True, 0.0, [True, False, False]
+                gy, y, r.reshape(c), None, None, r.new_zeros(c), r.new_ones(c), True, 0.0, [True, False, False]
             )[0]
             return (dx if gr is None else torch.addcmul(dx, y, r * r * gr / n, value=-1.0)), None, None
         # dx = r (gy - mean(gy) - y mean(gy y)) - r^2 y gr / n   (dr/dx = -r^2 y / n)

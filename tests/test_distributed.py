@@ -246,3 +246,14 @@ def test_meta_batch_smaller_than_the_world_is_refused():
     cfg = TrainConfig(meta_batch=2)
     with pytest.raises(ConfigError, match=r"^meta-batch 2 is smaller than the 4 processes; every process needs at least one task$"):
         check_tasks(cfg, build_space(cfg), build_tasks(cfg), world_size=4)
+
+
+def test_a_gpu_named_without_an_index_is_each_processs_own() -> None:
+    """``train(..., device="cuda")`` under torchrun: rank r trains on ``cuda:LOCAL_RANK``
+    (``torch.cuda.set_device`` refuses a device without an index); an index given stays."""
+    assert distributed.train_device("cuda", 1) == torch.device("cuda", 1)
+    assert distributed.train_device(torch.device("cuda"), 0) == torch.device("cuda", 0)
+    assert distributed.train_device("cuda:0", 1) == torch.device("cuda", 0)
+    assert distributed.train_device("cpu", 1) == torch.device("cpu")
+    assert distributed.train_device(None, 1) == (torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu"))
+

@@ -82,6 +82,28 @@ def test_batch_norm_first_order_backward_equals_reference(batched: bool) -> None
     assert_close(got[0], got[1], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("statistics", [torch.bfloat16, torch.float32], ids=["as_cpu", "as_cuda"])
+def test_batch_norm_first_order_backward_of_a_bf16_input_takes_its_kernels_statistics(monkeypatch: pytest.MonkeyPatch, statistics: torch.dtype) -> None:
+    """Under bf16 the native kernel keeps its statistics in bf16 on the CPU and in float32
+    on CUDA, whose backward kernel wants float32 back: the native-kernel backward passes
+    them in the dtype the forward gave (here CUDA's contract, simulated on the CPU)."""
+    native = torch.native_batch_norm
+
+    def kernel(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, mean, invstd = native(x, *args)
+        return y, mean.to(statistics), invstd.to(statistics)
+
+    monkeypatch.setattr(torch, "native_batch_norm", kernel)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, 5, 5, generator=g).bfloat16().requires_grad_(True)
+    r = torch.randn(6, 4, 5, 5, generator=g)
+    (got,) = torch.autograd.grad((batch_norm(x).float() * r).sum(), x)
+    xf = x.detach().float().requires_grad_(True)
+    (want,) = torch.autograd.grad((batch_norm_reference(xf) * r).sum(), xf)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
 def test_batch_norm_under_vmap_and_func_grad_equals_reference_loop() -> None:
     """The inner loop's pattern: vmap over tasks of a function of torch.func.grad."""
     g = torch.Generator().manual_seed(2)
