@@ -282,8 +282,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out, run = Path(args.out), Path(args.run)
     if out.exists() and not out.is_dir():
         raise UsageError(f"generate: --out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"generate: --out {out} is not empty; use --overwrite to replace it")
+    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+        raise UsageError(f"generate: --out {out} would replace the run {run}; give another folder")
+    if out.is_dir() and any(out.iterdir()):
+        # --overwrite replaces an earlier network, never a folder of other files
+        if not (out / "network.json").is_file():
+            raise UsageError(f"generate: --out {out} is not empty and holds no saved network; give a new or empty folder")
+        if not args.overwrite:
+            raise UsageError(f"generate: --out {out} holds a network; use --overwrite to replace it")
     if not run.is_dir():
         raise UsageError(f"generate: {run}: no such run directory")
     model, cfg = load_run(run)
@@ -294,7 +300,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     net = _generate_checked("generate", generate, model, x, y, metadata, args.adapt_steps, args.sample)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ProductWarning)
-        net.save(out, support_y=y, about={"run": str(run), "support": f"{args.support} ({x.shape[0]} examples)"}, replace=True)
+        net.save(out, support_y=y, about={"run": str(run), "support": f"{args.support} ({x.shape[0]} examples)"})
     for w in caught:
         if issubclass(w.category, ProductWarning):
             print(f"metanet: warning: {w.message}", file=sys.stderr)
@@ -575,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--adapt-steps", dest="adapt_steps", type=_nonneg_int, default=0, help="inner-loop steps on the support set (with the model's step sizes and proximal term, as in validation)")
     ge.add_argument("--sample", action="store_true", help="sample the weight latent instead of taking its mean")
     ge.add_argument("--out", required=True, help="output folder")
-    ge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    ge.add_argument("--overwrite", action="store_true", help="replace the network an earlier generate wrote in --out (a folder of other files is never replaced)")
     ge.set_defaults(func=_cmd_generate)
 
     ins = sub.add_parser("inspect", help="show a generated architecture as text, DOT, GraphML, JSON or PNG")

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 import sys
+from pathlib import Path
 from typing import ClassVar
 
 import networkx as nx
@@ -160,18 +161,32 @@ def test_generate_writes_every_file_and_they_agree_with_the_api(kind, runs, tmp_
     assert "parameters:" in stdout and f"wrote {out}" in stdout
 
 
-def test_generate_overwrite_replaces_and_refuses_without_it(runs, tmp_path, capsys):
+def test_generate_overwrite_replaces_a_network_and_nothing_else(runs, tmp_path, capsys):
     x, y = _support("reg")
     sup = _npz(tmp_path / "s.npz", x=x, y=y)
     out = tmp_path / "net"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
     code, _, err = _run(["generate", runs["reg"], "--support", sup, "--out", out], capsys)
-    _one_line_error(code, err, f"generate: --out {out} is not empty; use --overwrite to replace it")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert code == 0, err
+    first = (out / "weights.safetensors").stat().st_mtime_ns
+    code, _, err = _run(["generate", runs["reg"], "--support", sup, "--out", out], capsys)
+    _one_line_error(code, err, f"generate: --out {out} holds a network; use --overwrite to replace it")
     code, _, err = _run(["generate", runs["reg"], "--support", sup, "--out", out, "--overwrite"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == FILES
+    assert sorted(p.name for p in out.iterdir()) == FILES and (out / "weights.safetensors").stat().st_mtime_ns != first
+    # a folder of other files, the run itself or a folder holding it: never replaced, --overwrite or not
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "old.txt").write_text("old")
+    for flags in ([], ["--overwrite"]):
+        code, _, err = _run(["generate", runs["reg"], "--support", sup, "--out", other, *flags], capsys)
+        _one_line_error(code, err, f"generate: --out {other} is not empty and holds no saved network; give a new or empty folder")
+        assert sorted(p.name for p in other.iterdir()) == ["old.txt"]
+    run = Path(runs["reg"])
+    before = sorted(p.name for p in run.iterdir())
+    for target in (run, run.parent):
+        code, _, err = _run(["generate", run, "--support", sup, "--out", target, "--overwrite"], capsys)
+        _one_line_error(code, err, f"generate: --out {target} would replace the run {run}; give another folder")
+    assert sorted(p.name for p in run.iterdir()) == before
     _no_leftovers(tmp_path)
 
 
