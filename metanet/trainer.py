@@ -243,8 +243,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             given a function (the CLI passes one that prints), a line to it every half
             minute; else nothing.
         stop_after: stop (as if killed) after this many steps in this call; for tests.
-        overwrite: start afresh in a folder that already holds a run (the CLI asks for
-            ``--overwrite``); with False that is a ``ConfigError``.
+        overwrite: start afresh in a folder that already holds a run, or write the run into
+            a folder of other files (the CLI asks for ``--overwrite``); with False either is
+            a ``ConfigError``.
         device: where to train; None: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
 
     Raises:
@@ -305,6 +306,8 @@ def _prepare(cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) 
     validate_config(cfg)
     if not overwrite and any((out / f).exists() for f in (ckpt.LAST, "config.yaml")):
         raise ConfigError(f"train: {out} already holds a run; use --resume to continue it or --overwrite to start again")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"train: --out {out} is not empty and holds no run; give a new or empty folder, or --overwrite to write the run among its files")
     return _Setup(cfg, None, None)
 
 

@@ -154,6 +154,12 @@ def test_train_refuses_a_file_as_out_and_an_existing_run(run_dir, tmp_path, caps
     one_line_error(*run_cli(["train", "--resume", "--inner-steps", "0", "--out", run_dir], capsys)[::2], "train --resume: --inner-steps cannot change a run being resumed")
     one_line_error(*run_cli(["train", "--resume", "--overwrite", "--out", run_dir], capsys)[::2], "--resume and --overwrite exclude each other")
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    # a folder of other files (a generated network, notes): not without --overwrite
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    one_line_error(*run_cli(["train", "--out", other], capsys)[::2], f"train: --out {other} is not empty and holds no run; give a new or empty folder, or --overwrite to write the run among its files")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_resume_and_evaluate_on_folders_without_a_run(tmp_path, capsys):
