@@ -461,19 +461,21 @@ def _inspect_population(args: argparse.Namespace, model, metadata) -> int:
     meta = metadata if metadata is not None else npz_meta
     if metadata is None and model.encoder.family is None:
         meta = None  # the run takes no metadata: the npz's ids only group the tasks below
+    if args.out is None and args.format == "png":
+        raise UsageError(f"{cmd}: --format png needs --out FILE.png")
+    families = None
+    ids = metadata if metadata is not None else npz_meta
+    if ids is not None:  # checked before anything is generated or written
+        flat = np.asarray(ids).reshape(-1)
+        if not np.issubdtype(flat.dtype, np.number):
+            raise UsageError(f"{cmd}: metadata must hold numeric family ids, got {flat.dtype} values")
+        if flat.size not in (1, len(xs)):
+            raise UsageError(f"{cmd}: metadata must be one family id or one per task ({len(xs)}), got {flat.size} values")
+        families = np.broadcast_to(flat.astype(np.int64), (len(xs),)).tolist()
     nets = _generate_checked(cmd, generate_batch, model, xs, ys, meta)
     genotypes = [n.genotype for n in nets]
     if args.out is not None:
         _write_png(args.out, lambda p: dr.draw_population_png(space, genotypes, p), announce=False)
-    elif args.format == "png":
-        raise UsageError(f"{cmd}: --format png needs --out FILE.png")
-    families = None
-    ids = metadata if metadata is not None else npz_meta
-    if ids is not None:
-        flat = np.asarray(ids).reshape(-1)
-        if flat.size not in (1, len(nets)) or not np.issubdtype(flat.dtype, np.number):
-            raise UsageError(f"{cmd}: metadata must be one family id or one per task ({len(nets)}), got {flat.size} values")
-        families = np.broadcast_to(flat.astype(np.int64), (len(nets),)).tolist()
     print(_frequency_table(space, genotypes))
     print(_health_lines(population_health(space, genotypes, families, torch.stack([n.alpha for n in nets]))))
     if args.out is not None:

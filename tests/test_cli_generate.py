@@ -393,6 +393,18 @@ def test_inspect_population_writes_a_heatmap_and_prints_frequencies(diverse_run,
     assert lines[-2] == f"mutual information between family and architecture: {health['mutual_information']:.3f} bits"
 
 
+@pytest.mark.parametrize(("metadata", "message"), [
+    (np.arange(3), "metadata must be one family id or one per task (8), got 3 values"),
+    (np.array(["sine"] * 8), "metadata must hold numeric family ids, got <U4 values"),
+])  # fmt: skip
+def test_inspect_population_checks_its_metadata_before_drawing(runs, tmp_path, capsys, metadata, message):
+    x, y = _support("reg", tasks_=8)
+    pop = _npz(tmp_path / "pop.npz", x=x, y=y, metadata=metadata)
+    code, _, err = _run(["inspect", runs["reg"], "--population", pop, "--out", tmp_path / "pop.png"], capsys)
+    _one_line_error(code, err, f"inspect: {message}")
+    assert not (tmp_path / "pop.png").exists()
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_inspect_png_without_matplotlib_says_how_to_install_it(soft, runs, reg_task, tmp_path, capsys, monkeypatch):
     sup, _ = reg_task
