@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,7 +115,28 @@ def _train_config(args: argparse.Namespace):
         if args.order not in (None, chosen[0]):
             raise UsageError(f"train: --order {args.order} and --{'first-order' if chosen[0] == 'first' else 'reptile'} contradict each other")
         options["order"] = chosen[0]
-    return config_from_options(options)
+    return config_from_options(_absolute_folders(options))
+
+
+def _absolute_folders(options: dict) -> dict:
+    """The dataset folders a run names, made absolute: ``evaluate``, ``generate`` and
+    ``--resume`` read them from the run's config.yaml in any working folder."""
+    from .tasks.images import INVERT
+
+    for key in ("data_root", "split_file"):
+        if options.get(key):
+            options[key] = os.path.abspath(options[key])
+    if options.get("domains"):
+        entries = []
+        for entry in options["domains"].split(","):
+            name, sep, where = entry.partition("=")
+            if sep:  # NAME=FOLDER, maybe with a trailing :invert
+                where = where.strip()
+                folder, invert = (where[: -len(INVERT)], INVERT) if where.endswith(INVERT) else (where, "")
+                entry = f"{name}={os.path.abspath(folder.strip())}{invert}"
+            entries.append(entry)
+        options["domains"] = ",".join(entries)
+    return options
 
 
 def _progress_line(line: str) -> None:

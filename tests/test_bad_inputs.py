@@ -335,3 +335,17 @@ def test_crafted_yaml_never_runs(run_dir, tmp_path, capsys):
     (run / "space.yaml").write_text(evil.read_text())
     one_line_error(*run_cli(["train", "--resume", "--out", run], capsys)[::2], "is not allowed")
     assert not marker.exists() and not (tmp_path / "r").exists()
+
+
+def test_a_run_keeps_its_dataset_folders_absolute(tmp_path, monkeypatch):
+    """A relative --data-root, --split-file or NAME=FOLDER domain is stored absolute, so the
+    run's config.yaml works from any working folder (evaluate, generate, --resume)."""
+    from metanet.cli import _absolute_folders
+
+    monkeypatch.chdir(tmp_path)
+    got = _absolute_folders({"data_root": "data/omni", "split_file": "s.csv", "domains": "omniglot, mine=./my/imgs:invert,x=/abs/y", "ways": 5})
+    assert got == {
+        "data_root": str(tmp_path / "data" / "omni"), "split_file": str(tmp_path / "s.csv"),
+        "domains": f"omniglot, mine={tmp_path / 'my' / 'imgs'}:invert,x=/abs/y", "ways": 5,
+    }  # fmt: skip
+    assert _absolute_folders({"data_root": None, "domains": None}) == {"data_root": None, "domains": None}
