@@ -200,7 +200,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     episodes = fixed_episodes(dist, args.episodes, min(args.episodes, 25), seed=args.seed)
     result = evaluate(model, episodes, steps)
     metric = "accuracy" if model.kind == "classification" else "mse"
-    print(json.dumps({"run": str(args.run), "tasks": cfg.tasks, "split": split, "shots": cfg.shots, "ways": cfg.ways if model.kind == "classification" else None, "inner_steps": steps, "episodes": result["n"], metric: result["mean"], "ci95": result["ci95"]}))
+    if result["nonfinite"]:  # a diverged task: the mean is not a number, and says nothing
+        print(f"metanet: warning: {result['nonfinite']} of {result['n']} tasks diverged (non-finite {metric}); {metric} and ci95 are null", file=sys.stderr)
+    finite = {k: result[k] if math.isfinite(result[k]) else None for k in ("mean", "ci95")}  # JSON has no NaN
+    print(json.dumps({"run": str(args.run), "tasks": cfg.tasks, "split": split, "shots": cfg.shots, "ways": cfg.ways if model.kind == "classification" else None,
+                      "inner_steps": steps, "episodes": result["n"], metric: finite["mean"], "ci95": finite["ci95"], "nonfinite": result["nonfinite"]}, allow_nan=False))  # fmt: skip
     return 0
 
 

@@ -31,11 +31,16 @@ $M evaluate "$RUN-maml" --episodes 200 --queries 100 > "$RUN-maml.eval.json"
 .venv/bin/python - "$RUN.eval.json" "$RUN-maml.eval.json" <<'PY'
 import json, sys
 ours, base = (json.load(open(p)) for p in sys.argv[1:])
-print(f"metanet (an architecture and weights generated per task): MSE {ours['mse']:.3f} +- {ours['ci95']:.3f}")
-print(f"MAML (one fixed network for all tasks), same time:        MSE {base['mse']:.3f} +- {base['ci95']:.3f}")
-apart = abs(ours["mse"] - base["mse"]) > ours["ci95"] + base["ci95"]
-better = "metanet" if ours["mse"] < base["mse"] else "MAML"
-print(f"lower is better: {better} is {'ahead (the 95% intervals do not overlap)' if apart else 'ahead, but within the 95% intervals'}")
+def line(r):  # a diverged task (non-finite MSE) leaves the mean null
+    return f"MSE {r['mse']:.3f} +- {r['ci95']:.3f}" if r["mse"] is not None else f"diverged on {r['nonfinite']} of {r['episodes']} tasks"
+print(f"metanet (an architecture and weights generated per task): {line(ours)}")
+print(f"MAML (one fixed network for all tasks), same time:        {line(base)}")
+if ours["mse"] is None or base["mse"] is None:
+    print("no comparison: " + " and ".join(n for n, r in (("metanet", ours), ("MAML", base)) if r["mse"] is None) + " diverged on some tasks")
+else:
+    apart = abs(ours["mse"] - base["mse"]) > ours["ci95"] + base["ci95"]
+    better = "metanet" if ours["mse"] < base["mse"] else "MAML"
+    print(f"lower is better: {better} is {'ahead (the 95% intervals do not overlap)' if apart else 'ahead, but within the 95% intervals'}")
 PY
 
 echo "== a new task: 5 points of a tanh-family function"

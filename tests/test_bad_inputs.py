@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -349,3 +350,19 @@ def test_a_run_keeps_its_dataset_folders_absolute(tmp_path, monkeypatch):
         "domains": f"omniglot, mine={tmp_path / 'my' / 'imgs'}:invert,x=/abs/y", "ways": 5,
     }  # fmt: skip
     assert _absolute_folders({"data_root": None, "domains": None}) == {"data_root": None, "domains": None}
+
+
+def test_evaluate_reports_diverged_tasks_as_null_and_counts_them(run_dir, tmp_path, capsys):
+    """A task whose adaptation diverges has a non-finite MSE: the JSON line stays valid
+    JSON (null, not NaN), counts such tasks, and a warning says so."""
+    run = _copy_run(run_dir, tmp_path / "run")
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("inner_lr: 0.01\n", "inner_lr: 1.0e+30\n"))
+    code, out, err = run_cli(["evaluate", run, "--episodes", "3", "--inner-steps", "2"], capsys)
+    assert code == 0, err
+    line = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON line"))
+    assert line["mse"] is None and line["ci95"] is None and line["nonfinite"] == 3 and line["episodes"] == 3
+    assert err == "metanet: warning: 3 of 3 tasks diverged (non-finite mse); mse and ci95 are null\n"
+    code, out, _ = run_cli(["evaluate", run_dir, "--episodes", "3"], capsys)
+    line = json.loads(out)
+    assert line["nonfinite"] == 0 and math.isfinite(line["mse"]) and math.isfinite(line["ci95"])
