@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", dest="data_root", help="dataset folder (default: the run's)")
     ev.add_argument("--split-file", dest="split_file", help="images: CSV of class,split lines")
     ev.add_argument("--domains", help="multidomain: the domains to evaluate on (a domain the run did not train on gets the unknown-domain metadata)")
-    ev.add_argument("--ways", type=_positive_int, help="classes per task; any number where the run's head comes from prototypes")
+    ev.add_argument("--ways", type=number_type("ways"), help="classes per task, at least 2; any number where the run's head comes from prototypes")
     ev.add_argument("--shots", type=_positive_int, help="support examples per class (regression: per task); default: the run's")
     ev.add_argument("--queries", type=_positive_int, help="query examples per class (regression: per task) scored after adaptation; default: the run's")
     ev.add_argument("--episodes", type=_positive_int, default=600, help="fixed test tasks (default: 600)")

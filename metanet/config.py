@@ -63,6 +63,7 @@ def _weights_ok(v: Any) -> bool:
 
 _CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "pos_int": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "ways": ("an integer >= 2 (a task tells at least two classes apart)", lambda v: _is_int(v) and v >= 2),
     "nonneg_int": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "pos_float": ("a finite number > 0", lambda v: _is_num(v) and v > 0),
     "nonneg_float": ("a finite number >= 0", lambda v: _is_num(v) and v >= 0),
@@ -98,7 +99,7 @@ class TrainConfig:
     # what to learn from
     space: str = _field("mlp_regression", "name", "search space: a YAML file or a built-in name (metanet spaces list)")
     tasks: str = _field("sinusoid", "name", "task distribution: sinusoid, multimodal, omniglot, miniimagenet, images (any <root>/<class>/<image> folder), multidomain")
-    ways: int = _field(5, "pos_int", "classification: classes per task")
+    ways: int = _field(5, "ways", "classification: classes per task (at least 2)")
     shots: int = _field(5, "pos_int", "support examples per class (regression: per task)")
     queries: int = _field(10, "pos_int", "query examples per class (regression: per task) that score the adapted network")
     data_root: str | None = _field(None, "opt_name", "dataset folder (omniglot, miniimagenet, images); for multidomain the folder that holds the named domains (default: ../shared/data)")
@@ -253,9 +254,9 @@ def task_defaults(tasks: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------ command line
 
 
-_CASTS = {"pos_int": int, "nonneg_int": int, "opt_pos_int": int, "pos_float": float, "nonneg_float": float, "finite": float, "opt_pos_float": float, "share": float}
+_CASTS = {"ways": int, "pos_int": int, "nonneg_int": int, "opt_pos_int": int, "pos_float": float, "nonneg_float": float, "finite": float, "opt_pos_float": float, "share": float}
 # how the command line words each check (a number typed, never null)
-_TYPED = {"share": "a number in [0, 1)", "pos_int": "a positive integer", "opt_pos_int": "a positive integer", "nonneg_int": "an integer >= 0", "pos_float": "a positive number", "opt_pos_float": "a positive number", "nonneg_float": "a number >= 0", "finite": "a finite number"}
+_TYPED = {"share": "a number in [0, 1)", "ways": "an integer >= 2", "pos_int": "a positive integer", "opt_pos_int": "a positive integer", "nonneg_int": "an integer >= 0", "pos_float": "a positive number", "opt_pos_float": "a positive number", "nonneg_float": "a number >= 0", "finite": "a finite number"}
 
 
 def number_type(check: str) -> Callable[[str], Any]:

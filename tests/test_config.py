@@ -67,8 +67,8 @@ def test_a_config_written_with_both_budgets_reads_as_the_steps_run_it_was(caplog
 
 def test_from_dict_names_the_file() -> None:
     with pytest.raises(ConfigError) as e:
-        TrainConfig.from_dict({"ways": -1}, "run/config.yaml")
-    assert str(e.value) == "run/config.yaml: ways must be a positive integer, got -1"
+        TrainConfig.from_dict({"ways": 1}, "run/config.yaml")
+    assert str(e.value) == "run/config.yaml: ways must be an integer >= 2 (a task tells at least two classes apart), got 1"
 
 
 def test_task_defaults_come_from_the_task_class_under_what_is_given() -> None:
