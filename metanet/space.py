@@ -316,8 +316,8 @@ def _parse_cell(ctx: _Ctx, v: Any, defaults: Mapping[str, Any], path: str, domai
     allow_zero = m["allow_zero"]
     if not isinstance(allow_zero, bool):
         raise ctx.fail(at("allow_zero"), f"expected true or false, got {allow_zero!r}")
-    if not allow_zero and all(o.name == "zero" for o in ops):
-        raise ctx.fail(at("ops"), "every op is 'zero' but allow_zero is false; add a real op")
+    if all(o.name == "zero" for o in ops):  # allow_zero lets zero win among real ops, not stand alone
+        raise ctx.fail(at("ops"), "every op is 'zero': the cell would output 0 whatever its input; add a real op")
     return CellSpec(ctype, channels, nodes, inputs, preact, output, ops, keep, allow_zero)
 
 
