@@ -134,7 +134,7 @@ class TrainConfig:
     op_dropout: float = _field(0.0, "share", "operation-level dropout: each parameter-free op is left out of a task's edge with this probability during meta-training (P-DARTS)")
     # the budget and the run
     steps: int | None = _field(None, "opt_pos_int", f"budget in meta-steps (default: {DEFAULT_STEPS} unless --minutes is given)")
-    minutes: float | None = _field(None, "opt_pos_float", "budget in minutes of wall clock, validation included (instead of --steps)")
+    minutes: float | None = _field(None, "opt_pos_float", "budget in minutes of wall clock of the meta-steps and validations, not counting the data's loading or the path timing of --strategy auto before them (instead of --steps)")
     seed: int = _field(0, "nonneg_int", "seed of the tasks, the initial weights and the generators' noise")
     val_every: int = _field(250, "pos_int", "meta-steps between validations (and last.pt checkpoints); one more at the end")
     val_tasks: int = _field(100, "pos_int", "fixed validation tasks")
