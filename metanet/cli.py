@@ -247,11 +247,11 @@ def _load_npz(path: str, flag: str, cmd: str) -> dict:
 
 def _support(model, path: str, flag: str, cmd: str, *, tasks: bool = False):
     """Validated (x, y) tensors and the npz's metadata array (or None)."""
-    from .network import GenerateError, check_support
+    from .network import GenerateError, check_support, classes_from_support
 
     data = _load_npz(path, flag, cmd)
     try:
-        x, y = check_support(model.space, data["x"], data["y"], tasks=tasks)
+        x, y = check_support(model.space, data["x"], data["y"], tasks=tasks, any_ways=classes_from_support(model))
     except GenerateError as e:
         raise UsageError(f"{cmd}: {flag} {path}: {e}") from None
     return x, y, data.get("metadata")

@@ -64,6 +64,7 @@ __all__ = [
     "generate_batch",
     "load_generated",
     "check_support",
+    "classes_from_support",
     "read_network_info",
     "space_for",
     "FORMAT",
@@ -402,7 +403,7 @@ class GeneratedNetwork:
 # ------------------------------------------------------------------------------ inputs
 
 
-def check_support(space: SearchSpace, x: Any, y: Any, *, tasks: bool = False, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def check_support(space: SearchSpace, x: Any, y: Any, *, tasks: bool = False, like: Tensor | None = None, any_ways: bool = False) -> tuple[Tensor, Tensor]:
     """Validate and convert a support set for ``space``.
 
     Args:
@@ -413,6 +414,9 @@ def check_support(space: SearchSpace, x: Any, y: Any, *, tasks: bool = False, li
         tasks: the arrays carry a leading task dimension.
         like: a weight of the network: inputs and targets take its dtype and device
             (default: float32 where ``x`` is).
+        any_ways: classification by a head built from the support set's class prototypes
+            (``MetaNet.any_ways``): any number of classes ``K >= 2``, ids ``0..K-1`` each
+            with an example in every task, instead of the space's outputs.
 
     Returns:
         ``(x, y)``: float inputs and int64 class ids ``(.., N)`` or float targets
@@ -447,9 +451,12 @@ def check_support(space: SearchSpace, x: Any, y: Any, *, tasks: bool = False, li
         elif y.dtype == torch.bool:
             raise GenerateError("y must hold integer class ids, got booleans")
         y = y.long()
-        bad = (y < 0) | (y >= task.outputs)
-        if bool(bad.any()):
-            raise GenerateError(f"y holds class id {int(y[bad][0])}; this network has {task.outputs} classes (ids 0 to {task.outputs - 1})")
+        if any_ways:
+            _check_classes(y, tasks)
+        else:
+            bad = (y < 0) | (y >= task.outputs)
+            if bool(bad.any()):
+                raise GenerateError(f"y holds class id {int(y[bad][0])}; this network has {task.outputs} classes (ids 0 to {task.outputs - 1})")
     else:
         if y.dim() == lead:
             y = y[..., None]
@@ -461,6 +468,26 @@ def check_support(space: SearchSpace, x: Any, y: Any, *, tasks: bool = False, li
     if like is not None:
         x, y = x.to(like.device), y.to(like.device)
     return x.contiguous(), y.contiguous()
+
+
+def _check_classes(y: Tensor, tasks: bool) -> None:
+    """Class ids ``0..K-1`` (``K >= 2``), each with an example in every task's support set:
+    a prototype head has one output per class, built from that class's examples."""
+    if bool((y < 0).any()):
+        raise GenerateError(f"y holds class id {int(y[y < 0][0])}; class ids start at 0")
+    ways = int(y.max()) + 1
+    if ways < 2:
+        raise GenerateError("y holds one class; a task tells at least two classes apart")
+    for t, row in enumerate(y.reshape(-1, y.shape[-1]).tolist()):
+        absent = sorted(set(range(ways)) - set(row))
+        if absent:
+            where = f" of task {t}" if tasks else ""
+            raise GenerateError(f"y{where} has no example of class {absent[0]}; the network's head is built from every class 0 to {ways - 1} of the support set")
+
+
+def classes_from_support(model: MetaNet) -> bool:
+    """Whether ``model``'s generated networks take their classes from the support set."""
+    return model.kind == "classification" and model.any_ways
 
 
 def _tensor(v: Any, name: str) -> Tensor:
@@ -525,7 +552,7 @@ def generate(run_or_model: MetaNet | str | Path, support_x: Any, support_y: Any,
         The ``GeneratedNetwork``; its ``generation_ms`` excludes loading and adaptation.
     """
     model = _model(run_or_model)
-    x, y = check_support(model.space, support_x, support_y, like=_weight(model))
+    x, y = check_support(model.space, support_x, support_y, like=_weight(model), any_ways=classes_from_support(model))
     meta = _metadata(model, metadata, 1)
     return _generate(model, x[None], y[None], meta, adapt_steps, sample)[0]
 
@@ -539,7 +566,7 @@ def generate_batch(run_or_model: MetaNet | str | Path, support_x: Any, support_y
     or one for all.
     """
     model = _model(run_or_model)
-    x, y = check_support(model.space, support_x, support_y, tasks=True, like=_weight(model))
+    x, y = check_support(model.space, support_x, support_y, tasks=True, like=_weight(model), any_ways=classes_from_support(model))
     return _generate(model, x, y, _metadata(model, metadata, x.shape[0]), adapt_steps, sample)
 
 
@@ -551,16 +578,20 @@ def _generate(model: MetaNet, x: Tensor, y: Tensor, meta: Tensor | None, adapt_s
         raise GenerateError(f"this model's {model.config.head} head classifies queries by comparing them with the support set, so it has no standalone network to emit; score it with metanet evaluate")
     t = x.shape[0]
     meta = None if meta is None else meta.to(x.device)
+    plan, ways = model.plan, None
+    if classes_from_support(model) and int(y.max()) + 1 != model.space.task.outputs:  # as many outputs as the support set has classes
+        ways = int(y.max()) + 1
+        plan = compile(dataclasses.replace(model.space, task=dataclasses.replace(model.space.task, outputs=ways)))
     start = clock(x)
-    nets: list[TaskNetwork] = generate_networks(model, Episode(x, y, x, y, meta), sample=sample)
-    modules = [DiscreteNetwork(model.plan, n.genotype, n.params) for n in nets]
+    nets: list[TaskNetwork] = generate_networks(model, Episode(x, y, x, y, meta), sample=sample, ways=ways)
+    modules = [DiscreteNetwork(plan, n.genotype, n.params) for n in nets]
     ms = 1e3 * (clock(x) - start) / t
     out = []
     for b, (net, module) in enumerate(zip(nets, modules)):
         adapt_ms = 0.0
         if adapt_steps:
             start = clock(x)
-            params = adapt_discrete(model.plan, net.genotype, net.params, x[b], y[b], adapt_steps, model.step_size, model.kind, model.inner_rule, prox=model.config.prox)
+            params = adapt_discrete(plan, net.genotype, net.params, x[b], y[b], adapt_steps, model.step_size, model.kind, model.inner_rule, prox=model.config.prox)
             with torch.no_grad():
                 for name, value in params.items():
                     getattr(module, safe_name(name)).copy_(value)

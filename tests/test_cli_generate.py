@@ -198,7 +198,7 @@ def _bad_cases():
     nan_y = yr.copy()
     nan_y[1] = np.nan
     far = yi.copy()
-    far[0] = 3
+    far[0] = -1
     # (run, npz arrays or a special file, extra args, message fragments)
     return {
         "missing npz": ("reg", None, [], ["--support", "nothere.npz: no such file"]),
@@ -209,7 +209,7 @@ def _bad_cases():
         "x of vectors for images": ("img", {"x": xr, "y": yr}, [], ["x has shape (10, 1); space 'tiny' expects (N, 1, 8, 8)"]),
         "NaN in x": ("reg", {"x": nan_x, "y": yr}, [], ["x holds NaN or infinite values"]),
         "NaN in y": ("reg", {"x": xr, "y": nan_y}, [], ["y holds NaN or infinite values"]),
-        "label out of range": ("img", {"x": xi, "y": far}, [], ["y holds class id 3; this network has 3 classes (ids 0 to 2)"]),
+        "label out of range": ("img", {"x": xi, "y": far}, [], ["y holds class id -1; class ids start at 0"]),
         "fractional labels": ("img", {"x": xi, "y": yi + 0.5}, [], ["y must hold integer class ids, got fractional values"]),
         "x and y lengths": ("reg", {"x": xr, "y": yr[:4]}, [], ["y has shape (4,) but x has (10, 1)"]),
         "metadata out of range": ("reg", {"x": xr, "y": yr}, ["--metadata", "9"], ["--metadata '9': expected a family id 0 to 4 (-1: unknown) or a name (sinusoid, linear, quadratic, l1, tanh)"]),
@@ -452,3 +452,34 @@ def test_a_failure_while_writing_leaves_no_folder_behind(runs, tmp_path, capsys,
         main(["generate", str(runs["reg"]), "--support", sup, "--out", str(tmp_path / "net")])
     assert not (tmp_path / "net").exists()
     _no_leftovers(tmp_path)
+
+
+def test_a_prototype_head_network_has_one_output_per_support_class(runs, tmp_path, capsys):
+    """A run with the prototype head serves any number of classes (as evaluate --ways
+    does): the generated network has as many outputs as its support set has classes, so
+    no class the support set lacks gets a constant logit; a class id left out is refused."""
+    model, _ = load_run(runs["img"])
+    assert model.proto and model.space.task.outputs == 3
+    g = torch.Generator().manual_seed(5)
+    for ways in (2, 3, 5):
+        y = torch.arange(ways).repeat_interleave(2)
+        x = torch.randn(len(y), 1, 8, 8, generator=g)
+        net = generate(model, x, y)
+        assert net.module(x).shape == (len(y), ways) and net.space.task.outputs == ways
+        out = tmp_path / f"net{ways}"
+        code, _, err = _run(["generate", runs["img"], "--support", _npz(tmp_path / f"s{ways}.npz", x=x.numpy(), y=y.numpy()), "--out", out], capsys)
+        assert code == 0, err
+        saved = load_generated(out)
+        assert json.loads((out / "network.json").read_text())["outputs"] == ways
+        torch.testing.assert_close(saved.module(x), net.module(x))
+        assert torch.export.load(out / "model.pt2").module()(x).shape == (len(y), ways)
+    x = torch.randn(6, 1, 8, 8, generator=g)
+    with pytest.raises(ValueError, match="y has no example of class 1; the network's head is built from every class 0 to 2 of the support set"):
+        generate(model, x, torch.tensor([0, 0, 2, 2, 0, 2]))
+    with pytest.raises(ValueError, match="y holds one class; a task tells at least two classes apart"):
+        generate(model, x, torch.zeros(6, dtype=torch.long))
+    learned = load_run(runs["img"])[0]
+    learned.proto = False  # a learned head keeps the space's outputs
+    with pytest.raises(ValueError, match="this network has 3 classes"):
+        generate(learned, torch.randn(8, 1, 8, 8), torch.arange(4).repeat_interleave(2))
+    assert generate(learned, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])).module(torch.randn(4, 1, 8, 8)).shape == (4, 3)
