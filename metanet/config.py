@@ -214,6 +214,10 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: checkpoint_steps needs precision fp32: a recomputed step runs outside the forward's autocast; use one or the other")
     if cfg.op_dropout > 0 and cfg.adapt_alpha:
         raise ConfigError(f"{source}: op_dropout does not reach an inner loop that adapts the architecture (adapt_alpha); use one or the other")
+    if cfg.checkpoint_steps and cfg.order in ("first", "reptile"):
+        raise ConfigError(f"{source}: checkpoint_steps bounds the memory of second-order inner steps; order {cfg.order} keeps no graph of them to recompute")
+    if cfg.meta_sgd and cfg.inner_optimizer == "lstm":
+        raise ConfigError(f"{source}: meta_sgd learns a step size per weight for SGD steps, inner_optimizer lstm learns the whole update; use one or the other")
     if cfg.checkpoint_steps and cfg.inner_optimizer == "lstm":
         raise ConfigError(f"{source}: checkpoint_steps does not carry the LSTM inner optimizer's state through a recomputed step; use one or the other")
     if cfg.head != "linear" and (cfg.inner_steps or cfg.eval_inner_steps):
