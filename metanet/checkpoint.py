@@ -357,9 +357,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             payload = torch.load(p, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{file}: refused: the file needs code to load (weights_only{_refusal_detail(str(e))}); metanet checkpoints never do"
-        ) from None
+        detail = _refusal_detail(str(e))
+        if "opcode" in detail:  # random bytes read as a pickle end here too
+            raise CheckpointError(f"{file}: not a readable checkpoint (weights_only{detail}: a corrupt file, or one that needs code to load, which metanet checkpoints never do)") from None
+        raise CheckpointError(f"{file}: refused: the file needs code to load (weights_only{detail}); metanet checkpoints never do") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError, struct.error) as e:
         raise CheckpointError(f"{file}: not a readable checkpoint (truncated or corrupt: {_first_sentence(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

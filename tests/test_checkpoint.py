@@ -428,6 +428,16 @@ def test_truncated_checkpoint_is_refused(tmp_path):
         assert one_line(e).startswith(f"{bad}: not a readable checkpoint (truncated or corrupt: "), n
 
 
+def test_random_bytes_are_called_unreadable_not_a_crafted_file(tmp_path):
+    """Bytes that begin with an opcode weights_only refuses: corrupt is as likely as crafted."""
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(bytes([211]) + bytes(range(200)))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert one_line(e) == (f"{bad}: not a readable checkpoint (weights_only: pickle opcode 211 is not allowed: "
+                           "a corrupt file, or one that needs code to load, which metanet checkpoints never do)")
+
+
 def test_files_that_are_not_checkpoints(tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"w": torch.zeros(2)}, other)
