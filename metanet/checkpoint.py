@@ -358,8 +358,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             payload = torch.load(p, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         detail = _refusal_detail(str(e))
-        if "opcode" in detail:  # random bytes read as a pickle end here too
-            raise CheckpointError(f"{file}: not a readable checkpoint (weights_only{detail}: a corrupt file, or one that needs code to load, which metanet checkpoints never do)") from None
+        if "opcode" in detail and not _starts_as_pickle(p):  # random bytes read as a pickle end here
+            raise CheckpointError(f"{file}: not a readable checkpoint (corrupt: weights_only{detail})") from None
         raise CheckpointError(f"{file}: refused: the file needs code to load (weights_only{detail}); metanet checkpoints never do") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError, struct.error) as e:
         raise CheckpointError(f"{file}: not a readable checkpoint (truncated or corrupt: {_first_sentence(e)})") from None
@@ -373,6 +373,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: not a metanet checkpoint (its 'state' is a {type(state).__name__}, expected a dict)")
     return _decode(state)
+
+
+def _starts_as_pickle(path: Path) -> bool:
+    """Whether the file begins as torch's zip archive or a pickle of protocol 2 or later
+    (its PROTO opcode), rather than as bytes of no pickle at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
 def _refusal_detail(message: str) -> str:
