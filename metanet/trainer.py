@@ -441,7 +441,8 @@ class _Run:
             state["nonfinite_run"] += 1
             log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", state["step"], state["nonfinite_run"])
             if state["nonfinite_run"] >= cfg.max_nonfinite:
-                raise NonFiniteError(f"{cfg.max_nonfinite} non-finite losses or gradients in a row, the last at step {state['step']}; lower --meta-lr or --inner-lr (last.pt holds the last finite state)")
+                saved = "last.pt holds the last finite state" if (self.out / ckpt.LAST).exists() else "no checkpoint was written yet"
+                raise NonFiniteError(f"{cfg.max_nonfinite} non-finite losses or gradients in a row, the last at step {state['step']}; lower --meta-lr or --inner-lr ({saved})")
         state["step"] += 1
         state["elapsed"] += time.perf_counter() - t0
         if state["step"] % cfg.log_every == 0:

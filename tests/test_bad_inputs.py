@@ -289,12 +289,17 @@ def test_nonfinite_in_a_row_stops_with_a_message_naming_the_step(nan_tasks, tmp_
     out = tmp_path / "run"
     code, _, err = run_cli(["train", "--tasks", "_test_nan", "--steps", "20", "--meta-batch", "2", "--val-every", "2", "--val-tasks", "2",
                             "--eval-inner-steps", "1", "--strategy", "loop", "--max-nonfinite", "3", "--log-every", "1", "--quiet", "--out", out], capsys)  # fmt: skip
-    one_line_error(code, err, "3 non-finite losses or gradients in a row, the last at step 6; lower --meta-lr or --inner-lr")
+    one_line_error(code, err, "3 non-finite losses or gradients in a row, the last at step 6; lower --meta-lr or --inner-lr (last.pt holds the last finite state)")
     saved = ckpt.load_checkpoint(out / "last.pt")
     assert saved["state"]["step"] == 6 and saved["state"]["nonfinite"] == 2  # the validation between the bad steps
     assert _all_finite(saved["model"]) and _all_finite(saved["optimizer"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"val"' not in x]
     assert [r["nonfinite"] for r in rows][-2:] == [1, 2]  # the third bad step raised before its row
+    nan_tasks.BAD = set(range(100))  # from the first step: no checkpoint to point to
+    code, _, err = run_cli(["train", "--tasks", "_test_nan", "--steps", "20", "--meta-batch", "2", "--val-every", "10", "--val-tasks", "2", "--eval-inner-steps", "1",
+                            "--strategy", "loop", "--max-nonfinite", "3", "--quiet", "--out", tmp_path / "early"], capsys)  # fmt: skip
+    one_line_error(code, err, "3 non-finite losses or gradients in a row, the last at step 2; lower --meta-lr or --inner-lr (no checkpoint was written yet)")
+    assert not (tmp_path / "early" / "last.pt").exists()
 
 
 # --------------------------------------------------------------- crafted files never run
