@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .meta import MetaNet
 from .space import SearchSpace, load, loads
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "METRICS", "build_space", "read_run_config", "load_run", "load_training_checkpoint", "truncate_metrics", "MetricsLog", "start_run"]
 
@@ -143,6 +146,8 @@ def load_run(run: str | Path, which: str = "best") -> tuple[MetaNet, TrainConfig
     path = run / (ckpt.BEST if which == "best" else ckpt.LAST)
     if not path.exists():
         path = run / ckpt.LAST
+        if path.exists() and which == "best":
+            log.warning("%s has no %s (no finite validation yet): using %s", run, ckpt.BEST, ckpt.LAST)
     if not path.exists():
         raise ConfigError(f"{run}: the run has no checkpoint yet (no {ckpt.LAST} or {ckpt.BEST})")
     saved = ckpt.load_checkpoint(path)

@@ -371,3 +371,13 @@ def test_evaluate_reports_diverged_tasks_as_null_and_counts_them(run_dir, tmp_pa
     code, out, _ = run_cli(["evaluate", run_dir, "--episodes", "3"], capsys)
     line = json.loads(out)
     assert line["nonfinite"] == 0 and math.isfinite(line["mse"]) and math.isfinite(line["ci95"])
+
+
+def test_a_run_without_best_pt_is_loaded_from_last_pt_with_a_warning(run_dir, tmp_path, capsys, caplog):
+    run = _copy_run(run_dir, tmp_path / "run")
+    (run / "best.pt").unlink()
+    with caplog.at_level("WARNING", logger="metanet.rundir"):
+        code, out, err = run_cli(["evaluate", run, "--episodes", "2"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["episodes"] == 2
+    assert f"{run} has no best.pt (no finite validation yet): using last.pt" in caplog.messages
