@@ -28,7 +28,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""  # "metanet train": "train"
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 _positive_int = number_type("pos_int")
@@ -638,13 +639,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metanet`` command; returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not (sys.argv[1:] if argv is None else list(argv)):  # a bare `metanet`: what it can do
+            parser.print_help()
+            return EXIT_USAGE
+        args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except UsageError as e:
         sys.stderr.write(f"metanet: error: {e}\n")  # one write: under torchrun, ranks share stderr
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`metanet ... | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one at exit's flush
+        return 1
     except Exception as e:  # noqa: BLE001 -- only the user's mistakes are turned into one line
         if isinstance(e, _user_errors()):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__

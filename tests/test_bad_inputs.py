@@ -381,3 +381,24 @@ def test_a_run_without_best_pt_is_loaded_from_last_pt_with_a_warning(run_dir, tm
     assert code == 0, err
     assert json.loads(out)["episodes"] == 2
     assert f"{run} has no best.pt (no finite validation yet): using last.pt" in caplog.messages
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback():
+    """`metanet spaces show X | head -1`: the reader goes away before metanet writes."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "metanet", "spaces", "show", "darts_cnn"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and proc.stderr == ""
+
+
+def test_argument_errors_name_the_command_once_and_a_bare_metanet_prints_its_help(capsys):
+    assert run_cli(["train", "--steps", "-1"], capsys)[::2] == (2, "metanet: error: train: argument --steps: expected a positive integer, got -1\n")
+    assert run_cli(["spaces", "list", "--x"], capsys)[::2] == (2, "metanet: error: unrecognized arguments: --x\n")
+    code, out, err = run_cli([], capsys)
+    assert code == 2 and out.startswith("usage: metanet ") and "{spaces,train,evaluate,generate,inspect}" in out and err == ""
