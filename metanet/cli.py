@@ -140,6 +140,29 @@ def _absolute_folders(options: dict) -> dict:
     return options
 
 
+# options that only some task distributions read (trainer.build_tasks); given for others,
+# they would be ignored
+_TASK_OPTIONS = {
+    "data_root": ("omniglot", "miniimagenet", "images", "multidomain"),
+    "split_file": ("images",),
+    "rotations": ("omniglot",),
+    "domains": ("multidomain",),
+    "domain_weights": ("multidomain",),
+}
+_REGRESSION_TASKS = ("sinusoid", "multimodal")
+
+
+def _check_applies(given: dict, tasks: str, cmd: str) -> None:
+    """Refuse an option given for tasks that do not read it (``--data-root`` with sinusoid)."""
+    from .config import option_flag
+
+    for key, where in _TASK_OPTIONS.items():
+        if given.get(key) is not None and tasks not in where:
+            raise UsageError(f"{cmd}: {option_flag(key)} applies to tasks {', '.join(where)}, not to '{tasks}'")
+    if given.get("ways") is not None and tasks in _REGRESSION_TASKS:
+        raise UsageError(f"{cmd}: --ways applies to classification tasks, not to '{tasks}' (regression)")
+
+
 def _progress_line(line: str) -> None:
     """Training progress in a log: one line on stderr (a terminal gets a bar instead)."""
     print(line, file=sys.stderr, flush=True)
@@ -161,6 +184,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(None, out, resume=True, progress=False if args.quiet else _progress_line)  # type: ignore[arg-type]
     else:
         cfg = _train_config(args)
+        _check_applies(vars(args), cfg.tasks, "train")
         result = train(cfg, out, progress=False if args.quiet else _progress_line, overwrite=args.overwrite)
     if env_rank() == 0:  # under torchrun only rank 0 reports
         print(json.dumps(result))
@@ -183,6 +207,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         over["tasks"] = args.tasks
         if args.tasks != cfg.tasks and args.data_root is None:
             over["data_root"] = None  # the run's folder belongs to its own tasks
+    _check_applies(over, over.get("tasks", cfg.tasks), "evaluate")
     cfg = dataclasses.replace(cfg, **over)
     if model.kind == "classification":
         try:

@@ -402,3 +402,20 @@ def test_argument_errors_name_the_command_once_and_a_bare_metanet_prints_its_hel
     assert run_cli(["spaces", "list", "--x"], capsys)[::2] == (2, "metanet: error: unrecognized arguments: --x\n")
     code, out, err = run_cli([], capsys)
     assert code == 2 and out.startswith("usage: metanet ") and "{spaces,train,evaluate,generate,inspect}" in out and err == ""
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--tasks", "sinusoid", "--ways", "3"], "train: --ways applies to classification tasks, not to 'sinusoid' (regression)"),
+    (["train", "--tasks", "sinusoid", "--data-root", "/x"], "train: --data-root applies to tasks omniglot, miniimagenet, images, multidomain, not to 'sinusoid'"),
+    (["train", "--tasks", "omniglot", "--split-file", "s.csv"], "train: --split-file applies to tasks images, not to 'omniglot'"),
+    (["train", "--tasks", "omniglot", "--domains", "omniglot"], "train: --domains applies to tasks multidomain, not to 'omniglot'"),
+    (["train", "--tasks", "multimodal", "--no-rotations"], "train: --no-rotations applies to tasks omniglot, not to 'multimodal'"),
+])  # fmt: skip
+def test_an_option_the_tasks_do_not_read_is_refused_not_ignored(argv, message, tmp_path, capsys):
+    one_line_error(*run_cli([*argv, "--out", tmp_path / "r"], capsys)[::2], message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_refuses_an_option_the_tasks_do_not_read(run_dir, capsys):
+    one_line_error(*run_cli(["evaluate", run_dir, "--ways", "5"], capsys)[::2], "evaluate: --ways applies to classification tasks, not to 'sinusoid' (regression)")
+    one_line_error(*run_cli(["evaluate", run_dir, "--domains", "omniglot"], capsys)[::2], "evaluate: --domains applies to tasks multidomain, not to 'sinusoid'")
