@@ -43,9 +43,13 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
     from .space import builtin_path, builtin_spaces, load
 
     if args.action == "list":
-        for name in builtin_spaces():
-            sp = load(builtin_path(name))
-            print(f"{name:16s} {sp.task.kind:15s} input {list(sp.task.input)}  {len(sp.cells)} cells, {len(sp.edges)} edges  {sp.description}")
+        if args.files:
+            raise UsageError(f"spaces list: takes no arguments, got {args.files[0]!r} (spaces show NAME describes one)")
+        rows = [(name, load(builtin_path(name))) for name in builtin_spaces()]
+        cols = [[name, sp.task.kind, f"input {list(sp.task.input)}", f"{len(sp.cells)} cells, {len(sp.edges)} edges", sp.description] for name, sp in rows]
+        widths = [max(len(c[i]) for c in cols) for i in range(4)]
+        for c in cols:
+            print("  ".join(v.ljust(w) for v, w in zip(c, widths)) + "  " + c[4])
         return 0
     if args.action == "validate":
         if not args.files:
@@ -591,19 +595,25 @@ def _inspect_views(args: argparse.Namespace, space, genotype, alpha) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``metanet`` command."""
+    from . import __version__
+
     p = _Parser(prog="metanet", description="Meta-learn task-specific neural networks.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("--version", action="version", version=f"metanet {__version__}")
+    # -v after the command too (metanet train -v ...): not given there, it leaves the top's
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.required = True
 
-    sp = sub.add_parser("spaces", help="list, validate or show search spaces")
+    sp = sub.add_parser("spaces", parents=[common], help="list, validate or show search spaces")
     sp.add_argument("action", choices=("list", "validate", "show"), help="list: the built-in spaces; validate: check YAML files; show: print a space's cells and ops")
     sp.add_argument("files", nargs="*", help="YAML files (or built-in space names for show)")
     sp.set_defaults(func=_cmd_spaces)
 
     from .config import add_train_options
 
-    tr = sub.add_parser("train", help="meta-train the generators", description="Meta-train the generators into a run directory (--out). The budget is --steps or --minutes. Task distributions have their own defaults (listed after the field's default).")
+    tr = sub.add_parser("train", parents=[common], help="meta-train the generators", description="Meta-train the generators into a run directory (--out). The budget is --steps or --minutes. Task distributions have their own defaults (listed after the field's default).")
     add_train_options(tr)
     tr.add_argument("--first-order", action="store_true", help="first-order MAML (same as --order first)")
     tr.add_argument("--reptile", action="store_true", help="Reptile (same as --order reptile)")
@@ -613,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("evaluate", help="evaluate a run on fixed test tasks")
+    ev = sub.add_parser("evaluate", parents=[common], help="evaluate a run on fixed test tasks")
     ev.add_argument("run", help="run directory")
     ev.add_argument("--tasks", help="evaluate on another task distribution than the run's (same input shape after resizing), e.g. images --data-root DIR for an unseen domain")
     ev.add_argument("--split", help="split of an image dataset (default val): omniglot train, val, background, evaluation; miniimagenet train, val, test; images and multidomain train, val, test, all")
@@ -628,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_nonneg_int, default=1234, help="seed of the test tasks: the same seed, the same tasks (default: 1234)")
     ev.set_defaults(func=_cmd_evaluate)
 
-    ge = sub.add_parser("generate", help="generate one task's network from its support set")
+    ge = sub.add_parser("generate", parents=[common], help="generate one task's network from its support set")
     ge.add_argument("run", help="run directory")
     ge.add_argument("--support", required=True, help=".npz with x (N, *input) and y (N,) or (N, outputs)")
     ge.add_argument("--metadata", help="task family id (or family name for multimodal runs)")
@@ -638,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--overwrite", action="store_true", help="replace the network an earlier generate wrote in --out (a folder of other files is never replaced)")
     ge.set_defaults(func=_cmd_generate)
 
-    ins = sub.add_parser("inspect", help="show a generated architecture as text, DOT, GraphML, JSON or PNG")
+    ins = sub.add_parser("inspect", parents=[common], help="show a generated architecture as text, DOT, GraphML, JSON or PNG")
     ins.add_argument("source", help="run directory (with --support or --population), genotype.json, or a generated folder")
     ins.add_argument("--support", help=".npz with one task's support set x, y (with a run directory)")
     ins.add_argument("--metadata", help="task family id (or family name for multimodal runs)")

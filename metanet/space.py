@@ -211,6 +211,8 @@ def _type_name(v: Any) -> str:
 
 
 def _mapping(ctx: _Ctx, v: Any, path: str, keys: tuple[str, ...]) -> Mapping[str, Any]:
+    if v is None and not path:  # an empty file
+        raise ctx.fail(path, "the file is empty; expected a mapping with name, task, stem, cells and head")
     if not isinstance(v, Mapping):
         raise ctx.fail(path, f"expected a mapping, got {_type_name(v)} {v!r}")
     for k in v:

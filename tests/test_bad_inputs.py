@@ -419,3 +419,16 @@ def test_an_option_the_tasks_do_not_read_is_refused_not_ignored(argv, message, t
 def test_evaluate_refuses_an_option_the_tasks_do_not_read(run_dir, capsys):
     one_line_error(*run_cli(["evaluate", run_dir, "--ways", "5"], capsys)[::2], "evaluate: --ways applies to classification tasks, not to 'sinusoid' (regression)")
     one_line_error(*run_cli(["evaluate", run_dir, "--domains", "omniglot"], capsys)[::2], "evaluate: --domains applies to tasks multidomain, not to 'sinusoid'")
+
+
+def test_version_verbose_after_the_command_and_a_stray_argument_to_spaces_list(capsys):
+    from metanet import __version__
+    from metanet.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"metanet {__version__}\n"
+    assert build_parser().parse_args(["spaces", "list", "-v"]).verbose is True
+    assert build_parser().parse_args(["-v", "spaces", "list"]).verbose is True
+    assert build_parser().parse_args(["spaces", "list"]).verbose is False
+    one_line_error(*run_cli(["spaces", "list", "extra"], capsys)[::2], "spaces list: takes no arguments, got 'extra' (spaces show NAME describes one)")

@@ -316,7 +316,7 @@ def test_directory_is_not_a_space(tmp_path: Path) -> None:
 def test_empty_document() -> None:
     with pytest.raises(SpaceError) as ei:
         loads("")
-    assert str(ei.value) == "<string>: expected a mapping, got nothing None"
+    assert str(ei.value) == "<string>: the file is empty; expected a mapping with name, task, stem, cells and head"
 
 
 # -------------------------------------------------------------------------- fuzzing
@@ -352,3 +352,4 @@ def test_fuzzed_documents_load_or_fail_with_one_line(edits: list) -> None:
         loads(_text(doc))
     except SpaceError as e:
         assert "\n" not in str(e) and str(e).startswith("<string>: ")
+
