@@ -365,7 +365,7 @@ class GeneratedNetwork:
         if support_y is not None and self.example_x is not None:
             x = self.example_x
             lines.append(f"support {'accuracy' if self.kind == 'classification' else 'mse'}: {self.metric(x, support_y):.6g} (loss {self.loss(x, support_y):.6g})")
-        lines += [f"files: genotype.json, weights.safetensors, space.yaml, network.json, {exported}, graph.json, graph.graphml, graph.dot, {png}, alpha.txt", "", ex.describe_genotype(self.space, self.genotype)]
+        lines += [f"files: genotype.json, weights.safetensors, space.yaml, network.json, {exported}, graph.json, graph.graphml, graph.dot, {png}, alpha.txt, summary.txt", "", ex.describe_genotype(self.space, self.genotype)]
         ckpt.atomic_write_bytes(folder / "summary.txt", ("\n".join(lines) + "\n").encode())
 
     def export(self, path: str | Path, example_x: Tensor | None = None, *, dynamic_batch: bool = True) -> Path:

@@ -299,7 +299,8 @@ def test_bad_multidomain(tmp_path):
     make_folder(tmp_path / "a", classes=3, per_class=2)
     raises(lambda: MultiDomain(domains=("a", "nowhere"), data_root=tmp_path, split="all", ways=2, shots=1, queries=1), "domain 'nowhere'", "does not exist")
     raises(lambda: MultiDomain(domains=("a", "a"), data_root=tmp_path, split="all"), "'a' twice")
-    raises(lambda: MultiDomain(domains=("a",), data_root=tmp_path, split="all", weights=(1.0, 2.0)), "weights must be 1 numbers")
+    raises(lambda: MultiDomain(domains=("a",), data_root=tmp_path, split="all", weights=(1.0, 2.0)), "weights (--domain-weights) must be 1 numbers")
+    raises(lambda: MultiDomain(domains=("a:invrt",), data_root=tmp_path, split="all"), "domain 'a:invrt': unknown suffix ':invrt' (did you mean ':invert'?)")
     raises(lambda: MultiDomain(domains=(), data_root=tmp_path), "at least one domain")
     raises(lambda: MultiDomain(domains=("a",), data_root=tmp_path, channels=2), "channels must be 1 (grayscale) or 3")
 

@@ -25,6 +25,7 @@ Layouts:
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 import logging
@@ -584,6 +585,9 @@ def _parse_domain(entry: str, data_root: Path | None) -> tuple[str, str, Path, b
     """``(name, kind, folder, invert)`` of a domain entry: ``omniglot``, ``miniimagenet``, ``NAME``
     or ``NAME=FOLDER``, each optionally followed by ``:invert``."""
     bare, invert = _strip_invert(entry)
+    suffix = bare.rpartition(":")[2].strip()
+    if ":" in bare and suffix != bare.strip() and difflib.get_close_matches(suffix, [INVERT[1:]], n=1, cutoff=0.6):
+        raise TaskError(f"domain {entry!r}: unknown suffix ':{suffix}' (did you mean '{INVERT}'?)")
     if not bare.partition("=")[0].strip():
         raise TaskError(f"domain {entry!r} has no name; expected omniglot, miniimagenet, FOLDER or NAME=FOLDER (optionally followed by {INVERT})")
     name = domain_name(bare)
@@ -653,7 +657,7 @@ class MultiDomain:
             raise TaskError(f"domains name {sorted(n for n in names if names.count(n) > 1)[0]!r} twice")
         weights = (1.0,) * len(names) if self.weights is None else tuple(float(w) for w in self.weights)
         if len(weights) != len(names) or any(not (w >= 0) for w in weights) or not sum(weights) > 0:
-            raise TaskError(f"weights must be {len(names)} numbers >= 0 (one per domain) with a positive sum, got {self.weights!r}")
+            raise TaskError(f"weights (--domain-weights) must be {len(names)} numbers >= 0 (one per domain) with a positive sum, got {self.weights!r}")
         parts = []
         common = dict(ways=self.ways, shots=self.shots, queries=self.queries, image_size=self.image_size)
         for name, kind, folder, _ in parsed:
