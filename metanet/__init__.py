@@ -6,6 +6,7 @@ hypernetwork) maps the task and that architecture to initial weights. For a new 
 ``generate`` emits a real network: genotype, weights, a standalone ``nn.Module``, a graph.
 """
 
+from .config import VERSION as __version__
 from .executor import Plan, compile, forward, forward_genotype, init_params, run
 from .graph import Genotype, discretise
 from .meta import MetaNet, ModelConfig, evaluate, meta_loss
@@ -13,8 +14,6 @@ from .network import GeneratedNetwork, generate, load_generated
 from .ops import OPS, register_op
 from .space import SearchSpace, SpaceError, load, loads
 from .trainer import TrainConfig, load_run, train
-
-__version__ = "0.1.0"
 
 __all__ = [
     "OPS",

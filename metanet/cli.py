@@ -596,15 +596,11 @@ def _inspect_views(args: argparse.Namespace, space, genotype, alpha) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``metanet`` command."""
-    from importlib import metadata
+    from .config import VERSION
 
-    try:  # the installed package's (the package itself sits above this module)
-        version = metadata.version("metanet")
-    except metadata.PackageNotFoundError:
-        version = "(not installed)"
     p = _Parser(prog="metanet", description="Meta-learn task-specific neural networks.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    p.add_argument("--version", action="version", version=f"metanet {version}")
+    p.add_argument("--version", action="version", version=f"metanet {VERSION}")
     # -v after the command too (metanet train -v ...): not given there, it leaves the top's
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
@@ -624,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--reptile", action="store_true", help="Reptile (same as --order reptile)")
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
-    tr.add_argument("--overwrite", action="store_true", help="start again in an existing run directory")
+    tr.add_argument("--overwrite", action="store_true", help="start again in an existing run directory, or write the run into a folder of other files")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 

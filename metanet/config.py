@@ -31,8 +31,9 @@ from .heads import HEADS
 from .meta import INNER_OPTIMIZERS, ORDERS, PRECISIONS, ModelConfig
 from .tasks.base import did_you_mean
 
-__all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "validate_config", "task_defaults", "add_train_options", "config_from_options", "option_flag", "number_type", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
+__all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "VERSION", "validate_config", "validate_new_run", "task_defaults", "add_train_options", "config_from_options", "option_flag", "number_type", "STRATEGIES", "SCHEDULES", "ARCHS", "WEIGHTS"]
 
+VERSION = "0.1.0"  # the package's (metanet.__version__); pyproject.toml holds the same
 log = logging.getLogger(__name__)
 DEFAULT_STEPS = 1000  # the budget of a config that names neither steps nor minutes
 STRATEGIES = ("auto", *_EXEC_STRATEGIES, "task")  # auto: time them on the first step; task: loop, one backward per task
@@ -99,7 +100,7 @@ class TrainConfig:
     # what to learn from
     space: str = _field("mlp_regression", "name", "search space: a YAML file or a built-in name (metanet spaces list)")
     tasks: str = _field("sinusoid", "name", "task distribution: sinusoid, multimodal, omniglot, miniimagenet, images (any <root>/<class>/<image> folder), multidomain")
-    ways: int = _field(5, "ways", "classification: classes per task (at least 2)")
+    ways: int = _field(5, "pos_int", "classification: classes per task (at least 2)")
     shots: int = _field(5, "pos_int", "support examples per class (regression: per task)")
     queries: int = _field(10, "pos_int", "query examples per class (regression: per task) that score the adapted network")
     data_root: str | None = _field(None, "opt_name", "dataset folder (omniglot, miniimagenet, images); for multidomain the folder that holds the named domains (default: ../shared/data)")
@@ -214,10 +215,6 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: checkpoint_steps needs precision fp32: a recomputed step runs outside the forward's autocast; use one or the other")
     if cfg.op_dropout > 0 and cfg.adapt_alpha:
         raise ConfigError(f"{source}: op_dropout does not reach an inner loop that adapts the architecture (adapt_alpha); use one or the other")
-    if cfg.checkpoint_steps and cfg.order in ("first", "reptile"):
-        raise ConfigError(f"{source}: checkpoint_steps bounds the memory of second-order inner steps; order {cfg.order} keeps no graph of them to recompute")
-    if cfg.meta_sgd and cfg.inner_optimizer == "lstm":
-        raise ConfigError(f"{source}: meta_sgd learns a step size per weight for SGD steps, inner_optimizer lstm learns the whole update; use one or the other")
     if cfg.checkpoint_steps and cfg.inner_optimizer == "lstm":
         raise ConfigError(f"{source}: checkpoint_steps does not carry the LSTM inner optimizer's state through a recomputed step; use one or the other")
     if cfg.head != "linear" and (cfg.inner_steps or cfg.eval_inner_steps):
@@ -246,6 +243,18 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> None:
             f"{source}: compile needs precision fp32, got {cfg.precision!r}: the compiled step is checked"
             " against eager to rtol 1e-4, which bf16 rounding exceeds; use --compile or --precision bf16, not both"
         )
+
+
+def validate_new_run(cfg: TrainConfig, source: str = "config") -> None:
+    """What a run about to start must pass beyond ``validate_config``: settings that
+    earlier versions accepted (so that a saved run's config.yaml still loads), refused for
+    new runs; raise ``ConfigError`` naming the first."""
+    if cfg.ways < 2:
+        raise ConfigError(f"{source}: ways must be an integer >= 2 (a task tells at least two classes apart), got {cfg.ways}")
+    if cfg.checkpoint_steps and cfg.order in ("first", "reptile"):
+        raise ConfigError(f"{source}: checkpoint_steps bounds the memory of second-order inner steps; order {cfg.order} keeps no graph of them to recompute")
+    if cfg.meta_sgd and cfg.inner_optimizer == "lstm":
+        raise ConfigError(f"{source}: meta_sgd learns a step size per weight for SGD steps, inner_optimizer lstm learns the whole update; use one or the other")
 
 
 def task_defaults(tasks: str) -> dict[str, Any]:

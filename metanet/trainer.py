@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .compile import checked_compile
 from .graph import population_health
-from .config import ConfigError, TrainConfig, validate_config
+from .config import ConfigError, TrainConfig, validate_config, validate_new_run
 from .meta import MetaNet, bf16_warning, evaluate, generate_networks, precision
 from .plan import ExecOptions
 from .plan import compile as compile_plan
@@ -304,9 +304,11 @@ def _prepare(cfg: TrainConfig | None, out: Path, resume: bool, overwrite: bool) 
     if cfg is None:
         raise ConfigError("train: no config given (and not resuming)")
     validate_config(cfg)
+    validate_new_run(cfg)
     if not overwrite and any((out / f).exists() for f in (ckpt.LAST, "config.yaml")):
         raise ConfigError(f"train: {out} already holds a run; use --resume to continue it or --overwrite to start again")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
+    # space.yaml, written before config.yaml, and hidden temporaries: a start that was cut short
+    if not overwrite and out.is_dir() and any(p.name != "space.yaml" and not p.name.startswith(".") for p in out.iterdir()):
         raise ConfigError(f"train: --out {out} is not empty and holds no run; give a new or empty folder, or --overwrite to write the run among its files")
     return _Setup(cfg, None, None)
 

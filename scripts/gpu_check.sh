@@ -22,6 +22,10 @@ device = torch.device(sys.argv[1])
 if device.type == "cuda" and not torch.cuda.is_available():
     sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA device")
 name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+import importlib.util
+missing = [m for m in ("numpy", "yaml", "networkx", "einops", "tqdm", "safetensors", "PIL", "pytest", "hypothesis") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_check: python lacks {', '.join(missing)} (carry them as wheels)")
 print(f"torch {torch.__version__}, {name}, CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 PY
 

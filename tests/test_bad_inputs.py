@@ -161,6 +161,12 @@ def test_train_refuses_a_file_as_out_and_an_existing_run(run_dir, tmp_path, caps
     (other / "notes.txt").write_text("mine")
     one_line_error(*run_cli(["train", "--out", other], capsys)[::2], f"train: --out {other} is not empty and holds no run; give a new or empty folder, or --overwrite to write the run among its files")
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    cut = tmp_path / "cut"  # a start killed between space.yaml and config.yaml: started again
+    cut.mkdir()
+    (cut / "space.yaml").write_text((run_dir / "space.yaml").read_text())
+    (cut / ".config.yaml.tmp-1").write_text("")
+    code, _, err = run_cli(["train", "--steps", "1", "--val-every", "1", "--val-tasks", "1", "--eval-inner-steps", "1", "--strategy", "loop", "--quiet", "--out", cut], capsys)
+    assert code == 0, err
 
 
 def test_resume_and_evaluate_on_folders_without_a_run(tmp_path, capsys):
@@ -422,7 +428,12 @@ def test_evaluate_refuses_an_option_the_tasks_do_not_read(run_dir, capsys):
 
 
 def test_version_verbose_after_the_command_and_a_stray_argument_to_spaces_list(capsys):
+    import tomllib
+
     from metanet import __version__
+
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+        assert tomllib.load(f)["project"]["version"] == __version__
     from metanet.cli import build_parser
 
     with pytest.raises(SystemExit) as e:

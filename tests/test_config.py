@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import pytest
 
 from metanet.cli import build_parser
-from metanet.config import DEFAULT_STEPS, ConfigError, TrainConfig, add_train_options, config_from_options
+from metanet.config import DEFAULT_STEPS, ConfigError, TrainConfig, add_train_options, config_from_options, validate_new_run
 from metanet.trainer import train
 
 
@@ -37,9 +38,6 @@ def test_a_minutes_run_trains_for_its_minutes(tmp_path) -> None:
         ({"domain_weights": "1,x"}, "config: domain_weights must be comma-separated numbers >= 0 with a positive sum, one per domain, got '1,x'"),
         ({"minutes": -1.0}, "config: minutes must be a finite number > 0 or null, got -1.0"),
         ({"checkpoint_steps": True, "precision": "bf16"}, "config: checkpoint_steps needs precision fp32: a recomputed step runs outside the forward's autocast; use one or the other"),
-        ({"checkpoint_steps": True, "order": "first"}, "config: checkpoint_steps bounds the memory of second-order inner steps; order first keeps no graph of them to recompute"),
-        ({"checkpoint_steps": True, "order": "reptile"}, "config: checkpoint_steps bounds the memory of second-order inner steps; order reptile keeps no graph of them to recompute"),
-        ({"meta_sgd": True, "inner_optimizer": "lstm"}, "config: meta_sgd learns a step size per weight for SGD steps, inner_optimizer lstm learns the whole update; use one or the other"),
         ({"op_dropout": 0.2, "adapt_alpha": True}, "config: op_dropout does not reach an inner loop that adapts the architecture (adapt_alpha); use one or the other"),
         ({"order": "implicit"}, "config: order implicit needs prox > 0, the weight of the proximal term its inner problem is solved with (iMAML's lambda, e.g. --prox 1.0)"),
         ({"order": "implicit", "prox": 1.0, "inner_optimizer": "lstm"}, "config: order implicit differentiates the solution of a proximal inner problem, not the steps: it serves plain SGD steps of the weights in fp32, not inner_optimizer lstm"),
@@ -70,8 +68,8 @@ def test_a_config_written_with_both_budgets_reads_as_the_steps_run_it_was(caplog
 
 def test_from_dict_names_the_file() -> None:
     with pytest.raises(ConfigError) as e:
-        TrainConfig.from_dict({"ways": 1}, "run/config.yaml")
-    assert str(e.value) == "run/config.yaml: ways must be an integer >= 2 (a task tells at least two classes apart), got 1"
+        TrainConfig.from_dict({"ways": -1}, "run/config.yaml")
+    assert str(e.value) == "run/config.yaml: ways must be a positive integer, got -1"
 
 
 def test_task_defaults_come_from_the_task_class_under_what_is_given() -> None:
@@ -107,3 +105,24 @@ def test_every_option_of_every_subcommand_has_help() -> None:
     assert len(options) > 60
     missing = [f"{where} {a.option_strings or a.dest}" for where, a in options if not a.help]
     assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"ways": 1}, "config: ways must be an integer >= 2 (a task tells at least two classes apart), got 1"),
+        ({"checkpoint_steps": True, "order": "first"}, "config: checkpoint_steps bounds the memory of second-order inner steps; order first keeps no graph of them to recompute"),
+        ({"checkpoint_steps": True, "order": "reptile"}, "config: checkpoint_steps bounds the memory of second-order inner steps; order reptile keeps no graph of them to recompute"),
+        ({"meta_sgd": True, "inner_optimizer": "lstm"}, "config: meta_sgd learns a step size per weight for SGD steps, inner_optimizer lstm learns the whole update; use one or the other"),
+    ],
+)
+def test_settings_earlier_runs_saved_still_load_but_start_no_new_run(given: dict, message: str, tmp_path) -> None:
+    """A run's config.yaml from before these refusals loads (evaluate, generate); a new
+    run with the same settings is refused before anything is written."""
+    cfg = TrainConfig.from_dict(given, "run/config.yaml")
+    with pytest.raises(ConfigError) as e:
+        validate_new_run(cfg)
+    assert str(e.value) == message
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -56,6 +56,7 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``torchrun --nnodes 1 --nproc_per_node 2 ...`` on loopback (gloo)."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU (gloo) path, also on a machine with one GPU for two ranks
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)

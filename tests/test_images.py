@@ -347,7 +347,7 @@ def test_cli_refuses_other_ways_for_a_learned_head(tmp_path, capsys):
         (["--tasks", "miniimagenet", "--data-root", "{tmp}/pk/x.pkl", "--space", "tiny"], ["pickle caches are refused"]),
         (["--tasks", "multidomain", "--domain-weights", "1,x"], ["domain_weights must be comma-separated numbers"]),
         (["--tasks", "images", "--data-root", "{tmp}/data", "--ways", "2", "--shots", "1", "--queries", "1", "--space", "mlp_regression"], ["space 'mlp_regression' is for regression", "'images' are classification"]),
-        (["--tasks", "images", "--data-root", "{tmp}/data", "--ways", "1"], ["argument --ways: expected an integer >= 2, got 1"]),
+        (["--tasks", "images", "--data-root", "{tmp}/data", "--ways", "1"], ["config: ways must be an integer >= 2 (a task tells at least two classes apart), got 1"]),
     ],
 )
 def test_cli_bad_image_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, fragments):

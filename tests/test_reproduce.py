@@ -345,7 +345,8 @@ def test_reuse_with_another_output_folder_does_not_redo_a_run(rp, smoke, capsys)
     changed = dict(jobs[0], cfg=dict(jobs[0]["cfg"], inner_lr=0.5), run_dir=str(out / "changed"))
     Path(changed["run_dir"]).mkdir()
     (Path(changed["run_dir"]) / "result.json").write_text((Path(jobs[0]["run_dir"]) / "result.json").read_text())
-    assert rp._run_job_safely(changed).get("reused") is None  # another job: redone, and said why
+    redone = rp._run_job_safely(changed)
+    assert redone.get("reused") is None and "error" not in redone, redone  # another job: redone, and said why
     assert "redone, its saved job differs in cfg.inner_lr, run_dir" in capsys.readouterr().err
 
 
