@@ -233,7 +233,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if result["nonfinite"]:  # a diverged task: the mean is not a number, and says nothing
         print(f"metanet: warning: {result['nonfinite']} of {result['n']} tasks diverged (non-finite {metric}); {metric} and ci95 are null", file=sys.stderr)
     finite = {k: result[k] if math.isfinite(result[k]) else None for k in ("mean", "ci95")}  # JSON has no NaN
-    print(json.dumps({"run": str(args.run), "tasks": cfg.tasks, "split": split, "shots": cfg.shots, "ways": cfg.ways if model.kind == "classification" else None,
+    data = {"data_root": cfg.data_root} if cfg.tasks in IMAGE_TASKS else {}  # null: the default folder
+    if cfg.tasks == "multidomain":
+        data["domains"] = cfg.domains or ",".join(DEFAULT_DOMAINS)
+    print(json.dumps({"run": str(args.run), "tasks": cfg.tasks, "split": split, **data, "shots": cfg.shots, "ways": cfg.ways if model.kind == "classification" else None,
                       "inner_steps": steps, "episodes": result["n"], metric: finite["mean"], "ci95": finite["ci95"], "nonfinite": result["nonfinite"]}, allow_nan=False))  # fmt: skip
     return 0
 

@@ -381,11 +381,13 @@ def test_cli_multidomain_leave_one_domain_out(tmp_path, capsys):
     # the left-out domain through the run's own task distribution (unknown-domain metadata) ...
     code, out, err = run_cli(["evaluate", run, "--domains", "left_out", "--split", "all", "--episodes", "3", "--inner-steps", "0"], capsys)
     assert code == 0, err
-    assert json.loads(out)["episodes"] == 3
+    line = json.loads(out)
+    assert line["episodes"] == 3 and line["domains"] == "left_out"  # the line says what it scored
     # ... and as a plain image folder, resized and converted to the space's input
     code, out, err = run_cli(["evaluate", run, "--tasks", "images", "--data-root", tmp_path / "left_out", "--split", "all", "--episodes", "3", "--inner-steps", "0"], capsys)
     assert code == 0, err
-    assert json.loads(out)["tasks"] == "images"
+    line = json.loads(out)
+    assert line["tasks"] == "images" and line["data_root"] == str(tmp_path / "left_out") and "domains" not in line
 
 
 def test_training_warns_once_when_the_generator_collapses(tmp_path, caplog, monkeypatch):
