@@ -6,6 +6,8 @@
 # runs/gpu). Run it from the repository root:
 #
 #   bash scripts/gpu_check.sh                      # python3 with torch and CUDA
+#   PARTS=suite bash scripts/gpu_check.sh          # the suite only (PARTS=bench: the benchmarks only)
+#   WORKERS=8 bash scripts/gpu_check.sh            # the suite on 8 pytest-xdist workers
 #   PYTHON=.venv/bin/python DEVICE=cpu QUICK=1 PYTEST_ARGS=tests/test_ops.py bash scripts/gpu_check.sh   # a dry run here
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,12 +31,16 @@ if missing:
 print(f"torch {torch.__version__}, {name}, CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 PY
 
-# the suite (its CUDA tests run where torch sees a GPU); xdist where it is installed
-workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-# shellcheck disable=SC2086
-"$PY" -m pytest -q -p no:cacheprovider $workers ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.txt" | tail -n 25 || status=1
+PARTS=${PARTS:-suite bench}
+if [[ " $PARTS " == *" suite "* ]]; then
+  # the suite (its CUDA tests run where torch sees a GPU)
+  workers=${WORKERS:+-n $WORKERS}
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -q -p no:cacheprovider $workers ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.txt" | tail -n 25 || status=1
+fi
 
 quick=${QUICK:+--quick}
+[[ " $PARTS " == *" bench "* ]] || exit $status
 for bench in "meta --no-vmap" memory fused; do
   name=${bench%% *}
   # shellcheck disable=SC2086
