@@ -11,6 +11,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 M=.venv/bin/metanet
 RUN=${RUN:-runs/demo}
 STEPS=${STEPS:-1500}
+mkdir -p "$(dirname "$RUN")"  # the folder of the result lines written beside the run
 
 echo "== ready search spaces"
 $M spaces list
