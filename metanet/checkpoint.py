@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import pickle
+import pickletools
 import random
 import re
 import struct
@@ -358,8 +359,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             payload = torch.load(p, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         detail = _refusal_detail(str(e))
-        if "opcode" in detail and not _starts_as_pickle(p):  # random bytes read as a pickle end here
-            raise CheckpointError(f"{file}: not a readable checkpoint (corrupt: weights_only{detail})") from None
+        byte = _not_an_opcode(str(e))
+        if byte is not None:  # random bytes read as a pickle end here, not a crafted pickle
+            raise CheckpointError(f"{file}: not a readable checkpoint (corrupt: byte {byte} is no pickle opcode)") from None
         raise CheckpointError(f"{file}: refused: the file needs code to load (weights_only{detail}); metanet checkpoints never do") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError, struct.error) as e:
         raise CheckpointError(f"{file}: not a readable checkpoint (truncated or corrupt: {_first_sentence(e)})") from None
@@ -375,15 +377,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _decode(state)
 
 
-def _starts_as_pickle(path: Path) -> bool:
-    """Whether the file begins as torch's zip archive or a pickle of protocol 2 or later
-    (its PROTO opcode), rather than as bytes of no pickle at all."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+def _not_an_opcode(message: str) -> int | None:
+    """The byte weights_only stopped at where it is no pickle opcode at all (a corrupt
+    file), rather than an opcode it does not allow (a pickle that needs code); else None."""
+    m = re.search(r"Unsupported operand (\d+)", message)
+    byte = None if m is None else int(m.group(1))
+    return byte if byte is not None and byte not in {ord(op.code) for op in pickletools.opcodes} else None
 
 
 def _refusal_detail(message: str) -> str:
