@@ -144,26 +144,16 @@ def _absolute_folders(options: dict) -> dict:
     return options
 
 
-# options that only some task distributions read (trainer.build_tasks); given for others,
-# they would be ignored
-_TASK_OPTIONS = {
-    "data_root": ("omniglot", "miniimagenet", "images", "multidomain"),
-    "split_file": ("images",),
-    "rotations": ("omniglot",),
-    "domains": ("multidomain",),
-    "domain_weights": ("multidomain",),
-}
-_REGRESSION_TASKS = ("sinusoid", "multimodal")
-
-
 def _check_applies(given: dict, tasks: str, cmd: str) -> None:
-    """Refuse an option given for tasks that do not read it (``--data-root`` with sinusoid)."""
+    """Refuse an option given for tasks that do not read it (``--data-root`` with sinusoid):
+    given for others, it would be ignored (``trainer.TASK_OPTIONS``)."""
     from .config import option_flag
+    from .trainer import REGRESSION_TASKS, TASK_OPTIONS
 
-    for key, where in _TASK_OPTIONS.items():
+    for key, where in TASK_OPTIONS.items():
         if given.get(key) is not None and tasks not in where:
             raise UsageError(f"{cmd}: {option_flag(key)} applies to tasks {', '.join(where)}, not to '{tasks}'")
-    if given.get("ways") is not None and tasks in _REGRESSION_TASKS:
+    if given.get("ways") is not None and tasks in REGRESSION_TASKS:
         raise UsageError(f"{cmd}: --ways applies to classification tasks, not to '{tasks}' (regression)")
 
 
@@ -280,11 +270,11 @@ def _load_npz(path: str, flag: str, cmd: str) -> dict:
 
 def _support(model, path: str, flag: str, cmd: str, *, tasks: bool = False):
     """Validated (x, y) tensors and the npz's metadata array (or None)."""
-    from .network import GenerateError, check_support, classes_from_support
+    from .network import GenerateError, check_support
 
     data = _load_npz(path, flag, cmd)
     try:
-        x, y = check_support(model.space, data["x"], data["y"], tasks=tasks, any_ways=classes_from_support(model))
+        x, y = check_support(model.space, data["x"], data["y"], tasks=tasks, any_ways=model.any_ways)
     except GenerateError as e:
         raise UsageError(f"{cmd}: {flag} {path}: {e}") from None
     return x, y, data.get("metadata")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compile_network", "checked_compile", "CheckedStep", "compare_outputs"]
+__all__ = ["compile_network", "checked_compile", "CheckedStep", "compare_outputs", "clock", "synchronize"]
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,18 @@ class CheckedStep:
         return self.fn(*args, **kwargs)
 
 
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the kernels queued on ``device`` (a CUDA device runs them asynchronously: a
+    clock read at once would time their launch); a no-op on the CPU."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def clock(*tensors: Any) -> float:
-    """``time.perf_counter()`` once the GPU work queued for ``tensors``' device has finished
-    (a CUDA device runs kernels asynchronously: a clock read at once would time their
-    launch); on the CPU, at once. Non-tensors among ``tensors`` are ignored."""
-    for t in tensors:
-        if isinstance(t, Tensor) and t.is_cuda:
-            torch.cuda.synchronize(t.device)
-            break
+    """``time.perf_counter()`` once the work queued for ``tensors``' device has finished
+    (``synchronize``). Non-tensors among ``tensors`` are ignored."""
+    device = next((t.device for t in tensors if isinstance(t, Tensor) and t.is_cuda), None)
+    synchronize(device)
     return time.perf_counter()
 
 

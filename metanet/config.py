@@ -249,8 +249,9 @@ def validate_new_run(cfg: TrainConfig, source: str = "config") -> None:
     """What a run about to start must pass beyond ``validate_config``: settings that
     earlier versions accepted (so that a saved run's config.yaml still loads), refused for
     new runs; raise ``ConfigError`` naming the first."""
-    if cfg.ways < 2:
-        raise ConfigError(f"{source}: ways must be an integer >= 2 (a task tells at least two classes apart), got {cfg.ways}")
+    what, ok = _CHECKS["ways"]
+    if not ok(cfg.ways):
+        raise ConfigError(f"{source}: ways must be {what}, got {cfg.ways}")
     if cfg.checkpoint_steps and cfg.order in ("first", "reptile"):
         raise ConfigError(f"{source}: checkpoint_steps bounds the memory of second-order inner steps; order {cfg.order} keeps no graph of them to recompute")
     if cfg.meta_sgd and cfg.inner_optimizer == "lstm":

@@ -284,7 +284,7 @@ class MetaNet(nn.Module):
     def any_ways(self) -> bool:
         """Whether the classifier serves any number of classes (a prototype head, or an
         episodic head with nothing learned per class)."""
-        return self.proto or (self.head is not None and self.head.any_ways)
+        return self.kind == "classification" and (self.proto or (self.head is not None and self.head.any_ways))
 
     def predict(self, alpha: Tensor, params: Mapping[str, Tensor], x: Tensor, strategy: str = "loop") -> Tensor:
         """Batched supernet outputs ``(B, N, out)``."""
@@ -586,7 +586,7 @@ def adapt_discrete(plan: Plan, genotype: Genotype, params: Mapping[str, Tensor],
     their step is zero. ``prox``: the loss gets ``prox / 2 * |w - w0|^2`` as in training
     (``MetaNet.adapt``), ``w0`` the weights ``anchor`` (default ``params``: the generated
     ones when adapting from them)."""
-    w0 = {k: v.detach()[None] for k, v in (params if anchor is None else anchor).items()}  # a task dimension of 1
+    w0 = {k: v.detach()[None] for k, v in (params if anchor is None else anchor).items()} if prox else {}  # a task dimension of 1
 
     def loss(p: dict[str, Tensor], c: dict[str, Tensor]) -> Tensor:
         out = task_loss(kind, forward_genotype(plan, genotype, p, x), y)
@@ -678,7 +678,7 @@ def evaluate(model: MetaNet, episodes, steps: int | Sequence[int]) -> dict:
     for ep in episodes:
         ep = ep.to(device)  # fixed episodes are built on the CPU; the model may be on a GPU
         # a prototype head takes the episode's own number of classes (any N-way)
-        ways = int(ep.support_y.max()) + 1 if model.kind == "classification" and model.any_ways else None
+        ways = int(ep.support_y.max()) + 1 if model.any_ways else None
         for b, net in enumerate(generate_networks(model, ep, ways=ways)):
             if model.head is None and model.inner_rule is not None:
                 for k, score in _scores_along(model, net, ep.support_x[b], ep.support_y[b], ep.query_x[b], ep.query_y[b], ks).items():

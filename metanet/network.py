@@ -64,7 +64,6 @@ __all__ = [
     "generate_batch",
     "load_generated",
     "check_support",
-    "classes_from_support",
     "read_network_info",
     "space_for",
     "FORMAT",
@@ -485,11 +484,6 @@ def _check_classes(y: Tensor, tasks: bool) -> None:
             raise GenerateError(f"y{where} has no example of class {absent[0]}; the network's head is built from every class 0 to {ways - 1} of the support set")
 
 
-def classes_from_support(model: MetaNet) -> bool:
-    """Whether ``model``'s generated networks take their classes from the support set."""
-    return model.kind == "classification" and model.any_ways
-
-
 def _tensor(v: Any, name: str) -> Tensor:
     if isinstance(v, Tensor):
         return v.detach()
@@ -552,7 +546,7 @@ def generate(run_or_model: MetaNet | str | Path, support_x: Any, support_y: Any,
         The ``GeneratedNetwork``; its ``generation_ms`` excludes loading and adaptation.
     """
     model = _model(run_or_model)
-    x, y = check_support(model.space, support_x, support_y, like=_weight(model), any_ways=classes_from_support(model))
+    x, y = check_support(model.space, support_x, support_y, like=_weight(model), any_ways=model.any_ways)
     meta = _metadata(model, metadata, 1)
     return _generate(model, x[None], y[None], meta, adapt_steps, sample)[0]
 
@@ -566,7 +560,7 @@ def generate_batch(run_or_model: MetaNet | str | Path, support_x: Any, support_y
     or one for all.
     """
     model = _model(run_or_model)
-    x, y = check_support(model.space, support_x, support_y, tasks=True, like=_weight(model), any_ways=classes_from_support(model))
+    x, y = check_support(model.space, support_x, support_y, tasks=True, like=_weight(model), any_ways=model.any_ways)
     return _generate(model, x, y, _metadata(model, metadata, x.shape[0]), adapt_steps, sample)
 
 
@@ -578,9 +572,10 @@ def _generate(model: MetaNet, x: Tensor, y: Tensor, meta: Tensor | None, adapt_s
         raise GenerateError(f"this model's {model.config.head} head classifies queries by comparing them with the support set, so it has no standalone network to emit; score it with metanet evaluate")
     t = x.shape[0]
     meta = None if meta is None else meta.to(x.device)
-    plan, ways = model.plan, None
-    if classes_from_support(model) and int(y.max()) + 1 != model.space.task.outputs:  # as many outputs as the support set has classes
-        ways = int(y.max()) + 1
+    plan, ways = model.plan, (int(y.max()) + 1 if model.any_ways else None)
+    if ways == model.space.task.outputs:
+        ways = None  # the model's own plan
+    elif ways is not None:  # as many outputs as the support set has classes
         plan = compile(dataclasses.replace(model.space, task=dataclasses.replace(model.space.task, outputs=ways)))
     start = clock(x)
     nets: list[TaskNetwork] = generate_networks(model, Episode(x, y, x, y, meta), sample=sample, ways=ways)

@@ -50,6 +50,15 @@ log = logging.getLogger(__name__)
 
 
 IMAGE_TASKS = ("omniglot", "miniimagenet", "images", "multidomain")  # task distributions with named splits
+# the config fields only some task distributions read (build_tasks passes them to those alone)
+TASK_OPTIONS = {
+    "data_root": IMAGE_TASKS,
+    "split_file": ("images",),
+    "rotations": ("omniglot",),
+    "domains": ("multidomain",),
+    "domain_weights": ("multidomain",),
+}
+REGRESSION_TASKS = ("sinusoid", "multimodal")  # the built-in ones: ways does not apply
 
 
 def build_tasks(cfg: TrainConfig, split: str | None = None, *, shots: int | None = None, queries: int | None = None, space: SearchSpace | None = None, family_names: tuple[str, ...] | None = None) -> TaskDistribution:

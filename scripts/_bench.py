@@ -10,12 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-
-def synchronize(device: torch.device | None) -> None:
-    """Wait for ``device``'s queued kernels (a CUDA device runs them asynchronously); a no-op
-    on the CPU."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+from metanet.compile import synchronize  # noqa: F401 - the benchmarks take it from here
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | None = None) -> dict[str, float]:

@@ -36,8 +36,8 @@ counts the fresh pages each variant maps per step (glibc returns large freed blo
 the system, so memory that is not reused is faulted in again).
 
 ``--device cuda`` runs the same variants on a GPU, each time ending when its kernels have
-finished, against a GPU matmul peak; the CPU-only figures (the processes, page faults, the
-stem's two paths, the profiles by self CPU time) are null there.
+finished, against a GPU matmul peak; the CPU-only figures (page faults, the stem's two
+paths, the profiles by self CPU time) are null there and the processes are left out.
 
     python scripts/bench_meta.py            # about 3 minutes on 2 cores
     python scripts/bench_meta.py --quick    # under a minute (meta-batch 4)
