@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import Genotype
-from .ops import activation, batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, get_op, relu_conv2d
+from .ops import FoldedStem, activation, batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, folded_stem, get_op, relu_conv2d
 from .plan import IM2COL_MAX_FAN_IN, STRATEGIES, CellPlan, EdgePlan, ExecOptions, InputPlan, OpCall, Params, Plan, Slot, compile, init_params, param_count
 
 __all__ = [
@@ -51,8 +51,13 @@ def _norm(plan: Plan, x: Tensor) -> Tensor:
     return batch_norm(x) if plan.native_norm else batch_norm_reference(x)
 
 
-def _stem(plan: Plan, params: Params, x: Tensor, fused: bool = False) -> Tensor:
+def _stem(plan: Plan, params: Params, x: Tensor, fused: bool = False) -> Tensor | _LazyStem:
     stem = plan.space.stem
+    if fused and plan.stem_recompute:  # the folded stem, kept as its operands until read
+        cl = plan.stem_im2col and plan.stem_channels_last
+        if not plan.stem_im2col and plan.stem_channels_last:
+            x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        return _LazyStem(folded_stem(x, params["stem.w"], padding=stem.kernel // 2, im2col=plan.stem_im2col, channels_last=cl))
     if plan.stem_im2col and plan.space.norm == "batch":
         # the norm folded into the stem's weights (ops.conv2d_im2col_batch_norm): exact,
         # and no pass of the norm over the full-size stem output, forward or backward
@@ -70,6 +75,27 @@ def _stem(plan: Plan, params: Params, x: Tensor, fused: bool = False) -> Tensor:
     else:
         y = F.linear(x, params["stem.w"], params["stem.b"])  # (N, W)
     return activation(stem.activation)(_norm(plan, y))
+
+
+class _LazyStem:
+    """The folded stem's output (``Plan.stem_recompute``), made when first read whole: a
+    ReLU convolution reads it through ``FoldedStem.relu_conv2d`` instead, which never
+    stores it."""
+
+    __slots__ = ("stem", "_value")
+
+    def __init__(self, stem: FoldedStem) -> None:
+        self.stem, self._value = stem, None
+
+    @property
+    def value(self) -> Tensor:
+        if self._value is None:
+            self._value = self.stem.output()
+        return self._value
+
+
+def _whole(state: Tensor | _LazyStem) -> Tensor:
+    return state.value if isinstance(state, _LazyStem) else state
 
 
 def _head(plan: Plan, params: Params, x: Tensor, features: bool = False) -> Tensor:
@@ -95,10 +121,25 @@ class _Source:
     """A node's value and its pre-activation (the cell's ``preact``), computed once, when an
     edge first asks."""
 
-    __slots__ = ("value", "_preact", "_pre")
+    __slots__ = ("_node", "_preact", "_pre")
 
-    def __init__(self, value: Tensor, preact: str) -> None:
-        self.value, self._preact, self._pre = value, preact, None
+    def __init__(self, node: Tensor | _LazyStem, preact: str) -> None:
+        self._node, self._preact, self._pre = node, preact, None
+
+    @property
+    def value(self) -> Tensor:
+        return _whole(self._node)
+
+    @property
+    def like(self) -> Tensor:
+        """A tensor of the value's dtype and device, without making a lazy stem's output."""
+        return self._node.stem.wm if isinstance(self._node, _LazyStem) else self._node
+
+    @property
+    def chunked(self) -> bool:
+        """Whether this is a lazy stem that a ReLU convolution reads in chunks here
+        (``FoldedStem.chunked``): a lone convolution then runs through ``conv`` too."""
+        return self._preact == "relu" and isinstance(self._node, _LazyStem) and self._node.stem.chunked()
 
     @property
     def pre(self) -> Tensor:
@@ -108,7 +149,10 @@ class _Source:
 
     def conv(self, kernel: Tensor, stride: int, padding: int) -> Tensor:
         """``conv2d(pre, kernel)``; after a ReLU, ``ops.relu_conv2d`` on the value, which
-        keeps only the value (saved by the norm anyway) for the backward, not its ReLU."""
+        keeps only the value (saved by the norm anyway) for the backward, not its ReLU, or
+        on a lazy stem ``FoldedStem.relu_conv2d``, which keeps nothing full-size."""
+        if self.chunked:
+            return self._node.stem.relu_conv2d(kernel, stride, padding)
         if self._preact == "relu":
             return relu_conv2d(self.value, kernel, stride=stride, padding=padding)
         return F.conv2d(self.pre, kernel, stride=stride, padding=padding)
@@ -155,7 +199,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
             else:  # every input dropped: the node outputs zeros, exactly as in the supernet
                 # Shaped from the previous state (this cell's input resolution) so that no
                 # weight is read: a genotype needs only the slots of ``Plan.slot_names``.
-                ref = states[-1][:, :1]
+                ref = _whole(states[-1])[:, :1]
                 ref = ref[..., ::2, ::2] if spec.reduction else ref
                 nodes[dst] = (ref * 0.0).expand(-1, spec.channels, *ref.shape[2:])
         inner = [nodes[j] for j in range(spec.inputs, spec.inputs + spec.nodes) if j in live]
@@ -166,7 +210,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
         else:
             out = torch.cat(inner, dim=1)
         states.append(out)
-    return _head(plan, params, states[-1], features)
+    return _head(plan, params, _whole(states[-1]), features)
 
 
 def _add(terms: list[Tensor]) -> Tensor:
@@ -217,9 +261,9 @@ def _soft_edge(plan: Plan, alpha: Tensor, params: Params, fused: bool) -> EdgeFn
         c = cp.spec.channels
         group = cp.group_of.get(e.index) if plan.group_edges else None
         if group is None:
-            return src.conv(_merged_kernel(e, alpha[e.index], params, c, src.value), e.stride, e.merged_size // 2)
+            return src.conv(_merged_kernel(e, alpha[e.index], params, c, src.like), e.stride, e.merged_size // 2)
         if e.index not in grouped:  # the group's first edge: run the whole group's convolution
-            kernel = torch.cat([_merged_kernel(f, alpha[f.index], params, c, src.value) for f in group])  # (m*c, c, k, k)
+            kernel = torch.cat([_merged_kernel(f, alpha[f.index], params, c, src.like) for f in group])  # (m*c, c, k, k)
             y = src.conv(kernel, e.stride, e.merged_size // 2)
             grouped.update({f.index: part for f, part in zip(group, y.split(c, dim=1))})
         return grouped.pop(e.index)
@@ -233,7 +277,11 @@ def _soft_edge(plan: Plan, alpha: Tensor, params: Params, fused: bool) -> EdgeFn
             terms.append(merged_conv(cp, e, src))
         for i in e.separate:
             call = e.ops[i]
-            terms.append(w[call.col] * call(src.pre, params, c, e.stride))
+            if call.dense and src.chunked:  # the op weight scales the kernel, not the output
+                kernel = w[call.col] * call.kernel(params, c, e.stride, src.like)
+                terms.append(src.conv(kernel, e.stride, call.kernel_size // 2))
+            else:
+                terms.append(w[call.col] * call(src.pre, params, c, e.stride))
         if not terms:  # only zero candidates
             return e.ops[0](src.pre, params, c, e.stride)
         return _add(terms)

@@ -52,6 +52,9 @@ class OpCall:
     kwargs: tuple[tuple[str, Any], ...]
     params: tuple[tuple[str, str], ...]  # (op's tensor name, slot name)
     kernel_size: int | None  # side of the linear form, None if not linear
+    # a plain convolution: its linear form is its own weight, at its own cost (conv_3x3,
+    # not a separable, dilated or pooling op); see executor._Source.chunked
+    dense: bool = False
 
     def __call__(self, x: Tensor, params: Params, c: int, stride: int) -> Tensor:
         return self.op.fn(x, {k: params[n] for k, n in self.params}, c=c, stride=stride, **dict(self.kwargs))
@@ -117,6 +120,7 @@ class ExecOptions:
     group_edges: bool = True  # fused path: one convolution for edges sharing a source
     native_norm: bool = True  # ops.batch_norm (one native kernel); False: ops.batch_norm_reference
     stem_fold: bool = True  # a convolution stem with its batch norm folded in (ops.conv2d_batch_norm)
+    stem_recompute: bool = True  # fused path: ReLU convolutions read a folded stem in chunks (ops.FoldedStem.relu_conv2d)
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,12 @@ class Plan:
     # bias (ops.conv2d_batch_norm): no norm pass over the full-size stem output; the
     # im2col stem always folds its norm
     stem_fold: bool = False
+    # Fused path, a stem with its norm folded in (im2col or stem_fold) and no activation:
+    # the ReLU convolutions that read the stem's output run through it a chunk of images at
+    # a time, recomputing each chunk for the backward (ops.FoldedStem.relu_conv2d), so the
+    # full-size stem output is neither kept nor read back from memory; other readers get
+    # it whole
+    stem_recompute: bool = False
 
     def __post_init__(self) -> None:
         if self.stem_im2col and not self.image:
@@ -162,6 +172,8 @@ class Plan:
             raise ValueError("Plan: stem_fold needs a convolution stem (not im2col) of an image space with batch norm")
         if self.channels_last and not self.stem_channels_last:
             raise ValueError("Plan: channels_last needs stem_channels_last; build plans with compile(space, ExecOptions(...))")
+        if self.stem_recompute and not (self.space.norm == "batch" and (self.stem_im2col or self.stem_fold) and self.space.stem.activation == "none"):
+            raise ValueError("Plan: stem_recompute needs an image stem with its batch norm folded in (stem_im2col or stem_fold) and no stem activation")
 
     @property
     def image(self) -> bool:
@@ -351,7 +363,8 @@ def compile(space: SearchSpace, options: ExecOptions = ExecOptions()) -> Plan:  
                     for t, (shape, init) in get_op(choice.name).shapes(c, stride, **kw).items()
                 )
                 ksize = get_op(choice.name).kernel_size(stride, **kw) if image else None
-                calls.append(OpCall(col, choice.label, get_op(choice.name), tuple(sorted(kw.items())), names, ksize))
+                dense = ksize is not None and get_op(choice.name).cost(c, stride=stride, **kw) == ksize * ksize * c * c
+                calls.append(OpCall(col, choice.label, get_op(choice.name), tuple(sorted(kw.items())), names, ksize, dense))
             calls_t = tuple(calls)
             merged, size, separate = _merge_choice(calls_t, c, stride) if image else ((), 0, tuple(i for i, cl in enumerate(calls_t) if cl.op.name != "zero"))
             edges.append(EdgePlan(index[(src, dst)], src, dst, stride, calls_t, merged, size, separate))
@@ -366,7 +379,8 @@ def compile(space: SearchSpace, options: ExecOptions = ExecOptions()) -> Plan:  
     im2col = image and (c_in * stem.kernel * stem.kernel <= IM2COL_MAX_FAN_IN if options.stem_im2col is None else options.stem_im2col)
     stem_cl, cl = _channels_last(space, cells) if options.channels_last else (False, False)
     fold = options.stem_fold and image and space.norm == "batch" and not im2col
-    return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=stem_cl, channels_last=cl, group_edges=options.group_edges, native_norm=options.native_norm, stem_fold=fold)
+    recompute = options.stem_recompute and image and space.norm == "batch" and (im2col or fold) and stem.activation == "none"
+    return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=stem_cl, channels_last=cl, group_edges=options.group_edges, native_norm=options.native_norm, stem_fold=fold, stem_recompute=recompute)
 
 
 def init_params(plan: Plan, generator: torch.Generator | None = None, names: list[str] | None = None) -> dict[str, Tensor]:

@@ -46,14 +46,14 @@ from .plan import ExecOptions, Plan, compile
 __all__ = ["PathChoice", "choose_paths", "step_timer", "candidates", "runs_as", "PLAN_SWITCHES", "path_key", "cpu_model", "REFERENCE", "MARGIN"]
 
 log = logging.getLogger(__name__)
-_FLAGS = ("channels_last", "stem_im2col", "group_edges", "native_norm", "stem_fold")  # ExecOptions' switches
+_FLAGS = ("channels_last", "stem_im2col", "group_edges", "native_norm", "stem_fold", "stem_recompute")  # ExecOptions' switches
 # a compiled Plan's switches: ExecOptions' as compile resolved them for the space, and the layout it derives
-PLAN_SWITCHES = ("stem_im2col", "stem_channels_last", "channels_last", "group_edges", "native_norm", "stem_fold")
+PLAN_SWITCHES = ("stem_im2col", "stem_channels_last", "channels_last", "group_edges", "native_norm", "stem_fold", "stem_recompute")
 REFERENCE = ExecOptions(**{name: False for name in _FLAGS})  # every fast path off
 # a candidate replaces the best so far only when faster by more than timing noise: paths
 # that do not apply to a space (edge groups on conv4) time the same up to noise
 MARGIN = 0.97
-_VERSION = 3  # of the cache file's layout and candidates (2: the per-task backward; 3: convolution stems channels-last and folded)
+_VERSION = 4  # of the cache file's layout and candidates (2: the per-task backward; 3: convolution stems channels-last and folded; 4: the stem recomputed in chunks)
 
 
 @dataclass(frozen=True)

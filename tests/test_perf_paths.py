@@ -5,6 +5,9 @@
 - ``ops.conv2d_im2col_batch_norm`` (the norm folded into the stem's weights) vs
   ``batch_norm_reference(F.conv2d(.))``;
 - ``ops.relu_conv2d`` (keeps its input, not its ReLU, for the backward) vs ``F.conv2d(F.relu(.))``;
+- ``ops.FoldedStem.relu_conv2d`` (the folded stem, ReLU and convolution a chunk of images at a
+  time, recomputed for the backward) vs the same ops on the whole stem output, and the
+  executor's ``Plan.stem_recompute``;
 - ``trainer.reuse_freed_memory`` (glibc keeps freed activations) against glibc's defaults;
 - the fused path's cached constant kernels and stacked kernel contraction (the fused vs
   unfused comparison of every space is in tests/test_executor.py).
@@ -22,7 +25,8 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metanet import executor as X
-from metanet.ops import batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, relu_conv2d
+from metanet import ops
+from metanet.ops import batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, folded_stem, relu_conv2d
 from metanet.space import builtin_spaces, load
 
 DT = torch.float64
@@ -395,6 +399,144 @@ def test_im2col_stem_meta_gradient_equals_conv_stem(strategy: str) -> None:
     assert got[0].abs().sum() > 0  # stem.w
     for name, a, b in zip(base, got, ref):
         assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ------------------------------------------------- the folded stem read in chunks
+
+
+def _stem_relu_conv_ref(x: torch.Tensor, w: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Tensor:
+    """The plain ops: convolution stem, plain-ops norm, ReLU, convolution."""
+    return F.conv2d(F.relu(batch_norm_reference(F.conv2d(x, w, padding=1))), k, stride=stride, padding=1)
+
+
+_CHUNKED = [pytest.param(1, True, id="im2col-channels-last"), pytest.param(1, False, id="im2col"), pytest.param(3, False, id="conv")]
+
+
+@pytest.mark.parametrize("c_in,channels_last", _CHUNKED)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_folded_stem_relu_conv2d_in_chunks_equals_plain_ops_to_second_order(monkeypatch: pytest.MonkeyPatch, c_in: int, channels_last: bool, stride: int) -> None:
+    """``FoldedStem.relu_conv2d`` in chunks of 3 images out of 7 (the last chunk short)
+    against the plain ops: value, first and second derivatives with respect to the stem's
+    and the convolution's weights, float64; and a gradcheck and gradgradcheck."""
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 3 * 4 * 6 * 6 * 8)  # 3 images of 4 x 6 x 6 float64
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(7, c_in, 6, 6, generator=g, dtype=DT) + 0.5
+    w = torch.randn(4, c_in, 3, 3, generator=g, dtype=DT)
+    k = torch.randn(5, 4, 3, 3, generator=g, dtype=DT)
+    im2col = c_in == 1
+
+    def chunked(ww: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+        stem = folded_stem(x, ww, padding=1, im2col=im2col, channels_last=channels_last)
+        assert stem.chunk() == 3 and stem.chunked()
+        return stem.relu_conv2d(kk, stride, 1)
+
+    r = torch.randn(_stem_relu_conv_ref(x, w, k, stride).shape, generator=g, dtype=DT)
+    for wrt in ("w", "k"):
+        def fn(t, ours):
+            ww, kk = (t, k) if wrt == "w" else (w, t)
+            return chunked(ww, kk) if ours else _stem_relu_conv_ref(x, ww, kk, stride)
+        arg = w if wrt == "w" else k
+        for a, b in zip(_grads(lambda t: fn(t, True), arg, r), _grads(lambda t: fn(t, False), arg, r)):
+            assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+    args = (w.clone().requires_grad_(True), k.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(chunked, args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(chunked, args, fast_mode=True)
+
+
+def test_folded_stem_relu_conv2d_keeps_nothing_full_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In chunks the backward keeps the patches and the weights; ``relu_conv2d`` on the
+    stem's output keeps that output (4 x 6 x 6 per image against 9 x 6 x 6 patches here,
+    64 x 28 x 28 against 9 x 28 x 28 in conv4)."""
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 64 * 28 * 28 * 4)
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(10, 1, 28, 28, generator=g)
+    w = torch.randn(64, 1, 3, 3, generator=g, requires_grad=True)
+    k = torch.randn(64, 64, 3, 3, generator=g, requires_grad=True)
+    stem = folded_stem(x, w, padding=1, im2col=True, channels_last=True)
+    assert stem.chunked()
+    output = 10 * 64 * 28 * 28 * 4
+    assert _saved_bytes(lambda: relu_conv2d(stem.output(), k, 2, 1)) >= output
+    patches = 10 * 9 * 28 * 28 * 4
+    assert _saved_bytes(lambda: stem.relu_conv2d(k, 2, 1)) <= patches + (k.numel() + w.numel()) * 4 + 64 * 4  # and the folded (64, 9) weights
+
+
+def test_folded_stem_reads_whole_where_chunks_do_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One chunk's worth of images, no backward to come, autocast, ``vmap`` and an image that
+    needs a gradient take ``relu_conv2d`` on the whole output, with the same values."""
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 4)
+    g = torch.Generator().manual_seed(14)
+    x = torch.rand(3, 5, 1, 6, 6, generator=g)
+    w = torch.randn(3, 4, 1, 3, 3, generator=g, requires_grad=True)
+    k = torch.randn(5, 4, 3, 3, generator=g, requires_grad=True)
+
+    def stem(xx: torch.Tensor, ww: torch.Tensor) -> ops.FoldedStem:
+        return folded_stem(xx, ww, padding=1, im2col=True)
+
+    assert stem(x[0], w[0]).chunked() and not stem(x[0, :2], w[0]).chunked()
+    with torch.no_grad():
+        assert not stem(x[0], w[0]).chunked()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not stem(x[0], w[0]).chunked()
+    assert not stem(x[0].clone().requires_grad_(True), w[0]).chunked()
+    seen = []
+    torch.func.vmap(lambda xx, ww: seen.append(stem(xx, ww).chunked()) or stem(xx, ww).relu_conv2d(k, 2, 1))(x, w)
+    assert seen == [False]
+    ref = torch.stack([_stem_relu_conv_ref(x[b], w[b], k, 2) for b in range(3)])
+    got = torch.func.vmap(lambda xx, ww: stem(xx, ww).relu_conv2d(k, 2, 1))(x, w)
+    assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c_in", [1, 3])
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_stem_recompute_meta_gradient_equals_the_whole_stem_output(monkeypatch: pytest.MonkeyPatch, strategy: str, c_in: int) -> None:
+    """Second-order MAML meta-gradient (one inner step, float64) through conv4 with the stem
+    read in chunks (``Plan.stem_recompute``; the query set chunked, the support set of 3
+    images a chunk of its own) against the same network reading it whole: equal to float64
+    rounding, under the loop (chunks) and under vmap (which reads it whole), for the im2col
+    and the convolution stem."""
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 3 * 64 * 8 * 8 * 8)
+    fast = _conv4_with("conv_3x3", c_in=c_in, size=8)
+    slow = _conv4_with("conv_3x3", c_in=c_in, size=8, options=X.ExecOptions(stem_recompute=False))
+    assert fast.stem_recompute and not slow.stem_recompute and fast.stem_im2col == (c_in == 1)
+    g = torch.Generator().manual_seed(15)
+    B = 2
+    alpha = torch.ones((B, *fast.space.alpha_shape), dtype=DT)
+    base = {k: v.to(DT) for k, v in X.init_params(fast, g).items()}
+    xs, xq = torch.randn(B, 3, c_in, 8, 8, generator=g, dtype=DT), torch.randn(B, 8, c_in, 8, 8, generator=g, dtype=DT)
+    ys, yq = torch.randint(0, 5, (B, 3), generator=g), torch.randint(0, 5, (B, 8), generator=g)
+    calls = []
+    real = ops._FoldedStemReluConv.apply
+    monkeypatch.setattr(ops._FoldedStemReluConv, "apply", lambda *a: calls.append(a[0].src.shape[0]) or real(*a))
+    got, ref = (_meta_grad(p, alpha, base, (xs, ys, xq, yq), strategy, fused=True) for p in (fast, slow))
+    assert calls == ([8] * B if strategy == "loop" else [])  # each task's query set, in chunks
+    assert got[0].abs().sum() > 0  # stem.w
+    for name, a, b in zip(base, got, ref):
+        assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_stem_recompute_meta_gradient_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 gradcheck of the second-order meta-gradient with respect to the stem's and
+    the first cell's weights, with the query set's stem read in chunks."""
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 64 * 6 * 6 * 8)
+    torch.manual_seed(0)  # fast_mode's random directions
+    plan = _conv4_with("conv_3x3", size=6)
+    assert plan.stem_recompute
+    g = torch.Generator().manual_seed(16)
+    alpha = torch.ones((1, *plan.space.alpha_shape), dtype=DT)
+    base = {k: v.to(DT) for k, v in X.init_params(plan, g).items()}
+    xs, xq = torch.randn(1, 2, 1, 6, 6, generator=g, dtype=DT), torch.randn(1, 5, 1, 6, 6, generator=g, dtype=DT)
+    ys, yq = torch.randint(0, 5, (1, 2), generator=g), torch.randint(0, 5, (1, 5), generator=g)
+    names = ["stem.w", "cells.0.e0_1.conv_3x3.w"]
+
+    def objective(*ws: torch.Tensor) -> torch.Tensor:
+        p = {**{k: v.clone().requires_grad_(True).unsqueeze(0) for k, v in base.items()}, **{n: v.unsqueeze(0) for n, v in zip(names, ws)}}
+        support = F.cross_entropy(X.run(plan, alpha, p, xs, fused=True).flatten(0, 1), ys.flatten())
+        grads = torch.autograd.grad(support, list(p.values()), create_graph=True)
+        fast_w = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), grads)}
+        return F.cross_entropy(X.run(plan, alpha, fast_w, xq, fused=True).flatten(0, 1), yq.flatten())
+
+    inputs = tuple(base[n].clone().requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(objective, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
 # ----------------------------------------------------------------------- relu + conv

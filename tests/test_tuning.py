@@ -147,7 +147,7 @@ def test_a_switch_that_does_not_apply_is_not_timed_and_cannot_be_chosen() -> Non
     choice = choose_paths(model, ep, STEP, timer=_timer({("loop", o): 0.5 for o in inert}, calls, other=1.0))
     assert (choice.strategy, choice.options) == ("loop", ExecOptions())
     assert not any(o in inert for _, o in calls)
-    assert set(choice.times) == {"loop", "vmap", "task", "loop -channels_last", "loop -stem_im2col", "loop -native_norm", "loop reference"}
+    assert set(choice.times) == {"loop", "vmap", "task", "loop -channels_last", "loop -stem_im2col", "loop -native_norm", "loop -stem_recompute", "loop reference"}
 
 
 def test_a_candidate_within_timing_noise_does_not_replace_the_fast_paths() -> None:
