@@ -312,20 +312,13 @@ def folded_stem(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, eps: fl
     return FoldedStem(x, wm.reshape(w.shape).to(x.dtype), bias.to(x.dtype), (ho, wo), stride, padding, channels_last)
 
 
-def _l2_bytes() -> int:
-    """The first CPU's L2 cache in bytes, as Linux reports it (1 MiB where it does not)."""
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
-            text = f.read().strip().upper()
-        return int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text)
-    except (OSError, ValueError, IndexError):
-        return 2**20
-
-
 # the images a chunk of ``FoldedStem.relu_conv2d`` holds: their stem output about this size.
-# Twice the per-core L2 cache: on the AVX512 CPU (2 MiB L2) 4 and 8 MiB chunks ran the
-# 84x84 conv4 meta-step 4% faster than 2 MiB, 1 MiB 4% slower (docs/PERFORMANCE.md)
-CHUNK_BYTES = 2 * _l2_bytes()
+# Per task at one thread, chunks against the whole stem output (ad hoc, AVX512 CPU, 2 MiB
+# L2 per core): 84x84 conv4 with 32 channels 8% faster in 1 MiB chunks, 13% in 4 MiB, 18%
+# in 8 MiB (64 channels: 25% and 24% in 4 and 8 MiB); 28x28 conv4 5% slower in 1 MiB
+# chunks (also with the instruction set capped to AVX2), even in 4 and 8 MiB: small
+# chunks' per-call costs outweigh what they keep in the caches.
+CHUNK_BYTES = 8 * 2**20
 
 
 class FoldedStem(NamedTuple):
