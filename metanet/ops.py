@@ -355,12 +355,13 @@ class FoldedStem(NamedTuple):
 
     def chunked(self) -> bool:
         """Whether ``relu_conv2d`` runs in chunks here: more than one chunk of images, on a
-        CPU, with a backward to come and no autocast, ``vmap`` or ``torch.func`` transform
-        (the chunks are plain autograd; elsewhere it is ``relu_conv2d`` on ``output()``)."""
+        CPU, with a backward to come and no autocast, ``vmap``, ``torch.func`` transform or
+        ``torch.compile`` (the chunks are plain eager autograd; elsewhere it is
+        ``relu_conv2d`` on ``output()``)."""
         ops = (self.src, self.wm) if self.bias is None else (self.src, self.wm, self.bias)
         return (
             self.src.shape[0] > self.chunk() and self.src.device.type == "cpu" and torch.is_grad_enabled()
-            and not self.src.requires_grad and not torch.is_autocast_enabled("cpu")
+            and not self.src.requires_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ops)
         )  # fmt: skip
 

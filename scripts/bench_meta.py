@@ -7,6 +7,8 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
 - ``ours_loop`` / ``ours_vmap``: ``MetaNet`` with the architecture fixed, the weight
   generator off and no prototype head (plain MAML on the executor), per-task loop or
   ``torch.func.vmap`` over tasks;
+- ``ours_loop_whole_stem``: the loop with the stem's output made whole instead of read in
+  chunks (``ExecOptions(stem_recompute=False)``; on a CPU, where the plan reads it in chunks);
 - ``ours_loop_reference_paths``: the loop with the executor's fast paths switched off
   (a conv2d stem and a separate norm instead of the im2col stem with the norm folded in,
   NCHW instead of channels-last from the stem on, the plain-ops batch norm): what they
@@ -151,12 +153,12 @@ def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
 
 
 @contextlib.contextmanager
-def reference_paths(model: MetaNet) -> Iterator[None]:
-    """The executor without its fast paths (``tuning.REFERENCE``, what ``--strategy auto``
-    times as "reference"): conv stem without its norm folded in, NCHW throughout, plain-ops
-    batch norm, one convolution per edge."""
+def executing(model: MetaNet, options: X.ExecOptions = REFERENCE) -> Iterator[None]:
+    """The executor with ``options``; by default without its fast paths (``tuning.REFERENCE``,
+    what ``--strategy auto`` times as "reference"): conv stem without its norm folded in,
+    NCHW throughout, plain-ops batch norm, one convolution per edge."""
     plan = model.plan
-    model.plan = X.compile(plan.space, REFERENCE)
+    model.plan = X.compile(plan.space, options)
     try:
         yield
     finally:
@@ -362,7 +364,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-vmap", action="store_true", help="skip the vmap strategy (slow on CPU)")
     ap.add_argument("--space", default="conv4", choices=("conv4", "conv4_miniimagenet", "conv4_miniimagenet_64"), help="the conv4 network: Omniglot's 1x28x28, 64 channels (default), or mini-ImageNet's 3x84x84 with 32 or 64 channels")
-    ap.add_argument("--procs", type=int, default=None, help="also time ours and the clone loop on this many processes with one thread each, the meta-batch sharded as under torchrun (default: the thread count, at least 2; at most the meta-batch; 0 or 1: skip)")
+    ap.add_argument("--procs", type=int, default=None, help="also time ours and the clone loop on this many processes with one thread each, the meta-batch sharded as under torchrun (default: the thread count, at least 2; at most the meta-batch; 0 or 1: skip); their ratios to the single process are null unless it is the thread count, their peak is the measured one scaled to the processes' cores")
     ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
     device_arg(ap)
     args = ap.parse_args()
@@ -381,7 +383,11 @@ def main() -> None:
     agree, agree_task = check_agreement(model, net)
 
     def ours_reference() -> None:
-        with reference_paths(model):
+        with executing(model):
+            ours_step(model, ep, "loop")
+
+    def ours_whole_stem() -> None:
+        with executing(model, X.ExecOptions(stem_recompute=False)):
             ours_step(model, ep, "loop")
 
     variants: dict[str, Callable[[], None]] = {
@@ -392,6 +398,8 @@ def main() -> None:
         "ours_loop_bf16": lambda: ours_step(model, ep, "loop", "bf16"),
         "clone_loop_bf16": lambda: clone_step_bf16(net, ep),
     }
+    if model.plan.stem_recompute and cpu:  # the chunked stem against the whole stem output
+        variants["ours_loop_whole_stem"] = ours_whole_stem
     if not args.no_vmap:
         variants["ours_vmap"] = lambda: ours_step(model, ep, "vmap")
     med = interleaved(variants, repeats, dev)
@@ -412,7 +420,7 @@ def main() -> None:
     def flags(plan: X.Plan) -> dict[str, bool]:
         return {k: bool(getattr(plan, k)) for k in PLAN_SWITCHES}
 
-    with reference_paths(model):
+    with executing(model):
         reference_flags = flags(model.plan)
     out = {
         "bench": "meta",
@@ -458,15 +466,19 @@ def main() -> None:
         torch.set_num_threads(threads)
         med_p, grads_p = processes(args.space, world, tasks, repeats, reused)
         diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads_p, single) if b is not None)
+        # against the single process only on as many cores; the peak scaled to the cores used
+        same = world == threads
+        peak_p = peak * world / threads
         out["processes"] = {
             "processes": world,
             "threads_each": 1,
             "step_s": {"ours": round(med_p["ours"], 3), "clone": round(med_p["clone"], 3)},
-            "speedup_vs_clone_loop": round(med["clone_loop"] / med_p["ours"], 2),
+            "speedup_vs_clone_loop": round(med["clone_loop"] / med_p["ours"], 2) if same else None,
             "speedup_vs_clone_processes": round(med_p["clone"] / med_p["ours"], 2),
-            "clone_speedup_vs_clone_loop": round(med["clone_loop"] / med_p["clone"], 2),
+            "clone_speedup_vs_clone_loop": round(med["clone_loop"] / med_p["clone"], 2) if same else None,
             "achieved_gflops": round(flops / med_p["ours"] / 1e9, 1),
-            "fraction_of_peak": round(flops / med_p["ours"] / peak, 3),
+            "peak_matmul_gflops": round(peak_p / 1e9, 1),
+            "fraction_of_peak": round(flops / med_p["ours"] / peak_p, 3),
             "meta_grad_max_rel_diff_vs_ours_loop": float(f"{diff:.2e}"),
         }
     for name, arithmetic, top_peak in (("fp32", "fp32", peak), ("bf16", "bf16", peak_bf16)):
