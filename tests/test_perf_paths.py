@@ -514,6 +514,25 @@ def test_stem_recompute_meta_gradient_equals_the_whole_stem_output(monkeypatch: 
         assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize(
+    "first,second,recompute",
+    [("conv_3x3", "conv_3x3", True), ("conv_3x3, conv_5x5", "conv_3x3", True),
+     ("skip, conv_1x1, conv_3x3", "zero, conv_3x3", True), ("zero, conv_1x1", "conv_3x3", True),
+     ("max_pool_3x3, conv_3x3", "conv_3x3", False), ("sep_conv_3x3", "conv_3x3", False),
+     ("conv_3x3", "max_pool_3x3, conv_3x3", True)],
+)  # fmt: skip
+def test_stem_recompute_only_where_every_stem_reader_is_a_convolution(first: str, second: str, recompute: bool) -> None:
+    """The stem is read in chunks only where nothing needs its output whole: merged and
+    plain convolutions after a ReLU, not pooling or a separable convolution (the first cell
+    reads the stem; the second does not)."""
+    for c_in in (1, 3):  # the im2col stem and a convolution stem
+        assert _conv4_with(first, second, c_in=c_in).stem_recompute == recompute
+        assert not _conv4_with(first, second, c_in=c_in, options=X.ExecOptions(stem_recompute=False)).stem_recompute
+    assert not _conv4_with("conv_3x3", c_in=3, options=X.ExecOptions(stem_fold=False)).stem_recompute  # nothing folded
+    assert X.compile(load("conv_miniimagenet")).stem_recompute  # its first cell reads the stem through a projection
+    assert not X.compile(load("mlp_maml")).stem_recompute
+
+
 def test_stem_recompute_meta_gradient_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
     """float64 gradcheck of the second-order meta-gradient with respect to the stem's and
     the first cell's weights, with the query set's stem read in chunks."""
