@@ -106,7 +106,7 @@ def _head(plan: Plan, params: Params, x: Tensor, features: bool = False) -> Tens
     return F.linear(x, params["head.w"], params["head.b"])  # (N, outputs)
 
 
-def _cell_input(plan: Plan, cp: CellPlan, ip: InputPlan, params: Params, x: Tensor, fused: bool) -> Tensor:
+def _cell_input(plan: Plan, cp: CellPlan, ip: InputPlan, params: Params, x: Tensor | _LazyStem, fused: bool) -> Tensor | _LazyStem:
     if ip.weight is None:
         return x
     if plan.image and fused:
@@ -168,7 +168,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
     (computed once per source node), the fused path's convolutions take the node value
     and apply a ReLU pre-activation themselves (``ops.relu_conv2d``, which keeps less
     for the backward). ``fused`` also routes the cell-input projections through it."""
-    states = [_stem(plan, params, x, fused)]
+    states: list[Tensor | _LazyStem] = [_stem(plan, params, x, fused)]
     # the stem's output is channels-last but the rest of the network is not: its readers'
     # outputs go back to NCHW (Plan.stem_channels_last)
     to_nchw = fused and plan.stem_channels_last and not plan.channels_last
@@ -176,7 +176,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
         spec = cp.spec
         edges = cell_edges(ci)
         used = {e.src for e, _ in edges}
-        nodes: dict[int, Tensor] = {}
+        nodes: dict[int, Tensor | _LazyStem] = {}
         for j, ip in enumerate(cp.inputs):
             if j in used:
                 nodes[j] = _cell_input(plan, cp, ip, params, states[ip.state], fused)
