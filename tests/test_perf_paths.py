@@ -461,8 +461,9 @@ def test_folded_stem_relu_conv2d_keeps_nothing_full_size(monkeypatch: pytest.Mon
 
 
 def test_folded_stem_reads_whole_where_chunks_do_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One chunk's worth of images, no backward to come, autocast, ``vmap`` and an image that
-    needs a gradient take ``relu_conv2d`` on the whole output, with the same values."""
+    """One chunk's worth of images, no backward to come, autocast, ``vmap``, ``torch.compile``
+    and an image that needs a gradient take ``relu_conv2d`` on the whole output, with the
+    same values."""
     monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 4)
     g = torch.Generator().manual_seed(14)
     x = torch.rand(3, 5, 1, 6, 6, generator=g)
@@ -484,6 +485,14 @@ def test_folded_stem_reads_whole_where_chunks_do_not_apply(monkeypatch: pytest.M
     ref = torch.stack([_stem_relu_conv_ref(x[b], w[b], k, 2) for b in range(3)])
     got = torch.func.vmap(lambda xx, ww: stem(xx, ww).relu_conv2d(k, 2, 1))(x, w)
     assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+    def traced(xx: torch.Tensor, ww: torch.Tensor) -> tuple[torch.Tensor, float]:
+        s = stem(xx, ww)
+        return s.relu_conv2d(k, 2, 1), float(s.chunked())
+
+    out, chunked = torch.compile(traced, backend="eager", fullgraph=True)(x[0], w[0])
+    assert chunked == 0.0
+    assert_close(out, ref[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("c_in", [1, 3])
