@@ -53,7 +53,7 @@ def _norm(plan: Plan, x: Tensor) -> Tensor:
 
 def _stem(plan: Plan, params: Params, x: Tensor, fused: bool = False) -> Tensor | _LazyStem:
     stem = plan.space.stem
-    if fused and plan.stem_recompute:  # the folded stem, kept as its operands until read
+    if fused and plan.stem_recompute and torch.is_grad_enabled():  # the folded stem, kept as its operands until read
         cl = plan.stem_im2col and plan.stem_channels_last
         if not plan.stem_im2col and plan.stem_channels_last:
             x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)

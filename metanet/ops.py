@@ -358,11 +358,10 @@ class FoldedStem(NamedTuple):
         CPU, with a backward to come and no autocast, ``vmap``, ``torch.func`` transform or
         ``torch.compile`` (the chunks are plain eager autograd; elsewhere it is
         ``relu_conv2d`` on ``output()``)."""
-        ops = (self.src, self.wm) if self.bias is None else (self.src, self.wm, self.bias)
         return (
             self.src.shape[0] > self.chunk() and self.src.device.type == "cpu" and torch.is_grad_enabled()
             and not self.src.requires_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ops)
+            and not torch._C._are_functorch_transforms_active()  # also a vmap over the kernel alone
         )  # fmt: skip
 
     def relu_conv2d(self, kernel: Tensor, stride: int = 1, padding: int = 0) -> Tensor:

@@ -157,9 +157,9 @@ class Plan:
     # im2col stem always folds its norm
     stem_fold: bool = False
     # Fused path, a stem with its norm folded in (im2col or stem_fold), no activation, and
-    # only convolutions after a ReLU reading it: they run through it a chunk of images at a
-    # time, recomputing each chunk for the backward (ops.FoldedStem.relu_conv2d), so the
-    # full-size stem output is neither kept nor read back from memory
+    # one convolution after a ReLU reading it: it runs through the stem a chunk of images
+    # at a time, recomputing each chunk for the backward (ops.FoldedStem.relu_conv2d), so
+    # the full-size stem output is neither kept nor read back from memory
     stem_recompute: bool = False
 
     def __post_init__(self) -> None:
@@ -281,22 +281,31 @@ def _reads_channels_last(e: EdgePlan) -> bool:
     return all(e.ops[i].op.name.startswith("conv_") and (e.ops[i].kernel_size or 0) >= 3 for i in e.separate)
 
 
-def _stem_read_by_convolutions(cells: list[CellPlan]) -> bool:
-    """Whether every reader of the stem's output on the fused path is a convolution after
-    a ReLU (a cell-input projection, or edges of merged and plain convolutions only), so
-    that none needs the output whole (``Plan.stem_recompute``)."""
+def _stem_read_by_convolutions(cells: list[CellPlan], group_edges: bool) -> bool:
+    """Whether the stem's output is read on the fused path by exactly one convolution, after
+    a ReLU (a cell-input projection, or one edge or edge group of merged and plain
+    convolutions), so that nothing needs the output whole and nothing remakes it twice
+    (``Plan.stem_recompute``)."""
     readers = 0
     for cp in cells:
         for j, ip in enumerate(cp.inputs):
             if ip.state != 0:
                 continue
             edges = [e for e in cp.edges if e.src == j]
-            if ip.weight is None and not all((e.merged or e.separate) and all(e.ops[i].dense for i in e.separate) for e in edges):
+            if ip.weight is not None:
+                readers += 1
+            elif edges:
+                if not all((e.merged or e.separate) and all(e.ops[i].dense for i in e.separate) for e in edges):
+                    return False
+                merged = [e for e in edges if e.merged]  # one convolution each, or per edge group
+                groups = {g for g in cp.groups if any(e.index in g for e in merged)} if group_edges else set()
+                in_group = {i for g in groups for i in g}
+                readers += len(groups) + sum(e.index not in in_group for e in merged) + sum(len(e.separate) for e in edges)
+            else:
+                continue
+            if cp.spec.preact != "relu":
                 return False
-            readers += 1 if ip.weight is not None else len(edges)
-            if cp.spec.preact != "relu" and (ip.weight is not None or edges):
-                return False
-    return readers > 0
+    return readers == 1
 
 
 def _channels_last(space: SearchSpace, cells: list[CellPlan]) -> tuple[bool, bool]:
@@ -396,7 +405,7 @@ def compile(space: SearchSpace, options: ExecOptions = ExecOptions()) -> Plan:  
     im2col = image and (c_in * stem.kernel * stem.kernel <= IM2COL_MAX_FAN_IN if options.stem_im2col is None else options.stem_im2col)
     stem_cl, cl = _channels_last(space, cells) if options.channels_last else (False, False)
     fold = options.stem_fold and image and space.norm == "batch" and not im2col
-    recompute = options.stem_recompute and image and space.norm == "batch" and (im2col or fold) and stem.activation == "none" and _stem_read_by_convolutions(cells)
+    recompute = options.stem_recompute and image and space.norm == "batch" and (im2col or fold) and stem.activation == "none" and _stem_read_by_convolutions(cells, options.group_edges)
     return Plan(space, tuple(cells), tuple(slots), stem_im2col=im2col, stem_channels_last=stem_cl, channels_last=cl, group_edges=options.group_edges, native_norm=options.native_norm, stem_fold=fold, stem_recompute=recompute)
 
 

@@ -263,7 +263,7 @@ _CONV4_WITH = """
 name: conv4_variant
 task: {{kind: classification, input: [{c_in}, {size}, {size}], outputs: 5}}
 norm: batch
-stem: {{op: conv_3x3, channels: 64}}
+stem: {{op: conv_3x3, channels: {stem}}}
 cell: {{nodes: 1, inputs: 1, preact: relu, output: last}}
 cells:
   - {{type: reduction, channels: 64, ops: [{first}]}}
@@ -272,10 +272,12 @@ head: {{op: global_pool_linear}}
 """
 
 
-def _conv4_with(first: str, second: str = "conv_3x3", c_in: int = 1, size: int = 28, options: X.ExecOptions = X.ExecOptions()) -> X.Plan:  # noqa: B008 - frozen
+def _conv4_with(first: str, second: str = "conv_3x3", c_in: int = 1, size: int = 28, options: X.ExecOptions = X.ExecOptions(), stem: int = 64) -> X.Plan:  # noqa: B008 - frozen
+    """conv4 with the given ops in its two cells (64 channels; a stem of ``stem`` channels,
+    read through a 1x1 projection where that is not 64)."""
     from metanet.space import loads
 
-    return X.compile(loads(_CONV4_WITH.format(first=first, second=second, c_in=c_in, size=size)), options)
+    return X.compile(loads(_CONV4_WITH.format(first=first, second=second, c_in=c_in, size=size, stem=stem)), options)
 
 
 @pytest.mark.parametrize(
@@ -482,6 +484,8 @@ def test_folded_stem_reads_whole_where_chunks_do_not_apply(monkeypatch: pytest.M
     seen = []
     torch.func.vmap(lambda xx, ww: seen.append(stem(xx, ww).chunked()) or stem(xx, ww).relu_conv2d(k, 2, 1))(x, w)
     assert seen == [False]
+    ks = torch.stack([k, 2 * k])  # a vmap over the kernel alone, the stem's operands unbatched
+    assert_close(torch.func.vmap(lambda kk: stem(x[0], w[0]).relu_conv2d(kk, 2, 1))(ks), torch.stack([_stem_relu_conv_ref(x[0], w[0], kk, 2) for kk in ks]), rtol=1e-4, atol=1e-4)
     ref = torch.stack([_stem_relu_conv_ref(x[b], w[b], k, 2) for b in range(3)])
     got = torch.func.vmap(lambda xx, ww: stem(xx, ww).relu_conv2d(k, 2, 1))(x, w)
     assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -495,21 +499,26 @@ def test_folded_stem_reads_whole_where_chunks_do_not_apply(monkeypatch: pytest.M
     assert_close(out, ref[0], rtol=1e-4, atol=1e-4)
 
 
+_READERS = [pytest.param("conv_3x3", 64, id="conv"), pytest.param("skip, conv_1x1, conv_3x3", 64, id="merged"), pytest.param("conv_3x3", 16, id="projection")]
+
+
+@pytest.mark.parametrize("first,stem", _READERS)
 @pytest.mark.parametrize("c_in", [1, 3])
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
-def test_stem_recompute_meta_gradient_equals_the_whole_stem_output(monkeypatch: pytest.MonkeyPatch, strategy: str, c_in: int) -> None:
+def test_stem_recompute_meta_gradient_equals_the_whole_stem_output(monkeypatch: pytest.MonkeyPatch, strategy: str, c_in: int, first: str, stem: int) -> None:
     """Second-order MAML meta-gradient (one inner step, float64) through conv4 with the stem
     read in chunks (``Plan.stem_recompute``; the query set chunked, the support set of 3
     images a chunk of its own) against the same network reading it whole: equal to float64
     rounding, under the loop (chunks) and under vmap (which reads it whole), for the im2col
-    and the convolution stem."""
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 3 * 64 * 8 * 8 * 8)
-    fast = _conv4_with("conv_3x3", c_in=c_in, size=8)
-    slow = _conv4_with("conv_3x3", c_in=c_in, size=8, options=X.ExecOptions(stem_recompute=False))
+    and the convolution stem, read by a plain convolution, by merged ops and through a
+    cell-input projection."""
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 3 * stem * 8 * 8 * 8)
+    fast = _conv4_with(first, c_in=c_in, size=8, stem=stem)
+    slow = _conv4_with(first, c_in=c_in, size=8, stem=stem, options=X.ExecOptions(stem_recompute=False))
     assert fast.stem_recompute and not slow.stem_recompute and fast.stem_im2col == (c_in == 1)
     g = torch.Generator().manual_seed(15)
     B = 2
-    alpha = torch.ones((B, *fast.space.alpha_shape), dtype=DT)
+    alpha = torch.softmax(torch.randn((B, *fast.space.alpha_shape), generator=g, dtype=DT), -1)
     base = {k: v.to(DT) for k, v in X.init_params(fast, g).items()}
     xs, xq = torch.randn(B, 3, c_in, 8, 8, generator=g, dtype=DT), torch.randn(B, 8, c_in, 8, 8, generator=g, dtype=DT)
     ys, yq = torch.randint(0, 5, (B, 3), generator=g), torch.randint(0, 5, (B, 8), generator=g)
@@ -531,15 +540,39 @@ def test_stem_recompute_meta_gradient_equals_the_whole_stem_output(monkeypatch: 
      ("conv_3x3", "max_pool_3x3, conv_3x3", True)],
 )  # fmt: skip
 def test_stem_recompute_only_where_every_stem_reader_is_a_convolution(first: str, second: str, recompute: bool) -> None:
-    """The stem is read in chunks only where nothing needs its output whole: merged and
-    plain convolutions after a ReLU, not pooling or a separable convolution (the first cell
+    """The stem is read in chunks only where one convolution after a ReLU reads it: merged or
+    plain convolutions, or a projection; not pooling or a separable convolution, which need
+    the output whole, nor two convolutions, which would each remake it (the first cell
     reads the stem; the second does not)."""
     for c_in in (1, 3):  # the im2col stem and a convolution stem
         assert _conv4_with(first, second, c_in=c_in).stem_recompute == recompute
         assert not _conv4_with(first, second, c_in=c_in, options=X.ExecOptions(stem_recompute=False)).stem_recompute
     assert not _conv4_with("conv_3x3", c_in=3, options=X.ExecOptions(stem_fold=False)).stem_recompute  # nothing folded
+    assert _conv4_with("conv_3x3", stem=16).stem_recompute  # through the first cell's projection
+    from metanet.space import loads
+
+    two = loads(_CONV4_WITH.format(first="conv_3x3", second="conv_3x3", c_in=1, size=28, stem=64).replace("{type: reduction, channels: 64, ops: [conv_3x3]}", "{type: normal, channels: 64, nodes: 2, ops: [conv_1x1, conv_3x3]}", 1))
+    # two edges of merged ops leave the stem: one grouped convolution reads it, or two that would each remake it
+    assert X.compile(two).stem_recompute and not X.compile(two, X.ExecOptions(group_edges=False)).stem_recompute
     assert X.compile(load("conv_miniimagenet")).stem_recompute  # its first cell reads the stem through a projection
     assert not X.compile(load("mlp_maml")).stem_recompute
+
+
+def test_no_backward_no_folded_stem_statistics() -> None:
+    """Without a backward to come the convolution stem runs its plain forward (a convolution
+    and the native norm), with or without the chunked stem: no unfold for the fold's
+    patch statistics."""
+    plan = _conv4_with("conv_3x3", c_in=3)
+    assert plan.stem_recompute and plan.stem_fold
+    params, alpha = _one_task(plan)
+    x = torch.rand(1, 6, 3, 28, 28)
+
+    def unfolds() -> list[str]:
+        with torch.no_grad(), _Recorder(lambda func, args: str(func) if "im2col" in str(func) else None) as seen:
+            X.run(plan, alpha, params, x, fused=True)
+        return seen.seen
+
+    assert unfolds() == []
 
 
 def test_stem_recompute_meta_gradient_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
