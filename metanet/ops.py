@@ -378,7 +378,7 @@ class _FoldedStemReluConv(torch.autograd.Function):
     """``conv2d(relu(stem.output()), kernel)`` a chunk of images at a time.
 
     The stem output of a whole query set (75 images of 64 x 28 x 28 floats: 15 MB) is far
-    larger than a core's cache, and the plain ops pass over it (or its gradient) about ten
+    larger than a core's cache, and the plain ops pass over it (or its gradient) several
     times, at memory speed. Here each chunk's stem output is made, rectified and convolved
     while it is in the cache; the backward remakes it (a product with a few multiply-adds
     per output) and runs the convolution's, the ReLU's and the stem's backward on the chunk,

@@ -289,22 +289,20 @@ def _stem_read_by_convolutions(cells: list[CellPlan], group_edges: bool) -> bool
     readers = 0
     for cp in cells:
         for j, ip in enumerate(cp.inputs):
-            if ip.state != 0:
-                continue
             edges = [e for e in cp.edges if e.src == j]
-            if ip.weight is not None:
-                readers += 1
-            elif edges:
-                if not all((e.merged or e.separate) and all(e.ops[i].dense for i in e.separate) for e in edges):
-                    return False
-                merged = [e for e in edges if e.merged]  # one convolution each, or per edge group
-                groups = {g for g in cp.groups if any(e.index in g for e in merged)} if group_edges else set()
-                in_group = {i for g in groups for i in g}
-                readers += len(groups) + sum(e.index not in in_group for e in merged) + sum(len(e.separate) for e in edges)
-            else:
+            if ip.state != 0 or (ip.weight is None and not edges):
                 continue
             if cp.spec.preact != "relu":
                 return False
+            if ip.weight is not None:  # the cell-input projection, a 1x1 convolution
+                readers += 1
+                continue
+            if not all((e.merged or e.separate) and all(e.ops[i].dense for i in e.separate) for e in edges):
+                return False  # pooling, a separable convolution or a zero-only edge
+            merged = [e for e in edges if e.merged]  # one convolution each, or one per edge group
+            groups = {g for g in cp.groups if any(e.index in g for e in merged)} if group_edges else set()
+            in_group = {i for g in groups for i in g}
+            readers += len(groups) + sum(e.index not in in_group for e in merged) + sum(len(e.separate) for e in edges)
     return readers == 1
 
 
