@@ -447,8 +447,8 @@ def test_folded_stem_relu_conv2d_in_chunks_equals_plain_ops_to_second_order(monk
 
 def test_folded_stem_relu_conv2d_keeps_nothing_full_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """In chunks the backward keeps the patches and the weights; ``relu_conv2d`` on the
-    stem's output keeps that output (4 x 6 x 6 per image against 9 x 6 x 6 patches here,
-    64 x 28 x 28 against 9 x 28 x 28 in conv4)."""
+    stem's output keeps that output (64 x 28 x 28 floats per image against 9 x 28 x 28
+    patches, as in conv4)."""
     monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 64 * 28 * 28 * 4)
     g = torch.Generator().manual_seed(13)
     x = torch.rand(10, 1, 28, 28, generator=g)
