@@ -126,7 +126,7 @@ def _train_config(args: argparse.Namespace):
 def _absolute_folders(options: dict) -> dict:
     """The dataset folders a run names, made absolute: ``evaluate``, ``generate`` and
     ``--resume`` read them from the run's config.yaml in any working folder."""
-    from .tasks.images import INVERT
+    from .tasks.images import INVERT, strip_invert
 
     for key in ("data_root", "split_file"):
         if options.get(key):
@@ -136,9 +136,8 @@ def _absolute_folders(options: dict) -> dict:
         for entry in options["domains"].split(","):
             name, sep, where = entry.partition("=")
             if sep:  # NAME=FOLDER, maybe with a trailing :invert
-                where = where.strip()
-                folder, invert = (where[: -len(INVERT)], INVERT) if where.endswith(INVERT) else (where, "")
-                entry = f"{name}={os.path.abspath(folder.strip())}{invert}"
+                folder, invert = strip_invert(where)
+                entry = f"{name}={os.path.abspath(folder.strip())}{INVERT if invert else ''}"
             entries.append(entry)
         options["domains"] = ",".join(entries)
     return options

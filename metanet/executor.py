@@ -52,28 +52,25 @@ def _norm(plan: Plan, x: Tensor) -> Tensor:
 
 
 def _stem(plan: Plan, params: Params, x: Tensor, fused: bool = False) -> Tensor | _LazyStem:
-    stem = plan.space.stem
+    stem, w = plan.space.stem, params["stem.w"]
+    pad = stem.kernel // 2
+    cl = fused and plan.stem_channels_last
+    if cl and plan.image and not plan.stem_im2col:  # a convolution stem passes the order on
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last, also under vmap
     if fused and plan.stem_recompute and torch.is_grad_enabled():  # the folded stem, kept as its operands until read
-        cl = plan.stem_im2col and plan.stem_channels_last
-        if not plan.stem_im2col and plan.stem_channels_last:
-            x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-        return _LazyStem(folded_stem(x, params["stem.w"], padding=stem.kernel // 2, im2col=plan.stem_im2col, channels_last=cl))
+        return _LazyStem(folded_stem(x, w, padding=pad, im2col=plan.stem_im2col, channels_last=cl and plan.stem_im2col))
     if plan.stem_im2col and plan.space.norm == "batch":
         # the norm folded into the stem's weights (ops.conv2d_im2col_batch_norm): exact,
         # and no pass of the norm over the full-size stem output, forward or backward
-        cl = fused and plan.stem_channels_last
-        y = conv2d_im2col_batch_norm(x, params["stem.w"], padding=stem.kernel // 2, channels_last=cl)  # (N, C, H, W)
-        return activation(stem.activation)(y)
+        return activation(stem.activation)(conv2d_im2col_batch_norm(x, w, padding=pad, channels_last=cl))  # (N, C, H, W)
     if plan.stem_im2col:
-        y = conv2d_im2col(x, params["stem.w"], padding=stem.kernel // 2)  # (N, C, H, W)
+        y = conv2d_im2col(x, w, padding=pad)  # (N, C, H, W)
+    elif plan.stem_fold:  # exact: the norm folded into the weights and a bias
+        return activation(stem.activation)(conv2d_batch_norm(x, w, padding=pad))
     elif plan.image:
-        if fused and plan.stem_channels_last:  # the convolution passes the order on
-            x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last, also under vmap
-        if plan.stem_fold:  # exact: the norm folded into the weights and a bias
-            return activation(stem.activation)(conv2d_batch_norm(x, params["stem.w"], padding=stem.kernel // 2))
-        y = F.conv2d(x, params["stem.w"], padding=stem.kernel // 2)  # (N, C, H, W)
+        y = F.conv2d(x, w, padding=pad)  # (N, C, H, W)
     else:
-        y = F.linear(x, params["stem.w"], params["stem.b"])  # (N, W)
+        y = F.linear(x, w, params["stem.b"])  # (N, W)
     return activation(stem.activation)(_norm(plan, y))
 
 

@@ -57,6 +57,8 @@ __all__ = [
     "load_store",
     "domain_folder",
     "domain_name",
+    "strip_invert",
+    "INVERT",
 ]
 
 log = logging.getLogger(__name__)
@@ -560,7 +562,7 @@ class MiniImageNet(_StoreEpisodes):
 INVERT = ":invert"  # a domain entry's suffix: its intensities are flipped, x -> 1 - x
 
 
-def _strip_invert(entry: str) -> tuple[str, bool]:
+def strip_invert(entry: str) -> tuple[str, bool]:
     """``(entry without the suffix, whether it asked for inverted intensities)``."""
     entry = entry.strip()
     return (entry[: -len(INVERT)], True) if entry.endswith(INVERT) else (entry, False)
@@ -568,13 +570,13 @@ def _strip_invert(entry: str) -> tuple[str, bool]:
 
 def domain_name(entry: str) -> str:
     """The name of a domain entry: ``NAME`` of ``NAME=FOLDER``, else the entry's last path part."""
-    name, sep, _ = _strip_invert(entry)[0].partition("=")
+    name, sep, _ = strip_invert(entry)[0].partition("=")
     return name.strip() if sep else Path(name.strip()).name
 
 
 def domain_folder(entry: str, data_root: Path | None) -> Path:
     """The folder a domain entry names: ``FOLDER`` of ``NAME=FOLDER``, else ``NAME`` under ``data_root``."""
-    name, sep, where = _strip_invert(entry)[0].partition("=")
+    name, sep, where = strip_invert(entry)[0].partition("=")
     if sep:
         return Path(where.strip())
     name = name.strip()
@@ -584,7 +586,7 @@ def domain_folder(entry: str, data_root: Path | None) -> Path:
 def _parse_domain(entry: str, data_root: Path | None) -> tuple[str, str, Path, bool]:
     """``(name, kind, folder, invert)`` of a domain entry: ``omniglot``, ``miniimagenet``, ``NAME``
     or ``NAME=FOLDER``, each optionally followed by ``:invert``."""
-    bare, invert = _strip_invert(entry)
+    bare, invert = strip_invert(entry)
     suffix = bare.rpartition(":")[2].strip()
     if ":" in bare and suffix != bare.strip() and difflib.get_close_matches(suffix, [INVERT[1:]], n=1, cutoff=0.6):
         raise TaskError(f"domain {entry!r}: unknown suffix ':{suffix}' (did you mean '{INVERT}'?)")
