@@ -361,9 +361,11 @@ def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, c
     with ``rule`` the learned LSTM update (``inner.LSTMRule``), which also reads each
     task's loss and keeps a state per weight across the steps.
 
-    ``create_graph=True``: differentiable steps (second-order MAML), taken with
-    ``torch.func.grad``, which gives PARTIAL derivatives with respect to each tensor even
-    where one generated weight depends on another (the prototype head on the body). With
+    ``create_graph=True``: differentiable steps (second-order MAML), taken with the
+    PARTIAL derivatives with respect to each tensor even where one generated weight
+    depends on another (the prototype head on the body): ``torch.autograd.grad`` with
+    ``create_graph`` with respect to a fresh alias of each tensor (``_partials``), or
+    ``torch.func.grad`` under ``torch.compile`` or another functorch transform. With
     ``checkpoint`` each such step keeps only its inputs and is recomputed in the backward
     pass (``_Recompute``): memory for the activations of one step instead of ``steps``,
     for one more forward per step; the meta-gradient is the same (not with ``rule``).
@@ -389,7 +391,8 @@ def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, c
         grad_fn = torch.func.grad(lambda p, c: (lambda per: (per.sum(), per))(loss(p, c)), has_aux=True)
 
         def step(p: dict[str, Tensor], c: dict[str, Tensor]) -> dict[str, Tensor]:
-            grads, per_task = grad_fn(p, c)
+            functional = FUNCTIONAL_INNER_GRAD or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            grads, per_task = grad_fn(p, c) if functional else _partials(loss, p, c)
             return {k: update(k, v, grads[k], per_task, c) for k, v in p.items()}
 
         params = dict(params)
@@ -406,6 +409,29 @@ def sgd(loss: Loss, params: Mapping[str, Tensor], steps: int, lr: StepSize, *, c
             if after_step is not None:
                 after_step(i, {k: v.detach() for k, v in params.items()})
     return {k: v.detach() for k, v in params.items()}
+
+
+# True: the differentiable inner steps take torch.func.grad everywhere (the reference that
+# ``_partials`` is tested against).
+FUNCTIONAL_INNER_GRAD = False
+
+
+def _partials(loss: Loss, params: dict[str, Tensor], context: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """The partial derivatives of ``loss(params, context).sum()`` with respect to each of
+    ``params``, themselves differentiable, and the per-task loss: what
+    ``torch.func.grad(..., has_aux=True)`` gives, with ``torch.autograd.grad``.
+
+    Each tensor is replaced by a fresh alias (a view of itself, or a leaf where it needs
+    no gradient), so that the derivative with respect to one counts only the paths from
+    that alias: where one weight was computed from another, the path through the other
+    is not its. The same values and graph as ``torch.func.grad``, without its functorch
+    dispatch of every op and every custom autograd Function, which costs a few
+    milliseconds per task (docs/PERFORMANCE.md, ``bench_meta``'s ``ours_loop_func_grad``)."""
+    with torch.enable_grad():
+        alias = {k: v.view_as(v) if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+        per_task = loss(alias, context)
+        grads = torch.autograd.grad(per_task.sum(), list(alias.values()), create_graph=True, allow_unused=True, materialize_grads=True)
+    return dict(zip(alias, grads)), per_task
 
 
 class _Recompute(torch.autograd.Function):

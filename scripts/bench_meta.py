@@ -9,6 +9,9 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
   ``torch.func.vmap`` over tasks;
 - ``ours_loop_whole_stem``: the loop with the stem's output made whole instead of read in
   chunks (``ExecOptions(stem_recompute=False)``; on a CPU, where the plan reads it in chunks);
+- ``ours_loop_func_grad``: the loop with the differentiable inner step taken with
+  ``torch.func.grad`` (``meta.FUNCTIONAL_INNER_GRAD``) instead of ``torch.autograd.grad``
+  on aliases: the same graph, through functorch's dispatch;
 - ``ours_loop_reference_paths``: the loop with the executor's fast paths switched off
   (a conv2d stem and a separate norm instead of the im2col stem with the norm folded in,
   NCHW instead of channels-last from the stem on, the plain-ops batch norm): what they
@@ -66,6 +69,7 @@ from torch import nn
 from _bench import bench_device, device_arg, interleaved, machine, synchronize  # scripts/_bench.py
 
 import metanet.executor as X
+import metanet.meta as meta
 from metanet.distributed import meta_gradients, per_task_gradients, setup, shard
 from metanet.meta import MetaNet, ModelConfig, cpu_bf16_units, meta_loss, precision
 from metanet.ops import conv2d_im2col
@@ -390,10 +394,18 @@ def main() -> None:
         with executing(model, X.ExecOptions(stem_recompute=False)):
             ours_step(model, ep, "loop")
 
+    def ours_func_grad() -> None:
+        meta.FUNCTIONAL_INNER_GRAD = True
+        try:
+            ours_step(model, ep, "loop")
+        finally:
+            meta.FUNCTIONAL_INNER_GRAD = False
+
     variants: dict[str, Callable[[], None]] = {
         "ours_loop": lambda: ours_step(model, ep, "loop"),
         "clone_loop": lambda: clone_step(net, ep),
         "ours_loop_reference_paths": ours_reference,
+        "ours_loop_func_grad": ours_func_grad,
         "ours_loop_per_task_backward": lambda: ours_per_task_step(model, ep),
         "ours_loop_bf16": lambda: ours_step(model, ep, "loop", "bf16"),
         "clone_loop_bf16": lambda: clone_step_bf16(net, ep),

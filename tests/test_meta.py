@@ -217,6 +217,73 @@ def test_checkpointed_inner_steps_give_the_same_meta_gradient(strategy, kw):
     assert reached >= 5
 
 
+def test_partials_are_partial_derivatives_where_one_tensor_is_made_from_another():
+    """``_partials`` differentiates with respect to each tensor alone, as torch.func.grad
+    does: with b = 2a, d(a b)/da is b (not b + 2a), and the result is differentiable."""
+    from metanet.meta import _partials
+
+    x = torch.tensor([1.5, -0.5], dtype=torch.float64, requires_grad=True)
+    a = x * 1.0
+    params = {"a": a, "b": 2.0 * a, "c": torch.ones(2, dtype=torch.float64)}  # c: no gradient, reaches nothing
+
+    def loss(p, _):
+        return p["a"] * p["b"]
+
+    grads, per_task = _partials(loss, params, {})
+    expected, aux = torch.func.grad(lambda p, c: (lambda per: (per.sum(), per))(loss(p, c)), has_aux=True)(params, {})
+    for k in params:
+        torch.testing.assert_close(grads[k], expected[k], rtol=0, atol=0)
+    torch.testing.assert_close(grads["a"], params["b"])
+    torch.testing.assert_close(grads["c"], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(per_task, aux)
+    (g,) = torch.autograd.grad((grads["a"] * grads["b"]).sum(), x)  # d/dx (2x * x) = 4x
+    torch.testing.assert_close(g, 4 * x.detach())
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize(
+    "kw, step_kw",
+    [({}, {}), ({"meta_sgd": True}, {"checkpoint": True}), ({"adapt_alpha": True}, {}), ({"inner_optimizer": "lstm"}, {}), ({"weights": "vae"}, {})],
+    ids=["plain", "meta_sgd-checkpoint", "adapt_alpha", "lstm", "vae"],
+)
+def test_inner_steps_by_autograd_equal_func_grad(monkeypatch, strategy, kw, step_kw):
+    """float64: the differentiable inner steps through ``_partials`` (torch.autograd.grad
+    on aliases, the default) give the loss and every meta-gradient of the reference,
+    torch.func.grad (``FUNCTIONAL_INNER_GRAD``), with the prototype head made from the
+    body's weights."""
+    import metanet.meta as meta
+
+    model = _tiny_model(**kw)
+    assert model.proto
+    episode = _image_episode(b=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    for functional in (True, False):
+        monkeypatch.setattr(meta, "FUNCTIONAL_INNER_GRAD", functional)
+        loss, _ = meta_loss(model, episode, inner_steps=2, order="second", strategy=strategy, generator=torch.Generator().manual_seed(1), **step_kw)
+        out[functional] = (loss.detach(), torch.autograd.grad(loss, params, allow_unused=True))
+    torch.testing.assert_close(out[False][0], out[True][0], rtol=1e-12, atol=1e-12)
+    reached = 0
+    for a, b in zip(out[False][1], out[True][1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+            reached += int(b.abs().sum() > 0)
+    assert reached >= 5
+
+
+def test_inner_steps_under_a_functorch_transform_take_func_grad():
+    """Inside a functorch transform (here vmap over a batch of inputs) torch.autograd.grad
+    cannot differentiate the vmapped tensors: ``sgd`` takes torch.func.grad there."""
+    from metanet.meta import sgd
+
+    def adapted(w0):
+        return sgd(lambda p, c: (p["w"] ** 3).sum(), {"w": w0}, 2, lambda name, c: 0.1, create_graph=True)["w"]
+
+    ws = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(adapted)(ws), torch.stack([adapted(w) for w in ws]))
+
+
 def test_checkpointed_meta_gradient_gradcheck():
     """float64 gradcheck of the checkpointed second-order meta-gradient (2 inner steps)."""
     model = _tiny_model(meta_sgd=True)
