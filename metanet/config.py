@@ -36,7 +36,7 @@ __all__ = ["TrainConfig", "ConfigError", "DEFAULT_STEPS", "VERSION", "validate_c
 VERSION = "0.1.0"  # the package's (metanet.__version__); pyproject.toml holds the same
 log = logging.getLogger(__name__)
 DEFAULT_STEPS = 1000  # the budget of a config that names neither steps nor minutes
-STRATEGIES = ("auto", *_EXEC_STRATEGIES, "task")  # auto: time them on the first step; task: loop, one backward per task
+STRATEGIES = ("auto", *_EXEC_STRATEGIES, "task", "threads")  # auto: time them on the first step; task: loop, one backward per task; threads: task, the tasks shared among the threads
 SCHEDULES = ("cosine", "constant")
 ARCHS, WEIGHTS = ARCH_MODES, WEIGHT_MODES
 
@@ -121,7 +121,7 @@ class TrainConfig:
     final_temperature: float = _field(1.0, "pos_float", "temperature at the end of the budget (annealed geometrically)")
     gumbel: bool = _field(False, "bool", "sample each task's architecture with Gumbel noise")
     hard: bool = _field(False, "bool", "train the discrete architecture (straight-through argmax), the network generate emits")
-    strategy: str = _field("auto", STRATEGIES, "task execution: loop (one task at a time), vmap (batched), task (one task at a time, each with its own backward: the memory of one task's graph), auto (time the three, and the executor's fast paths, on the first step; the choice is cached per machine and shape)")
+    strategy: str = _field("auto", STRATEGIES, "task execution: loop (one task at a time), vmap (batched), task (one task at a time, each with its own backward: the memory of one task's graph), threads (task, with the tasks shared among the intra-op threads, each on one core: the memory of one task's graph per thread), auto (time them, and the executor's fast paths, on the first step; the choice is cached per machine and shape)")
     compile: bool = _field(False, "bool", "torch.compile the meta-step; kept only if its meta-gradients match eager on the first step (compiling takes tens of seconds)")
     precision: str = _field("fp32", PRECISIONS, "arithmetic of the meta-step's forward: fp32, or bf16 mixed precision (autocast; fast where the CPU has AMX/AVX512-BF16 or on a GPU)")
     meta_lr: float = _field(1e-3, "pos_float", "Adam learning rate of the outer loop")

@@ -12,7 +12,8 @@ blocks of all ranks partition ``range(B)``, and the sizes differ by at most one.
 ``shard_loss`` is a rank's share of the meta-objective and ``Context.all_reduce_step``
 sums the gradients and metrics of one step, so that N ranks take the step one process
 would take with the whole meta-batch. ``per_task_gradients`` computes the same share's
-gradients with one backward per task (the ``task`` strategy: memory of one task's graph).
+gradients with one backward per task (the ``task`` strategy: memory of one task's graph),
+and with the tasks shared among threads that each run on one core (``threads``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from torch import Tensor
 from .meta import Generated, MetaNet, meta_loss, outer_loss
 from .tasks import Episode
 
-__all__ = ["Context", "setup", "shard", "shard_loss", "meta_gradients", "per_task_gradients", "PER_TASK", "env_rank", "env_world_size"]
+__all__ = ["Context", "setup", "shard", "shard_loss", "meta_gradients", "per_task_gradients", "PER_TASK", "THREADS", "env_rank", "env_world_size"]
 
 
 def env_world_size() -> int:
@@ -214,9 +216,10 @@ def shard_loss(model: MetaNet, episode: Episode, part: slice, noise: torch.Gener
 
 
 PER_TASK = "task"  # the task strategy: the loop executor, one backward per task
+THREADS = "threads"  # the task strategy with the tasks shared among the intra-op threads, one core each
 
 
-def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, inputs: Sequence[Tensor], context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext, **kw: Any) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
+def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, inputs: Sequence[Tensor], context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext, workers: int = 1, **kw: Any) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
     """``shard_loss`` and its gradients with respect to ``inputs``, one backward per task.
 
     The generators run once on the tasks of ``part`` (the same noise as ``shard_loss``);
@@ -227,11 +230,20 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
     The loss and the gradients are ``shard_loss``'s (a sum of per-task terms, each weighted
     ``1 / B``), up to float rounding.
 
+    With ``workers > 1`` (on a CPU) the tasks are dealt round-robin to that many threads,
+    each running its tasks with one intra-op thread, so that the cores work on different
+    tasks instead of splitting each operation of one task among them: a small
+    convolution keeps one core busier than it keeps two. The torch thread count is set
+    to 1 meanwhile (it is process-wide) and restored after. The per-worker sums are added
+    in a fixed order, so the result does not depend on which thread finishes first.
+
     Args:
         model, episode, part, noise: as for ``shard_loss``.
         inputs: the tensors to differentiate with respect to (the model's parameters).
         context: a factory of the context the forward passes run in (the arithmetic,
             ``meta.precision``); the backward passes run outside it.
+        workers: threads to share the tasks among (1: the calling thread alone; on
+            another device than the CPU always 1).
         **kw: ``meta_loss``'s keyword arguments; ``strategy`` is ignored (the tasks run
             one at a time).
     """
@@ -241,35 +253,77 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
         mine, step_kw = _generate(model, episode, part, noise, {**kw, "strategy": "loop"})
     named = mine.tensors()
     outputs = {name: t for name, t in named.items() if t.requires_grad}  # what carries gradient into the generators
-    cotangents: dict[str, list[Tensor]] = {name: [] for name in outputs}
-    direct: list[Tensor | None] = [None] * len(inputs)  # the parameters used inside the task (step sizes, heads)
+
+    def run(tasks: range, threads: int | None = None) -> _TaskSums:
+        """The tasks ``tasks`` (offsets into ``part``), each alone; on ``threads`` intra-op threads."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+        sums = _TaskSums({}, [None] * len(inputs), torch.zeros((), device=episode.support_x.device), {})
+        for t in tasks:
+            fields = {name: v[t : t + 1].detach().requires_grad_(name in outputs) for name, v in named.items()}
+            one = Generated.from_tensors(fields)
+            with context():
+                loss, m = outer_loss(model, one, episode.slice(slice(part.start + t, part.start + t + 1)), **step_kw)
+            leaves = [fields[name] for name in outputs]
+            grads = torch.autograd.grad(loss / b, leaves + inputs, allow_unused=True)
+            sums.cotangents[t] = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+            sums.direct = _add(sums.direct, grads[len(leaves) :])
+            sums.total = sums.total + loss.detach() / b
+            for k, v in m.items():
+                sums.metrics[k] = sums.metrics.get(k, 0.0) + v / b
+        return sums
+
+    n = part.stop - part.start
+    workers = max(1, min(workers, n)) if episode.support_x.device.type == "cpu" else 1
+    if workers == 1:
+        shares = [run(range(n))]
+    else:
+        threads = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="metanet-task") as pool:
+                futures = [pool.submit(run, range(j, n, workers), 1) for j in range(workers)]
+                shares = [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(threads)
+    direct: list[Tensor | None] = [None] * len(inputs)  # the parameters used inside the tasks (step sizes, heads)
     total = torch.zeros((), device=episode.support_x.device)
     metrics: dict[str, float] = {}
-    for t in range(part.stop - part.start):
-        fields = {name: v[t : t + 1].detach().requires_grad_(name in outputs) for name, v in named.items()}
-        one = Generated.from_tensors(fields)
-        with context():
-            loss, m = outer_loss(model, one, episode.slice(slice(part.start + t, part.start + t + 1)), **step_kw)
-        leaves = [fields[name] for name in outputs]
-        grads = torch.autograd.grad(loss / b, leaves + inputs, allow_unused=True)
-        for name, leaf, g in zip(outputs, leaves, grads):
-            cotangents[name].append(torch.zeros_like(leaf) if g is None else g)
-        direct = [a if g is None else (g if a is None else a + g) for a, g in zip(direct, grads[len(leaves) :])]
-        total = total + loss.detach() / b
-        for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + v / b
-    through = torch.autograd.grad([outputs[name] for name in outputs], inputs, [torch.cat(cotangents[name]) for name in outputs], allow_unused=True) if outputs else [None] * len(inputs)
-    grads = tuple(a if g is None else (g if a is None else a + g) for a, g in zip(direct, through))
-    return total, grads, metrics
+    cotangents: dict[int, list[Tensor]] = {}
+    for share in shares:
+        direct = _add(direct, share.direct)
+        total = total + share.total
+        for k, v in share.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v
+        cotangents.update(share.cotangents)
+    through = torch.autograd.grad(list(outputs.values()), inputs, [torch.cat([cotangents[t][i] for t in range(n)]) for i in range(len(outputs))], allow_unused=True) if outputs else [None] * len(inputs)
+    return total, tuple(_add(direct, through)), metrics
+
+
+@dataclass
+class _TaskSums:
+    """One worker's share of ``per_task_gradients``: each task's gradients of the generated
+    tensors (by task offset), and the sums of the direct gradients, losses and metrics."""
+
+    cotangents: dict[int, list[Tensor]]
+    direct: list[Tensor | None]
+    total: Tensor
+    metrics: dict[str, float]
+
+
+def _add(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Elementwise sums of two gradient lists, None standing for zero."""
+    return [x if y is None else (y if x is None else x + y) for x, y in zip(a, b)]
 
 
 def meta_gradients(model: MetaNet, episode: Episode, part: slice, noise: torch.Generator, inputs: Sequence[Tensor], context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext, **kw: Any) -> tuple[Tensor, tuple[Tensor | None, ...], dict[str, float]]:
     """``shard_loss``, its gradients with respect to ``inputs`` and its metrics, by the
     strategy in ``kw``: ``task`` backpropagates one task at a time
-    (``per_task_gradients``), the others the whole share at once. The forward passes run
-    in ``context()``, the backward passes outside it."""
-    if kw.get("strategy") == PER_TASK:
-        return per_task_gradients(model, episode, part, noise, inputs, context, **kw)
+    (``per_task_gradients``), ``threads`` too, with the tasks shared among as many threads
+    as torch's intra-op threads, the others the whole share at once. The forward passes
+    run in ``context()``, the backward passes outside it."""
+    if kw.get("strategy") in (PER_TASK, THREADS):
+        workers = torch.get_num_threads() if kw["strategy"] == THREADS else 1
+        return per_task_gradients(model, episode, part, noise, inputs, context, workers, **kw)
     with context():
         loss, m = shard_loss(model, episode, part, noise, **kw)
     return loss, torch.autograd.grad(loss, list(inputs), allow_unused=True), m

@@ -5,8 +5,9 @@ one task at a time or ``vmap``); which is fastest depends on the CPU (AVX2 or AV
 with AMX), the thread count and the shapes. ``choose_paths`` times the meta-step of the
 run with each candidate on its actual shapes and keeps the fastest (by more than 3%,
 else the earlier candidate: the fast paths first). The candidates are the fast paths
-under the three strategies (loop, vmap, and ``task``: the loop with one backward per
-task), each fast path turned off alone, and every reference path at
+under the strategies (loop, vmap, ``task``: the loop with one backward per task, and on
+a CPU with several intra-op threads ``threads``: ``task`` with the tasks shared among
+the threads), each fast path turned off alone, and every reference path at
 once, so the choice is never slower than the reference by more than that 3% margin, as
 measured. A candidate that runs exactly as one already timed (a switch that does not
 apply to the space, such as edge groups on conv4) is not timed again, so timing noise
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 from .compile import clock
-from .distributed import PER_TASK, meta_gradients
+from .distributed import PER_TASK, THREADS, meta_gradients
 from .meta import MetaNet, precision
 from .plan import ExecOptions, Plan, compile
 
@@ -53,7 +54,7 @@ REFERENCE = ExecOptions(**{name: False for name in _FLAGS})  # every fast path o
 # a candidate replaces the best so far only when faster by more than timing noise: paths
 # that do not apply to a space (edge groups on conv4) time the same up to noise
 MARGIN = 0.97
-_VERSION = 4  # of the cache file's layout and candidates (2: the per-task backward; 3: convolution stems channels-last and folded; 4: the stem recomputed in chunks)
+_VERSION = 5  # of the cache file's layout and candidates (2: the per-task backward; 3: convolution stems channels-last and folded; 4: the stem recomputed in chunks; 5: the tasks shared among threads)
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def candidates(image: bool) -> list[tuple[str, str, ExecOptions]]:
-    """``(label, strategy, options)`` to time: the fast paths under loop, vmap and the per-task
-    backward (``task``), then (image
-    spaces, where the layouts apply) each fast path off alone and all of them off.
+def candidates(image: bool, threads: bool = False) -> list[tuple[str, str, ExecOptions]]:
+    """``(label, strategy, options)`` to time: the fast paths under loop, vmap, the per-task
+    backward (``task``) and, with ``threads`` (a CPU with several intra-op threads and a
+    meta-batch of several tasks), the tasks shared among the threads (``threads``), then
+    (image spaces, where the layouts apply) each fast path off alone and all of them off.
     ``choose_paths`` skips a candidate that runs as one already timed (``runs_as``)."""
     fast = ExecOptions()
     out = [("loop", "loop", fast), ("vmap", "vmap", fast), (PER_TASK, PER_TASK, fast)]
+    if threads:
+        out.append((THREADS, THREADS, fast))
     if image:
         for name in _FLAGS:
             out.append((f"-{name}", "", dataclasses.replace(fast, **{name: False})))
@@ -139,7 +143,7 @@ def _read(path: Path, key: dict[str, Any]) -> PathChoice | None:
         if data["key"] != key:
             return None
         options = ExecOptions(**{k: data["options"][k] for k in _FLAGS})
-        if data["strategy"] not in ("loop", "vmap", PER_TASK) or not all(isinstance(v, (bool, type(None))) for v in dataclasses.asdict(options).values()):
+        if data["strategy"] not in ("loop", "vmap", PER_TASK, THREADS) or not all(isinstance(v, (bool, type(None))) for v in dataclasses.asdict(options).values()):
             return None
         return PathChoice(data["strategy"], options, {str(k): float(v) for k, v in data["times"].items()}, cached=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -207,7 +211,8 @@ def choose_paths(model: MetaNet, episode: Any, step: Mapping[str, Any], precisio
     times: dict[str, float] = {}
     best: tuple[float, str, ExecOptions] | None = None
     timed: set[tuple[str, tuple[bool, ...]]] = set()
-    for label, strategy, options in candidates(model.plan.image):
+    threads = episode.support_x.device.type == "cpu" and torch.get_num_threads() > 1 and episode.support_x.shape[0] > 1
+    for label, strategy, options in candidates(model.plan.image, threads):
         strategy = strategy or best[1]  # the option candidates: under the faster strategy
         if label.startswith(("-", "reference")):
             label = f"{strategy} {label}"

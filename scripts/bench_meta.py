@@ -16,6 +16,8 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
   (a conv2d stem and a separate norm instead of the im2col stem with the norm folded in,
   NCHW instead of channels-last from the stem on, the plain-ops batch norm): what they
   gain, side by side;
+- ``ours_threads`` (on a CPU with several threads): the per-task backward with the tasks
+  shared among the threads, one intra-op thread each (``--strategy threads``);
 - ``clone_loop``: what learn2learn's ``MAML.clone()`` + ``adapt`` does, in plain PyTorch:
   an ``nn.Module`` conv4, per task ``torch.autograd.grad(create_graph=True)`` on the
   support loss, the query loss of the adapted weights, backward per task;
@@ -145,13 +147,14 @@ def clone_step_bf16(net: nn.Sequential, ep: Episode) -> None:
         clone_step(net, ep)
 
 
-def ours_per_task_step(model: MetaNet, ep: Episode) -> None:
+def ours_per_task_step(model: MetaNet, ep: Episode, workers: int = 1) -> None:
     """The same meta-gradient with one backward per task (``--strategy task``,
     ``distributed.per_task_gradients``): generate for the meta-batch, cut the graph at the
     generated tensors, run each task's adaptation and query loss and backward it alone,
-    then backpropagate the collected gradients into the generators."""
+    then backpropagate the collected gradients into the generators. ``workers > 1``: the
+    tasks shared among that many threads of one intra-op thread each (``--strategy threads``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator(ep.support_x.device).manual_seed(0), params, inner_steps=1, order="second")
+    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator(ep.support_x.device).manual_seed(0), params, workers=workers, inner_steps=1, order="second")
     for p, g in zip(params, grads):
         p.grad = g
 
@@ -410,6 +413,9 @@ def main() -> None:
         "ours_loop_bf16": lambda: ours_step(model, ep, "loop", "bf16"),
         "clone_loop_bf16": lambda: clone_step_bf16(net, ep),
     }
+    threads = torch.get_num_threads()
+    if cpu and threads > 1:  # the tasks shared among the threads
+        variants["ours_threads"] = lambda: ours_per_task_step(model, ep, threads)
     if model.plan.stem_recompute and cpu:  # the chunked stem against the whole stem output
         variants["ours_loop_whole_stem"] = ours_whole_stem
     if not args.no_vmap:
@@ -465,7 +471,9 @@ def main() -> None:
         "peak_matmul_gflops_bf16": round(peak_bf16 / 1e9, 1) if peak_bf16 else None,
         "fraction_of_bf16_peak": round(flops / med["ours_loop_bf16"] / peak_bf16, 3) if peak_bf16 else None,
         # the CPU's: fresh pages of host memory, and the stem's product against its convolution
-        "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward")} if cpu else None,
+        "achieved_gflops_threads": round(flops / med["ours_threads"] / 1e9, 1) if "ours_threads" in med else None,
+        "fraction_of_peak_threads": round(flops / med["ours_threads"] / peak, 3) if "ours_threads" in med else None,
+        "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward", "ours_threads") if k in variants} if cpu else None,
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15) if cpu else None,
     }
     world = min(max(2, torch.get_num_threads()) if args.procs is None else args.procs, tasks) if cpu else 0  # every process needs a task

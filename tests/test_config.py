@@ -33,7 +33,7 @@ def test_a_minutes_run_trains_for_its_minutes(tmp_path) -> None:
         ({"steps": 10, "minutes": 2.0}, "config: steps=10 and minutes=2.0 both given; a run has one budget, give one of them"),
         ({"meta_batch": 0}, "config: meta_batch must be a positive integer, got 0"),
         ({"inner_lr": float("nan")}, "config: inner_lr must be a finite number > 0, got nan"),
-        ({"strategy": "vamp"}, "config: strategy must be one of auto, loop, vmap, task, got 'vamp' (did you mean 'vmap'?)"),
+        ({"strategy": "vamp"}, "config: strategy must be one of auto, loop, vmap, task, threads, got 'vamp' (did you mean 'vmap'?)"),
         ({"hard": 1}, "config: hard must be true or false, got 1"),
         ({"domain_weights": "1,x"}, "config: domain_weights must be comma-separated numbers >= 0 with a positive sum, one per domain, got '1,x'"),
         ({"minutes": -1.0}, "config: minutes must be a finite number > 0 or null, got -1.0"),

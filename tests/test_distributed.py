@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -201,9 +202,11 @@ def _tiny_image_episode(b: int = 3):
     ],
     ids=["vae-gumbel-prior", "lstm-adapt-alpha-first", "metasgd-reptile", "image-hard-dropout", "image-shared-checkpoint"],
 )
-def test_one_backward_per_task_gives_the_meta_gradient_of_the_whole_batch(space, config, kw):
-    """The ``task`` strategy (float64): the gradients, loss and metrics of ``shard_loss``,
-    on the whole meta-batch and on a block of it, with the noise drawn as one process does."""
+@pytest.mark.parametrize("workers", [1, 2], ids=["task", "threads"])
+def test_one_backward_per_task_gives_the_meta_gradient_of_the_whole_batch(space, config, kw, workers):
+    """The ``task`` and ``threads`` strategies (float64): the gradients, loss and metrics of
+    ``shard_loss``, on the whole meta-batch and on a block of it, with the noise drawn as
+    one process does; with the tasks shared among two threads as well."""
     torch.manual_seed(0)
     model = MetaNet(load(space), 0, config).double()
     if space == "tiny":
@@ -216,7 +219,7 @@ def test_one_backward_per_task_gives_the_meta_gradient_of_the_whole_batch(space,
     for part in (slice(0, 3), slice(1, 3)):
         loss, m = distributed.shard_loss(model, ep, part, torch.Generator().manual_seed(3), **kw)
         ref = torch.autograd.grad(loss, params, allow_unused=True)
-        got_loss, got, got_m = distributed.per_task_gradients(model, ep, part, torch.Generator().manual_seed(3), params, **{**kw, "strategy": "task"})
+        got_loss, got, got_m = distributed.per_task_gradients(model, ep, part, torch.Generator().manual_seed(3), params, workers=workers, **{**kw, "strategy": "task"})
         torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-12, atol=1e-12)
         assert sum(g is not None for g in ref) > 0
         for name, r, g in zip([n for n, p in model.named_parameters() if p.requires_grad], ref, got):
@@ -232,6 +235,51 @@ def test_a_run_with_one_backward_per_task_takes_the_steps_of_the_loop(one_proces
     """``--strategy task`` through the trainer: the run of ``--strategy loop``."""
     train(dataclasses.replace(CFG, strategy="task"), tmp_path / "task")
     _assert_same_run(one_process, tmp_path / "task")
+
+
+def test_a_run_with_the_tasks_shared_among_threads_takes_the_steps_of_the_loop(one_process, tmp_path):
+    """``--strategy threads`` through the trainer: the run of ``--strategy loop`` (up to the
+    float rounding of another summation order), the thread count as it was after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(dataclasses.replace(CFG, strategy="threads"), tmp_path / "threads")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    _assert_same_run(one_process, tmp_path / "threads")
+
+
+def test_threads_run_their_tasks_on_one_intra_op_thread_each_and_pass_errors_on(monkeypatch):
+    """The ``threads`` workers: each task on a worker thread with torch's thread count at 1,
+    the count restored afterwards, and an error in a task raised in the caller (the count
+    restored all the same)."""
+    torch.manual_seed(0)
+    model = MetaNet(load("tiny"), 0, ModelConfig(dim=8, latent=4)).double()
+    ep = _tiny_image_episode(b=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen: list[tuple[str, int]] = []
+    real = distributed.outer_loss
+
+    def spy(*a, **k):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        if k.pop("fail", False):
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(distributed, "outer_loss", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        distributed.per_task_gradients(model, ep, slice(0, 4), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second")
+        assert len(seen) == 4 and {n for n, _ in seen} != {threading.current_thread().name} and all(n.startswith("metanet-task") for n, _ in seen)
+        assert {c for _, c in seen} == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        with pytest.raises(RuntimeError, match="boom"):
+            distributed.per_task_gradients(model, ep, slice(0, 4), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second", fail=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_without_torchrun_there_is_one_process_and_no_group():

@@ -20,6 +20,15 @@ from metanet.tuning import REFERENCE, candidates, choose_paths, path_key, runs_a
 STEP = {"inner_steps": 1, "order": "second", "strategy": "auto"}
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Two intra-op threads, whatever the machine: the ``threads`` strategy is a candidate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _setup(size: int = 8):
     torch.manual_seed(0)
     model = MetaNet(spaces.load("tiny"), 0, ModelConfig(dim=8, latent=4))
@@ -43,7 +52,8 @@ def test_the_fastest_candidate_wins_and_options_run_under_the_faster_strategy() 
     calls: list = []
     choice = choose_paths(model, ep, STEP, timer=_timer({("loop", ExecOptions()): 0.9, ("vmap", ExecOptions()): 0.5, ("vmap", slow_norm): 0.4}, calls))
     assert (choice.strategy, choice.options) == ("vmap", slow_norm) and not choice.cached
-    assert [s for s, _ in calls[3:]] == ["vmap"] * (len(calls) - 3)  # the option candidates under vmap
+    assert [s for s, _ in calls[:4]] == ["loop", "vmap", "task", "threads"]
+    assert [s for s, _ in calls[4:]] == ["vmap"] * (len(calls) - 4)  # the option candidates under vmap
     assert ("vmap", REFERENCE) in calls  # the reference is always a candidate
     assert choice.times["vmap -native_norm"] == 0.4 and "vmap reference" in choice.times
     assert choice.describe() == "vmap, without native_norm"
@@ -51,7 +61,18 @@ def test_the_fastest_candidate_wins_and_options_run_under_the_faster_strategy() 
 
 def test_regression_spaces_time_only_the_strategy() -> None:
     assert [c[0] for c in candidates(False)] == ["loop", "vmap", "task"]
+    assert [c[0] for c in candidates(False, threads=True)] == ["loop", "vmap", "task", "threads"]
     assert [c[0] for c in candidates(True)][-1] == "reference"
+
+
+def test_threads_are_a_candidate_only_with_several_threads_and_tasks_on_a_cpu() -> None:
+    model, ep = _setup()
+    for threads, tasks, timed in ((2, 2, True), (1, 2, False), (2, 1, False)):
+        torch.set_num_threads(threads)
+        calls: list = []
+        one = Episode(*(t[:tasks] for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y)))
+        choose_paths(model, one, STEP, timer=_timer({}, calls))
+        assert (("threads", ExecOptions()) in calls) == timed, (threads, tasks)
 
 
 def test_a_measurement_slower_than_the_reference_is_not_chosen() -> None:
@@ -130,7 +151,7 @@ def test_timing_the_real_meta_step_tries_every_candidate_and_restores_the_plan()
     plan = model.plan
     choice = choose_paths(model, ep, STEP)
     assert model.plan is plan and all(p.grad is None for p in model.parameters())
-    distinct = {(s or choice.strategy, runs_as(compile(model.space, o))) for _, s, o in candidates(True)}
+    distinct = {(s or choice.strategy, runs_as(compile(model.space, o))) for _, s, o in candidates(True, threads=True)}
     assert len(choice.times) == len(distinct) and all(t > 0 for t in choice.times.values())
 
 
@@ -147,7 +168,7 @@ def test_a_switch_that_does_not_apply_is_not_timed_and_cannot_be_chosen() -> Non
     choice = choose_paths(model, ep, STEP, timer=_timer({("loop", o): 0.5 for o in inert}, calls, other=1.0))
     assert (choice.strategy, choice.options) == ("loop", ExecOptions())
     assert not any(o in inert for _, o in calls)
-    assert set(choice.times) == {"loop", "vmap", "task", "loop -channels_last", "loop -stem_im2col", "loop -native_norm", "loop -stem_recompute", "loop reference"}
+    assert set(choice.times) == {"loop", "vmap", "task", "threads", "loop -channels_last", "loop -stem_im2col", "loop -native_norm", "loop -stem_recompute", "loop reference"}
 
 
 def test_a_candidate_within_timing_noise_does_not_replace_the_fast_paths() -> None:
