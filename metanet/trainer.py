@@ -136,15 +136,20 @@ def step_keywords(cfg: TrainConfig, strategy: str) -> dict[str, Any]:
 
 
 def reuse_freed_memory() -> bool:
-    """Ask glibc to keep freed large blocks for reuse instead of returning them to the system.
+    """Ask glibc to keep freed blocks, however large, for reuse instead of returning them
+    to the system.
 
     A meta-step allocates and frees the same large activations every step. By default
-    glibc serves blocks above its mmap threshold with fresh mappings and unmaps them when
-    freed, so each step faults all of its pages in again (``bench_meta`` counts ~27,500
-    minor faults per conv4 step at meta-batch 8). Raising the mmap threshold to its
-    maximum (32 MiB) and the trim threshold to 2 GiB keeps them in the heap; the process's
-    resident memory then stays near its peak. Called by ``train``; a no-op (False) where
-    the C library is not glibc.
+    glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh mappings and
+    unmaps them when freed, so each step faults their pages in again (``bench_meta``
+    counts ~27,500 minor faults per conv4 step at meta-batch 8, and 1.6 million per step
+    of the clone loop on 84x84 images, whose 64-channel activations pass 32 MiB). Here no
+    block is served by mmap (``M_MMAP_MAX`` 0: all come from the heap), the heap's free
+    top is kept up to 2 GiB (``M_TRIM_THRESHOLD``), and threads allocate from the same
+    heap (``M_ARENA_MAX`` 1: a thread's own arena would map and unmap its heaps, as under
+    ``--strategy threads``). The process's resident memory then stays near its peak.
+    Called by ``train``, before anything else, since only threads that have not yet
+    allocated take the shared heap; a no-op (False) where the C library is not glibc.
     """
     import ctypes
     import sys
@@ -153,8 +158,8 @@ def reuse_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
-        return libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+        m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's mallopt parameters
+        return all(libc.mallopt(param, value) == 1 for param, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1)))
     except (OSError, AttributeError):
         return False
 

@@ -290,6 +290,42 @@ def check_agreement(model: MetaNet, net: nn.Sequential, tasks: int = 2) -> tuple
     return max(rel(g_ours[n], c) for n, c in zip(order, g_clone)), max(rel(g_task[n], g_ours[n]) for n in order)
 
 
+def convolutions_alone(net: nn.Sequential, ep: Episode, peak: float, repeats: int) -> dict[str, float]:
+    """The network's convolutions after the stem, alone, channels-last, at the batch of a
+    support set and of a query set: forward, input and weight gradient, as FLOP/s
+    against ``peak`` (what the kernels do on the step's shapes without the rest of the
+    step around them: the bound on the step's own fraction)."""
+    shapes: list[tuple[tuple[int, ...], nn.Conv2d]] = []
+    convs = [m for m in net if isinstance(m, nn.Conv2d)][1:]
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((tuple(i[0].shape[1:]), m))) for m in convs]
+    with torch.no_grad():
+        net(ep.query_x[0][:1])
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, n in (("support", ep.support_x.shape[1]), ("query", ep.query_x.shape[1])):
+        flops, calls = 0, []
+        for (c, h, w), conv in shapes:
+            x = torch.randn(n, c, h, w, device=ep.query_x.device).contiguous(memory_format=torch.channels_last)
+            k = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+            y = F.conv2d(x, k, stride=conv.stride, padding=conv.padding)
+            g = torch.randn_like(y)
+            flops += 3 * 2 * y.numel() * k[0].numel()  # forward, input gradient, weight gradient
+
+            def call(x=x, k=k, g=g, conv=conv) -> None:
+                F.conv2d(x, k, stride=conv.stride, padding=conv.padding)
+                torch.ops.aten.convolution_backward(g, x, k, None, list(conv.stride), list(conv.padding), [1, 1], False, [0, 0], 1, [True, True, False])
+
+            calls.append(call)
+        def run(calls: list[Callable[[], None]] = calls) -> None:
+            for c in calls:
+                c()
+
+        med = interleaved({name: run}, repeats, ep.query_x.device)
+        out[f"{name}_{n}_images_fraction_of_peak"] = round(flops / med[name] / peak, 3)
+    return out
+
+
 def stem_paths(images: int, repeats: int) -> dict[str, dict[str, float]]:
     """A 3x3 stem to 64 channels on 28x28 inputs: F.conv2d vs ops.conv2d_im2col, forward +
     weight gradient (what the query side of a meta-step does), for 1 and 3 input channels."""
@@ -475,6 +511,7 @@ def main() -> None:
         "fraction_of_peak_threads": round(flops / med["ours_threads"] / peak, 3) if "ours_threads" in med else None,
         "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward", "ours_threads") if k in variants} if cpu else None,
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15) if cpu else None,
+        "convolutions_alone": convolutions_alone(net, ep, peak, 5 if args.quick else 15),
     }
     world = min(max(2, torch.get_num_threads()) if args.procs is None else args.procs, tasks) if cpu else 0  # every process needs a task
     if world > 1:
