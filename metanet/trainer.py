@@ -144,12 +144,13 @@ def reuse_freed_memory() -> bool:
     unmaps them when freed, so each step faults their pages in again (``bench_meta``
     counts ~27,500 minor faults per conv4 step at meta-batch 8, and 1.6 million per step
     of the clone loop on 84x84 images, whose 64-channel activations pass 32 MiB). Here no
-    block is served by mmap (``M_MMAP_MAX`` 0: all come from the heap), the heap's free
-    top is kept up to 2 GiB (``M_TRIM_THRESHOLD``), and threads allocate from the same
-    heap (``M_ARENA_MAX`` 1: a thread's own arena would map and unmap its heaps, as under
-    ``--strategy threads``). The process's resident memory then stays near its peak.
-    Called by ``train``, before anything else, since only threads that have not yet
-    allocated take the shared heap; a no-op (False) where the C library is not glibc.
+    block is served by mmap (``M_MMAP_MAX`` 0: all come from the heap) and the heap's
+    free top is kept up to 2 GiB (``M_TRIM_THRESHOLD``); the process's resident memory
+    then stays near its peak. Threads other than the main one (``--strategy threads``)
+    allocate from arenas of their own, whose 64 MiB heaps glibc still unmaps when they
+    empty: one shared arena would stop that, but its lock cost the threads more than the
+    faults (docs/PERFORMANCE.md). Called by ``train``; a no-op (False) where the C
+    library is not glibc.
     """
     import ctypes
     import sys
@@ -158,8 +159,8 @@ def reuse_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's mallopt parameters
-        return all(libc.mallopt(param, value) == 1 for param, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1)))
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameters
+        return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
     except (OSError, AttributeError):
         return False
 
