@@ -35,6 +35,7 @@ from .generators import ArchitectureGenerator, WeightGenerator, safe_name
 from .graph import Genotype, discretise
 from .heads import class_means, make_head
 from .inner import LSTMRule
+from .ops import whole_stem
 from .space import SearchSpace
 
 __all__ = [
@@ -427,7 +428,7 @@ def _partials(loss: Loss, params: dict[str, Tensor], context: dict[str, Tensor])
     is not its. The same values and graph as ``torch.func.grad``, without its functorch
     dispatch of every op and every custom autograd Function, which costs a few
     milliseconds per task (docs/PERFORMANCE.md, ``bench_meta``'s ``ours_loop_func_grad``)."""
-    with torch.enable_grad():
+    with torch.enable_grad(), whole_stem():  # as under torch.func.grad: no chunked stem in a pass differentiated twice
         alias = {k: v.view_as(v) if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
         per_task = loss(alias, context)
         grads = torch.autograd.grad(per_task.sum(), list(alias.values()), create_graph=True, allow_unused=True, materialize_grads=True)

@@ -13,9 +13,11 @@ convolution per edge.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -35,6 +37,7 @@ __all__ = [
     "conv2d_batch_norm",
     "folded_stem",
     "FoldedStem",
+    "whole_stem",
     "relu_conv2d",
     "activation",
     "ACTIVATIONS",
@@ -317,8 +320,28 @@ def folded_stem(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, eps: fl
 # L2 per core): 84x84 conv4 with 32 channels 8% faster in 1 MiB chunks, 13% in 4 MiB, 18%
 # in 8 MiB (64 channels: 25% and 24% in 4 and 8 MiB); 28x28 conv4 5% slower in 1 MiB
 # chunks (also with the instruction set capped to AVX2), even in 4 and 8 MiB: small
-# chunks' per-call costs outweigh what they keep in the caches.
+# chunks' per-call costs outweigh what they keep in the caches. (Measured while glibc
+# still mapped blocks above 32 MiB afresh every step, as the whole stem output at 84x84
+# is; without that, 64 channels gain 1.07x at two threads: docs/PERFORMANCE.md.)
 CHUNK_BYTES = 8 * 2**20
+
+_whole_stem = threading.local()
+
+
+@contextlib.contextmanager
+def whole_stem() -> Iterator[None]:
+    """Within it (on this thread), ``FoldedStem.relu_conv2d`` makes the stem output whole
+    instead of reading it in chunks: for a forward pass whose backward is itself
+    differentiated (the support pass of a second-order inner step), where the chunked
+    backward would remake the stem output in differentiable ops only to differentiate
+    that again. ``torch.func.grad`` has the same effect (no chunks under a functorch
+    transform)."""
+    before = getattr(_whole_stem, "on", False)
+    _whole_stem.on = True
+    try:
+        yield
+    finally:
+        _whole_stem.on = before
 
 
 class FoldedStem(NamedTuple):
@@ -355,11 +378,11 @@ class FoldedStem(NamedTuple):
 
     def chunked(self) -> bool:
         """Whether ``relu_conv2d`` runs in chunks here: more than one chunk of images, on a
-        CPU, with a backward to come and no autocast, ``vmap``, ``torch.func`` transform or
-        ``torch.compile`` (the chunks are plain eager autograd; elsewhere it is
-        ``relu_conv2d`` on ``output()``)."""
+        CPU, with a backward to come, outside ``whole_stem`` and without autocast, ``vmap``,
+        ``torch.func`` transform or ``torch.compile`` (the chunks are plain eager autograd;
+        elsewhere it is ``relu_conv2d`` on ``output()``)."""
         return (
-            self.src.shape[0] > self.chunk() and self.src.device.type == "cpu" and torch.is_grad_enabled()
+            self.src.shape[0] > self.chunk() and self.src.device.type == "cpu" and torch.is_grad_enabled() and not getattr(_whole_stem, "on", False)
             and not self.src.requires_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()  # also a vmap over the kernel alone
         )  # fmt: skip

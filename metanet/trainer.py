@@ -142,7 +142,7 @@ def reuse_freed_memory() -> bool:
     A meta-step allocates and frees the same large activations every step. By default
     glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh mappings and
     unmaps them when freed, so each step faults their pages in again (``bench_meta``
-    counts ~27,500 minor faults per conv4 step at meta-batch 8, and 1.6 million per step
+    counts ~27,500 minor faults per conv4 step at meta-batch 8, and 1.2 to 1.6 million per step
     of the clone loop on 84x84 images, whose 64-channel activations pass 32 MiB). Here no
     block is served by mmap (``M_MMAP_MAX`` 0: all come from the heap) and the heap's
     free top is kept up to 2 GiB (``M_TRIM_THRESHOLD``); the process's resident memory

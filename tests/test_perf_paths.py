@@ -499,6 +499,45 @@ def test_folded_stem_reads_whole_where_chunks_do_not_apply(monkeypatch: pytest.M
     assert_close(out, ref[0], rtol=1e-4, atol=1e-4)
 
 
+def test_a_pass_differentiated_twice_reads_the_stem_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The differentiable inner step (``meta._partials``) runs its support pass under
+    ``ops.whole_stem``, as torch.func.grad did (no chunks under a functorch transform): a
+    chunked backward would be remade in differentiable ops only to be differentiated
+    again. ``whole_stem`` holds on its own thread only, and ends with its block."""
+    import threading
+
+    from metanet.meta import _partials
+
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 4)
+    g = torch.Generator().manual_seed(16)
+    x = torch.rand(5, 1, 6, 6, generator=g)
+    w = torch.randn(4, 1, 3, 3, generator=g, requires_grad=True)
+    k = torch.randn(5, 4, 3, 3, generator=g)
+
+    def chunked() -> bool:
+        return folded_stem(x, w, padding=1, im2col=True).chunked()
+
+    seen: list[bool] = []
+
+    def loss(p: dict[str, torch.Tensor], _: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen.append(chunked())
+        return folded_stem(x, p["w"], padding=1, im2col=True).relu_conv2d(k, 2, 1).pow(2).sum()
+
+    assert chunked()
+    grads, _ = _partials(loss, {"w": w}, {})
+    assert seen == [False]
+    (gg,) = torch.autograd.grad(grads["w"].sum(), w)  # differentiable, as before
+    assert gg.abs().sum() > 0 and chunked()
+    with ops.whole_stem():
+        assert not chunked()
+        other: list[bool] = []
+        t = threading.Thread(target=lambda: other.append(chunked()))
+        t.start()
+        t.join()
+        assert other == [True]
+    assert chunked()
+
+
 _READERS = [pytest.param("conv_3x3", 64, id="conv"), pytest.param("skip, conv_1x1, conv_3x3", 64, id="merged"), pytest.param("conv_3x3", 16, id="projection")]
 
 
