@@ -279,6 +279,7 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
         shares = [run(range(n))]
     else:
         threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # once here: the workers' own calls then only set their thread's count
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="metanet-task") as pool:
                 futures = [pool.submit(run, range(j, n, workers), 1) for j in range(workers)]

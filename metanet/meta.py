@@ -428,11 +428,14 @@ def _partials(loss: Loss, params: dict[str, Tensor], context: dict[str, Tensor])
     is not its. The same values and graph as ``torch.func.grad``, without its functorch
     dispatch of every op and every custom autograd Function, which costs a few
     milliseconds per task (docs/PERFORMANCE.md, ``bench_meta``'s ``ours_loop_func_grad``)."""
+    create = torch.is_grad_enabled()  # as torch.func.grad: no graph of the gradients under no_grad
     with torch.enable_grad(), whole_stem():  # as under torch.func.grad: no chunked stem in a pass differentiated twice
         alias = {k: v.view_as(v) if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
         per_task = loss(alias, context)
-        grads = torch.autograd.grad(per_task.sum(), list(alias.values()), create_graph=True, allow_unused=True, materialize_grads=True)
-    return dict(zip(alias, grads)), per_task
+        if not per_task.requires_grad:  # reaches none of them: zero gradients, as torch.func.grad gives
+            return {k: torch.zeros_like(v) for k, v in params.items()}, per_task
+        grads = torch.autograd.grad(per_task.sum(), list(alias.values()), create_graph=create, allow_unused=True)
+    return {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(alias, grads)}, per_task
 
 
 class _Recompute(torch.autograd.Function):

@@ -145,8 +145,11 @@ def reuse_freed_memory() -> bool:
     counts ~27,500 minor faults per conv4 step at meta-batch 8, and 1.2 to 1.6 million per step
     of the clone loop on 84x84 images, whose 64-channel activations pass 32 MiB). Here no
     block is served by mmap (``M_MMAP_MAX`` 0: all come from the heap) and the heap's
-    free top is kept up to 2 GiB (``M_TRIM_THRESHOLD``); the process's resident memory
-    then stays near its peak. Threads other than the main one (``--strategy threads``)
+    free top is kept up to 2 GiB (``M_TRIM_THRESHOLD``). The cost is resident memory:
+    it stays at the peak, and grows past it where a freed block cannot serve a later
+    request (the heap gives memory back only from its top; a contrived pattern of mixed
+    sizes freed out of order held over twice its live peak). The setting is process-wide
+    and stays after ``train`` returns. Threads other than the main one (``--strategy threads``)
     allocate from arenas of their own, whose 64 MiB heaps glibc still unmaps when they
     empty: one shared arena would stop that, but its lock cost the threads more than the
     faults (docs/PERFORMANCE.md). Called by ``train``; a no-op (False) where the C

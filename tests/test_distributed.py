@@ -237,9 +237,18 @@ def test_a_run_with_one_backward_per_task_takes_the_steps_of_the_loop(one_proces
     _assert_same_run(one_process, tmp_path / "task")
 
 
-def test_a_run_with_the_tasks_shared_among_threads_takes_the_steps_of_the_loop(one_process, tmp_path):
+def test_a_run_with_the_tasks_shared_among_threads_takes_the_steps_of_the_loop(one_process, tmp_path, monkeypatch):
     """``--strategy threads`` through the trainer: the run of ``--strategy loop`` (up to the
-    float rounding of another summation order), the thread count as it was after."""
+    float rounding of another summation order), its tasks on the worker threads, the
+    thread count as it was after."""
+    names: set[str] = set()
+    real = distributed.outer_loss
+
+    def spy(*a, **k):
+        names.add(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(distributed, "outer_loss", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -247,6 +256,7 @@ def test_a_run_with_the_tasks_shared_among_threads_takes_the_steps_of_the_loop(o
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    assert names and all(n.startswith("metanet-task") for n in names), names
     _assert_same_run(one_process, tmp_path / "threads")
 
 

@@ -233,11 +233,17 @@ def test_partials_are_partial_derivatives_where_one_tensor_is_made_from_another(
     expected, aux = torch.func.grad(lambda p, c: (lambda per: (per.sum(), per))(loss(p, c)), has_aux=True)(params, {})
     for k in params:
         torch.testing.assert_close(grads[k], expected[k], rtol=0, atol=0)
+        assert grads[k].requires_grad == expected[k].requires_grad, k
     torch.testing.assert_close(grads["a"], params["b"])
     torch.testing.assert_close(grads["c"], torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(per_task, aux)
     (g,) = torch.autograd.grad((grads["a"] * grads["b"]).sum(), x)  # d/dx (2x * x) = 4x
     torch.testing.assert_close(g, 4 * x.detach())
+    with torch.no_grad():  # as torch.func.grad: no graph of the gradients
+        assert not any(v.requires_grad for v in _partials(loss, params, {})[0].values())
+    const = {"c": torch.ones(2, dtype=torch.float64)}  # a loss that reaches nothing needing a gradient
+    zero, _ = _partials(lambda p, _: p["c"].sum() * 0 + 1.0, const, {})
+    torch.testing.assert_close(zero["c"], torch.zeros(2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
