@@ -322,7 +322,8 @@ def folded_stem(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, eps: fl
 # chunks (also with the instruction set capped to AVX2), even in 4 and 8 MiB: small
 # chunks' per-call costs outweigh what they keep in the caches. (Measured while glibc
 # still mapped blocks above 32 MiB afresh every step, as the whole stem output at 84x84
-# is; without that, 64 channels gain 1.07x at two threads: docs/PERFORMANCE.md.)
+# is; without that, 64 channels gain 1.12x at one thread and 1.03x at two:
+# docs/PERFORMANCE.md.)
 CHUNK_BYTES = 8 * 2**20
 
 _whole_stem = threading.local()

@@ -317,6 +317,7 @@ def convolutions_alone(net: nn.Sequential, ep: Episode, peak: float, repeats: in
                 torch.ops.aten.convolution_backward(g, x, k, None, list(conv.stride), list(conv.padding), [1, 1], False, [0, 0], 1, [True, True, False])
 
             calls.append(call)
+
         def run(calls: list[Callable[[], None]] = calls) -> None:
             for c in calls:
                 c()
