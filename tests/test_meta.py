@@ -194,6 +194,19 @@ def test_a_learned_head_refuses_other_ways():
     generate_networks(model, _image_episode(ways=3), ways=3)  # its own number is fine
 
 
+def _assert_same_loss_and_meta_gradients(got, ref):
+    """``(loss, meta-gradients)`` pairs equal to float64 rounding, the same parameters
+    reached (None on both sides or neither), and at least five with a nonzero gradient."""
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    reached = 0
+    for a, b in zip(got[1], ref[1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+            reached += int(b.abs().sum() > 0)
+    assert reached >= 5
+
+
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 @pytest.mark.parametrize("kw", [{}, {"meta_sgd": True}, {"adapt_alpha": True}], ids=["plain", "meta_sgd", "adapt_alpha"])
 def test_checkpointed_inner_steps_give_the_same_meta_gradient(strategy, kw):
@@ -207,14 +220,7 @@ def test_checkpointed_inner_steps_give_the_same_meta_gradient(strategy, kw):
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         out[checkpoint] = (loss.detach(), grads)
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=1e-12)
-    reached = 0
-    for a, b in zip(out[True][1], out[False][1]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-            reached += int(b.abs().sum() > 0)
-    assert reached >= 5
+    _assert_same_loss_and_meta_gradients(out[True], out[False])
 
 
 def test_partials_are_partial_derivatives_where_one_tensor_is_made_from_another():
@@ -268,14 +274,7 @@ def test_inner_steps_by_autograd_equal_func_grad(monkeypatch, strategy, kw, step
         monkeypatch.setattr(meta, "FUNCTIONAL_INNER_GRAD", functional)
         loss, _ = meta_loss(model, episode, inner_steps=2, order="second", strategy=strategy, generator=torch.Generator().manual_seed(1), **step_kw)
         out[functional] = (loss.detach(), torch.autograd.grad(loss, params, allow_unused=True))
-    torch.testing.assert_close(out[False][0], out[True][0], rtol=1e-12, atol=1e-12)
-    reached = 0
-    for a, b in zip(out[False][1], out[True][1]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-            reached += int(b.abs().sum() > 0)
-    assert reached >= 5
+    _assert_same_loss_and_meta_gradients(out[False], out[True])
 
 
 def test_inner_steps_under_a_functorch_transform_take_func_grad():
