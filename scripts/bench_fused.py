@@ -35,6 +35,7 @@ from _bench import bench_device, device_arg, interleaved, machine  # scripts/_be
 
 from metanet import executor as X
 from metanet.space import load, loads
+from metanet.trainer import reuse_freed_memory
 
 EDGE_SPACE = """
 name: nb201_edge
@@ -184,15 +185,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
     device_arg(ap)
     args = ap.parse_args()
+    reused = reuse_freed_memory() if args.reuse_freed_memory else False
     device = bench_device(ap, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
     repeats = args.repeats or (3 if quick else 7)
     tasks, images = (4, 40) if quick else (16, 80)
-    out: dict = {"bench": "fused", "quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, **machine(device), "repeats": repeats}
+    out: dict = {"bench": "fused", "quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, **machine(device), "repeats": repeats, "reuse_freed_memory": reused}
     out["edge"] = {"tasks": tasks, "images": images, "channels": 32, "size": 14, **edge_case(tasks, images, repeats, device)}
     # (tasks, images, repeats): darts_cnn's naive supernet saves ~0.6 GB per task of 80
     # images, so it runs fewer tasks (8 of them exhaust 23 GB).
