@@ -514,11 +514,10 @@ def main() -> None:
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15) if cpu else None,
         "convolutions_alone": convolutions_alone(net, ep, peak, 5 if args.quick else 15),
     }
-    world = min(max(2, torch.get_num_threads()) if args.procs is None else args.procs, tasks) if cpu else 0  # every process needs a task
+    world = min(max(2, threads) if args.procs is None else args.procs, tasks) if cpu else 0  # every process needs a task
     if world > 1:
         # one process's meta-gradient at one thread, as the processes run (float32 sums
         # in another order differ by more than the all-reduce's rounding on this step)
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)
         single = grads_of(trainable(model), lambda: ours_step(model, ep, "loop"))
         torch.set_num_threads(threads)
