@@ -671,7 +671,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (sys.argv[1:] if argv is None else list(argv)):  # a bare `metanet`: what it can do
             parser.print_help()
             return EXIT_USAGE
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except UsageError as e:  # the same mistake on every rank under torchrun: said once
+            if os.environ.get("RANK", "0").strip() in ("", "0"):
+                sys.stderr.write(f"metanet: error: {e}\n")
+            return EXIT_USAGE
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -254,12 +255,23 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
     named = mine.tensors()
     outputs = {name: t for name, t in named.items() if t.requires_grad}  # what carries gradient into the generators
 
+    failed = threading.Event()  # set by a worker that raised: the others stop at their next task
+
     def run(tasks: range, threads: int | None = None) -> _TaskSums:
         """The tasks ``tasks`` (offsets into ``part``), each alone; on ``threads`` intra-op threads."""
+        try:
+            return tasks_of(tasks, threads)
+        except BaseException:
+            failed.set()
+            raise
+
+    def tasks_of(tasks: range, threads: int | None) -> _TaskSums:
         if threads is not None:
             torch.set_num_threads(threads)
         sums = _TaskSums({}, [None] * len(inputs), torch.zeros((), device=episode.support_x.device), {})
         for t in tasks:
+            if failed.is_set():
+                break
             fields = {name: v[t : t + 1].detach().requires_grad_(name in outputs) for name, v in named.items()}
             one = Generated.from_tensors(fields)
             with context():

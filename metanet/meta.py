@@ -121,8 +121,15 @@ BF16_SLOWDOWN_WITHOUT_UNITS = 8.6
 
 def cpu_bf16_units(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU has bf16 matrix units (the ``amx_bf16`` or ``avx512_bf16`` flag of
-    ``/proc/cpuinfo``); None where that cannot be read (not Linux)."""
-    if cpuinfo is None:
+    ``/proc/cpuinfo``) that oneDNN may use; None where that cannot be read (not Linux).
+
+    For this machine (``cpuinfo`` None) the flags count only where oneDNN also has bf16
+    kernels for the instruction set it may use: ``ONEDNN_MAX_CPU_ISA=AVX2`` (as the AVX2
+    figures of docs/PERFORMANCE.md are taken on an AVX-512 CPU) leaves the units unused,
+    and bf16 runs as slowly as on a CPU without them. ``cpuinfo`` given: its flags alone
+    (another machine's)."""
+    here = cpuinfo is None
+    if here:
         try:
             with open("/proc/cpuinfo") as f:
                 cpuinfo = f.read()
@@ -131,7 +138,17 @@ def cpu_bf16_units(cpuinfo: str | None = None) -> bool | None:
     flags = {w for line in cpuinfo.splitlines() if line.startswith("flags") for w in line.split(":", 1)[-1].split()}
     if not flags:
         return None
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return bool(flags & {"amx_bf16", "avx512_bf16"}) and (not here or _onednn_bf16())
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for the instruction set it may use (True where torch
+    does not say)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else True
+    except RuntimeError:
+        return True
 
 
 def bf16_warning(device: torch.device | str, cpuinfo: str | None = None) -> str | None:
@@ -141,7 +158,7 @@ def bf16_warning(device: torch.device | str, cpuinfo: str | None = None) -> str 
     config must run alike on every machine it travels to."""
     if torch.device(device).type != "cpu" or cpu_bf16_units(cpuinfo) is not False:
         return None
-    return (f"precision bf16 on a CPU without bf16 matrix units (no amx_bf16 or avx512_bf16 flag): measured "
+    return (f"precision bf16 on a CPU without bf16 matrix units (no amx_bf16 or avx512_bf16 flag, or oneDNN capped below them): measured "
             f"{BF16_SLOWDOWN_WITHOUT_UNITS}x slower than fp32 on such a CPU (docs/PERFORMANCE.md, bench_precision); use --precision fp32")
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,39 @@ def test_threads_run_their_tasks_on_one_intra_op_thread_each_and_pass_errors_on(
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_stop_taking_tasks_once_one_of_them_raised(monkeypatch):
+    """A worker whose task raises stops the others at their next task: of 8 tasks on two
+    workers, the one that did not raise runs at most the task it is in and one more, not
+    its four."""
+    torch.manual_seed(0)
+    model = MetaNet(load("tiny"), 0, ModelConfig(dim=8, latent=4)).double()
+    ep = _tiny_image_episode(b=8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls: list[str] = []
+    lock = threading.Lock()
+    real = distributed.outer_loss
+
+    def spy(*a, **k):
+        with lock:
+            calls.append(threading.current_thread().name)
+            first = len(calls) == 1
+        if first:
+            raise RuntimeError("boom")
+        time.sleep(0.3)  # the other worker's task: long enough for the failure to be seen
+        return real(*a, **k)
+
+    monkeypatch.setattr(distributed, "outer_loss", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            distributed.per_task_gradients(model, ep, slice(0, 8), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second")
+    finally:
+        torch.set_num_threads(before)
+    others = calls[1:]  # the other worker's tasks (on either thread: a pool thread takes the next share when free)
+    assert len(others) <= 2, calls  # without the stop: 4
 
 
 def test_without_torchrun_there_is_one_process_and_no_group():

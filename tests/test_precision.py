@@ -3,6 +3,9 @@
 import copy
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,6 +175,16 @@ def test_cli_trains_plain_maml_in_bf16_on_omniglot_files(tmp_path, capsys) -> No
     assert "precision: bf16" in cfg_text and "proto_head: false" in cfg_text
     model, cfg = load_run(out)
     assert cfg.precision == "bf16" and not model.proto and model.proto_scale is None
+
+
+def test_bf16_units_that_onednn_is_capped_below_count_as_none() -> None:
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` (AVX2 kernels on an AVX-512 CPU): oneDNN then has no bf16
+    kernels, bf16 runs as on a CPU without the units, and the guard says so; another
+    machine's flags given as text are taken as they are."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    code = "import metanet.meta as m; print(m.cpu_bf16_units(), m.cpu_bf16_units('flags : avx2 amx_bf16'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True).stdout.split()
+    assert out[0] in ("False", "None") and out[1] == "True", out
 
 
 def test_bf16_on_a_cpu_without_bf16_units_warns_with_the_measured_slowdown(tmp_path, monkeypatch, caplog) -> None:
