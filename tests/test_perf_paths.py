@@ -812,6 +812,28 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+_THREAD_FAULTS = r"""
+import ctypes, resource, sys, torch
+from concurrent.futures import ThreadPoolExecutor
+from metanet.trainer import reuse_freed_memory
+if sys.argv[1] == "no-pad":  # the setting without its top pad
+    libc = ctypes.CDLL("libc.so.6")
+    tuned = libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1 and None
+else:
+    tuned = reuse_freed_memory()
+def step():  # a task's activations on a worker thread: more than one of its arena's 64 MiB heaps holds
+    xs = [torch.ones(10 * 2**20) for _ in range(4)]  # 4 x 40 MiB, written
+    del xs
+worker = ThreadPoolExecutor(1)  # one thread, so one arena throughout
+for _ in range(3):
+    worker.submit(step).result()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    worker.submit(step).result()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt")
 def test_reuse_freed_memory_stops_refaulting_a_steps_activations() -> None:
     """Blocks that glibc serves by mmap are returned to the system when freed and faulted in
@@ -831,3 +853,23 @@ def test_reuse_freed_memory_stops_refaulting_a_steps_activations() -> None:
     pages = 3 * (8 * 16 + 2 * 40) * 2**20 // 4096  # every page of three steps
     assert int(out["mmap"][1]) > pages // 2
     assert int(out["tuned"][1]) < pages // 4  # 0, or a 40 MiB block's pages where the heap's free blocks did not fit it
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt")
+def test_reuse_freed_memory_keeps_a_worker_threads_emptied_heaps() -> None:
+    """A thread other than the main one (``--strategy threads``) allocates from an arena of
+    its own, in heaps of at most 64 MiB that glibc deletes when they empty, however high
+    the trim threshold: a task's activations were faulted in again at every task. The top
+    pad ``reuse_freed_memory`` sets keeps them."""
+    import subprocess
+    import sys
+
+    out = {}
+    for mode in ("no-pad", "tuned"):
+        r = subprocess.run([sys.executable, "-c", _THREAD_FAULTS, mode], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-1000:]
+        out[mode] = r.stdout.split()
+    assert out["tuned"][0] == "True"
+    pages = 3 * 4 * 40 * 2**20 // 4096  # every page of three steps
+    assert int(out["no-pad"][1]) > pages // 2
+    assert int(out["tuned"][1]) < pages // 4  # 0, or a heap's worth where the first heap's free blocks did not fit
