@@ -152,8 +152,8 @@ def reuse_freed_memory() -> bool:
     and stays after ``train`` returns. Threads other than the main one (``--strategy threads``)
     allocate from arenas of their own, in heaps of at most 64 MiB that glibc deletes when
     they empty unless the space they free is below the top pad: a 64 MiB pad
-    (``M_TOP_PAD``) keeps them (at 84x84 and 64 channels the threads faulted 61,000 to
-    76,000 pages per step without it, under 5,000 with it, and ran 1.06x as fast; one
+    (``M_TOP_PAD``) keeps them (at 84x84 and 64 channels the threads faulted 36,000 to
+    83,000 pages per step without it, under 7,000 with it, and ran 1.05x as fast; one
     shared arena, the other way to keep them, cost the threads more in its lock than the
     faults: docs/PERFORMANCE.md). The main heap then grows in steps of 64 MiB more than
     asked, which costs address space, not memory, until written. Called by ``train``; a
