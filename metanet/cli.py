@@ -673,8 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         try:
             args = parser.parse_args(argv)
-        except UsageError as e:  # the same mistake on every rank under torchrun: said once
-            if os.environ.get("RANK", "0").strip() in ("", "0"):
+        except UsageError as e:  # the same mistake on every rank under torchrun: said once per machine
+            if os.environ.get("LOCAL_RANK", "0").strip() in ("", "0"):
                 sys.stderr.write(f"metanet: error: {e}\n")
             return EXIT_USAGE
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

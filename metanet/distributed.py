@@ -236,7 +236,9 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
     tasks instead of splitting each operation of one task among them: a small
     convolution keeps one core busier than it keeps two. The torch thread count is set
     to 1 meanwhile (it is process-wide) and restored after. The per-worker sums are added
-    in a fixed order, so the result does not depend on which thread finishes first.
+    in a fixed order, so the result does not depend on which thread finishes first. Once a
+    worker raises (or the caller is interrupted), the others take no further task, and the
+    first error in worker order is raised.
 
     Args:
         model, episode, part, noise: as for ``shard_loss``.
@@ -295,7 +297,11 @@ def per_task_gradients(model: MetaNet, episode: Episode, part: slice, noise: tor
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="metanet-task") as pool:
                 futures = [pool.submit(run, range(j, n, workers), 1) for j in range(workers)]
-                shares = [f.result() for f in futures]
+                try:
+                    shares = [f.result() for f in futures]
+                except BaseException:  # a worker's error, or an interrupt here: the others stop too
+                    failed.set()
+                    raise
         finally:
             torch.set_num_threads(threads)
     direct: list[Tensor | None] = [None] * len(inputs)  # the parameters used inside the tasks (step sizes, heads)

@@ -124,10 +124,10 @@ def cpu_bf16_units(cpuinfo: str | None = None) -> bool | None:
     ``/proc/cpuinfo``) that oneDNN may use; None where that cannot be read (not Linux).
 
     For this machine (``cpuinfo`` None) the flags count only where oneDNN also has bf16
-    kernels for the instruction set it may use: ``ONEDNN_MAX_CPU_ISA=AVX2`` (as the AVX2
-    figures of docs/PERFORMANCE.md are taken on an AVX-512 CPU) leaves the units unused,
-    and bf16 runs as slowly as on a CPU without them. ``cpuinfo`` given: its flags alone
-    (another machine's)."""
+    kernels for the instruction set it may use: ``ONEDNN_MAX_CPU_ISA=AVX2`` (as the
+    figures with the instruction set capped to AVX2 in docs/PERFORMANCE.md are taken)
+    leaves the units unused, and bf16 runs as slowly as on a CPU without them.
+    ``cpuinfo`` given: its flags alone (another machine's)."""
     here = cpuinfo is None
     if here:
         try:

@@ -150,14 +150,16 @@ def reuse_freed_memory() -> bool:
     request (the heap gives memory back only from its top; a contrived pattern of mixed
     sizes freed out of order held over twice its live peak). The setting is process-wide
     and stays after ``train`` returns. Threads other than the main one (``--strategy threads``)
-    allocate from arenas of their own, in heaps of at most 64 MiB that glibc deletes when
-    they empty unless the space they free is below the top pad: a 64 MiB pad
-    (``M_TOP_PAD``) keeps them (at 84x84 and 64 channels the threads faulted 36,000 to
-    83,000 pages per step without it, under 7,000 with it, and ran 1.05x as fast; one
-    shared arena, the other way to keep them, cost the threads more in its lock than the
-    faults: docs/PERFORMANCE.md). The main heap then grows in steps of 64 MiB more than
-    asked, which costs address space, not memory, until written. Called by ``train``; a
-    no-op (False) where the C library is not glibc.
+    allocate from arenas of their own, in heaps of at most 64 MiB. glibc deletes an
+    emptied heap unless the free space it would leave in the heap below (its free top and
+    the room it has left to grow) is under the top pad; a 64 MiB pad (``M_TOP_PAD``), a
+    heap's largest size, is never exceeded, so no emptied heap is deleted (at 84x84 and
+    64 channels the threads faulted 36,000 to 83,000 pages per step without it, under
+    7,000 with it, and ran 1.05x as fast, with a largest resident set 12-14% higher; one
+    shared arena, the other way to keep the heaps, cost the threads more in its lock than
+    the faults: docs/PERFORMANCE.md). The main heap then also grows in steps of 64 MiB
+    more than asked, address space that costs memory only once written. Called by
+    ``train``; a no-op (False) where the C library is not glibc.
     """
     import ctypes
     import sys

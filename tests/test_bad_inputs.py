@@ -410,11 +410,11 @@ def test_argument_errors_name_the_command_once_and_a_bare_metanet_prints_its_hel
     assert code == 2 and out.startswith("usage: metanet ") and "{spaces,train,evaluate,generate,inspect}" in out and err == ""
 
 
-def test_a_bad_flag_under_torchrun_is_said_by_rank_0_alone(capsys, monkeypatch):
-    """Every rank parses the same command line: rank 0 says what is wrong, the others only
-    exit with the same status."""
+def test_a_bad_flag_under_torchrun_is_said_by_local_rank_0_alone(capsys, monkeypatch):
+    """Every rank parses the same command line: local rank 0 (one per machine, whose ranks
+    share its stderr) says what is wrong, the others only exit with the same status."""
     for rank, said in (("0", True), ("1", False)):
-        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
         code, _, err = run_cli(["train", "--steps", "-1"], capsys)
         assert code == 2 and (err == "metanet: error: train: argument --steps: expected a positive integer, got -1\n") == said and (err == "") != said
 

@@ -865,4 +865,4 @@ def test_reuse_freed_memory_pads_the_heap_by_a_thread_heaps_size() -> None:
         ok, mib = r.stdout.split()
         assert ok == "True"
         grown[mode] = int(mib)
-    assert grown["untuned"] < 256 + 8 and grown["tuned"] >= grown["untuned"] + 63, grown  # the heap's free top (< 1 MiB) served part of it
+    assert 200 < grown["untuned"] < 256 + 8 and grown["tuned"] >= grown["untuned"] + 63, grown  # the heap's free top served part of it
