@@ -177,7 +177,7 @@ def test_cli_trains_plain_maml_in_bf16_on_omniglot_files(tmp_path, capsys) -> No
     assert cfg.precision == "bf16" and not model.proto and model.proto_scale is None
 
 
-def test_bf16_units_that_onednn_is_capped_below_count_as_none() -> None:
+def test_bf16_units_that_onednn_is_held_below_do_not_count() -> None:
     """``ONEDNN_MAX_CPU_ISA=AVX2`` (AVX2 kernels on an AVX-512 CPU): oneDNN then has no bf16
     kernels, bf16 runs as on a CPU without the units, and the guard says so; another
     machine's flags given as text are taken as they are."""
