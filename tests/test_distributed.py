@@ -238,7 +238,7 @@ def test_a_run_with_one_backward_per_task_takes_the_steps_of_the_loop(one_proces
     _assert_same_run(one_process, tmp_path / "task")
 
 
-def test_a_run_with_the_tasks_shared_among_threads_takes_the_steps_of_the_loop(one_process, tmp_path, monkeypatch):
+def test_a_run_with_the_tasks_shared_among_threads_takes_the_steps_of_the_loop(one_process, tmp_path, monkeypatch, two_threads):
     """``--strategy threads`` through the trainer: the run of ``--strategy loop`` (up to the
     float rounding of another summation order), its tasks on the worker threads, the
     thread count as it was after."""
@@ -250,18 +250,13 @@ def test_a_run_with_the_tasks_shared_among_threads_takes_the_steps_of_the_loop(o
         return real(*a, **k)
 
     monkeypatch.setattr(distributed, "outer_loss", spy)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        train(dataclasses.replace(CFG, strategy="threads"), tmp_path / "threads")
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    train(dataclasses.replace(CFG, strategy="threads"), tmp_path / "threads")
+    assert torch.get_num_threads() == 2
     assert names and all(n.startswith("metanet-task") for n in names), names
     _assert_same_run(one_process, tmp_path / "threads")
 
 
-def test_threads_run_their_tasks_on_one_intra_op_thread_each_and_pass_errors_on(monkeypatch):
+def test_threads_run_their_tasks_on_one_intra_op_thread_each_and_pass_errors_on(monkeypatch, two_threads):
     """The ``threads`` workers: each task on a worker thread with torch's thread count at 1,
     the count restored afterwards, and an error in a task raised in the caller (the count
     restored all the same)."""
@@ -279,21 +274,16 @@ def test_threads_run_their_tasks_on_one_intra_op_thread_each_and_pass_errors_on(
         return real(*a, **k)
 
     monkeypatch.setattr(distributed, "outer_loss", spy)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        distributed.per_task_gradients(model, ep, slice(0, 4), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second")
-        assert len(seen) == 4 and {n for n, _ in seen} != {threading.current_thread().name} and all(n.startswith("metanet-task") for n, _ in seen)
-        assert {c for _, c in seen} == {1} and torch.get_num_threads() == 2
-        seen.clear()
-        with pytest.raises(RuntimeError, match="boom"):
-            distributed.per_task_gradients(model, ep, slice(0, 4), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second", fail=True)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    distributed.per_task_gradients(model, ep, slice(0, 4), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second")
+    assert len(seen) == 4 and {n for n, _ in seen} != {threading.current_thread().name} and all(n.startswith("metanet-task") for n, _ in seen)
+    assert {c for _, c in seen} == {1} and torch.get_num_threads() == 2
+    seen.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        distributed.per_task_gradients(model, ep, slice(0, 4), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second", fail=True)
+    assert torch.get_num_threads() == 2
 
 
-def test_threads_stop_taking_tasks_once_one_of_them_raised(monkeypatch):
+def test_threads_stop_taking_tasks_once_one_of_them_raised(monkeypatch, two_threads):
     """A worker whose task raises stops the others at their next task: of 8 tasks on two
     workers, the one that did not raise runs at most the task it is in and one more, not
     its four."""
@@ -315,13 +305,8 @@ def test_threads_stop_taking_tasks_once_one_of_them_raised(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(distributed, "outer_loss", spy)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            distributed.per_task_gradients(model, ep, slice(0, 8), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second")
-    finally:
-        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="boom"):
+        distributed.per_task_gradients(model, ep, slice(0, 8), torch.Generator().manual_seed(0), params, workers=2, inner_steps=1, order="second")
     others = calls[1:]  # the other worker's tasks (on either thread: a pool thread takes the next share when free)
     assert len(others) <= 2, calls  # without the stop: 4
 

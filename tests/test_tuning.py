@@ -20,13 +20,7 @@ from metanet.tuning import REFERENCE, candidates, choose_paths, path_key, runs_a
 STEP = {"inner_steps": 1, "order": "second", "strategy": "auto"}
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    """Two intra-op threads, whatever the machine: the ``threads`` strategy is a candidate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")  # whatever the machine: the ``threads`` strategy is a candidate
 
 
 def _setup(size: int = 8):
