@@ -18,6 +18,10 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
   gain, side by side;
 - ``ours_threads`` (on a CPU with several threads): the per-task backward with the tasks
   shared among the threads, one intra-op thread each (``--strategy threads``);
+- ``ours_loop_first_order`` / ``ours_threads_first_order``: the same two steps with
+  first-order MAML (``--order first``: no backward through the support's gradient), a
+  different meta-gradient, timed as the bound on what speeding up the second-order work
+  alone could reach (``second_order_share``: the share of the step it takes);
 - ``clone_loop``: what learn2learn's ``MAML.clone()`` + ``adapt`` does, in plain PyTorch:
   an ``nn.Module`` conv4, per task ``torch.autograd.grad(create_graph=True)`` on the
   support loss, the query loss of the adapted weights, backward per task;
@@ -135,9 +139,9 @@ def clone_step(net: nn.Sequential, ep: Episode, steps: int = 1, meta_batch: int 
         (query / scale).backward()
 
 
-def ours_step(model: MetaNet, ep: Episode, strategy: str, arithmetic: str = "fp32") -> None:
+def ours_step(model: MetaNet, ep: Episode, strategy: str, arithmetic: str = "fp32", order: str = "second") -> None:
     with precision(arithmetic, ep.support_x.device):
-        loss, _ = meta_loss(model, ep, inner_steps=1, order="second", strategy=strategy)
+        loss, _ = meta_loss(model, ep, inner_steps=1, order=order, strategy=strategy)
     loss.backward()
 
 
@@ -147,14 +151,14 @@ def clone_step_bf16(net: nn.Sequential, ep: Episode) -> None:
         clone_step(net, ep)
 
 
-def ours_per_task_step(model: MetaNet, ep: Episode, workers: int = 1) -> None:
+def ours_per_task_step(model: MetaNet, ep: Episode, workers: int = 1, order: str = "second") -> None:
     """The same meta-gradient with one backward per task (``--strategy task``,
     ``distributed.per_task_gradients``): generate for the meta-batch, cut the graph at the
     generated tensors, run each task's adaptation and query loss and backward it alone,
     then backpropagate the collected gradients into the generators. ``workers > 1``: the
     tasks shared among that many threads of one intra-op thread each (``--strategy threads``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator(ep.support_x.device).manual_seed(0), params, workers=workers, inner_steps=1, order="second")
+    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator(ep.support_x.device).manual_seed(0), params, workers=workers, inner_steps=1, order=order)
     for p, g in zip(params, grads):
         p.grad = g
 
@@ -449,10 +453,14 @@ def main() -> None:
         "ours_loop_per_task_backward": lambda: ours_per_task_step(model, ep),
         "ours_loop_bf16": lambda: ours_step(model, ep, "loop", "bf16"),
         "clone_loop_bf16": lambda: clone_step_bf16(net, ep),
+        # first-order MAML on the same tasks: the step without the support's double
+        # backward, the most any speed-up of the second-order work alone could reach
+        "ours_loop_first_order": lambda: ours_step(model, ep, "loop", order="first"),
     }
     threads = torch.get_num_threads()
     if cpu and threads > 1:  # the tasks shared among the threads
         variants["ours_threads"] = lambda: ours_per_task_step(model, ep, threads)
+        variants["ours_threads_first_order"] = lambda: ours_per_task_step(model, ep, threads, "first")
     if model.plan.stem_recompute and cpu:  # the chunked stem against the whole stem output
         variants["ours_loop_whole_stem"] = ours_whole_stem
     if not args.no_vmap:
@@ -510,6 +518,8 @@ def main() -> None:
         # the CPU's: fresh pages of host memory, and the stem's product against its convolution
         "achieved_gflops_threads": round(flops / med["ours_threads"] / 1e9, 1) if "ours_threads" in med else None,
         "fraction_of_peak_threads": round(flops / med["ours_threads"] / peak, 3) if "ours_threads" in med else None,
+        # the share of ours' step that the second order (the support's double backward) takes
+        "second_order_share": {k: round(1 - med[f"{k}_first_order"] / med[k], 3) for k in ("ours_loop", "ours_threads") if f"{k}_first_order" in med},
         "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward", "ours_threads") if k in variants} if cpu else None,
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15) if cpu else None,
         "convolutions_alone": convolutions_alone(net, ep, peak, 5 if args.quick else 15),
