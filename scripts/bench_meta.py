@@ -21,7 +21,9 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
 - ``ours_loop_first_order`` / ``ours_threads_first_order``: the same two steps with
   first-order MAML (``--order first``: no backward through the support's gradient), a
   different meta-gradient, timed as the bound on what speeding up the second-order work
-  alone could reach (``second_order_share``: the share of the step it takes);
+  alone could reach (``second_order_share``: ``1 - first / second`` for the loop, and for
+  the threads where there are several; timing noise can make it slightly negative on a
+  quick run);
 - ``clone_loop``: what learn2learn's ``MAML.clone()`` + ``adapt`` does, in plain PyTorch:
   an ``nn.Module`` conv4, per task ``torch.autograd.grad(create_graph=True)`` on the
   support loss, the query loss of the adapted weights, backward per task;
@@ -515,11 +517,11 @@ def main() -> None:
         "bf16_matrix_units": bf16_units,
         "peak_matmul_gflops_bf16": round(peak_bf16 / 1e9, 1) if peak_bf16 else None,
         "fraction_of_bf16_peak": round(flops / med["ours_loop_bf16"] / peak_bf16, 3) if peak_bf16 else None,
-        # the CPU's: fresh pages of host memory, and the stem's product against its convolution
         "achieved_gflops_threads": round(flops / med["ours_threads"] / 1e9, 1) if "ours_threads" in med else None,
         "fraction_of_peak_threads": round(flops / med["ours_threads"] / peak, 3) if "ours_threads" in med else None,
         # the share of ours' step that the second order (the support's double backward) takes
         "second_order_share": {k: round(1 - med[f"{k}_first_order"] / med[k], 3) for k in ("ours_loop", "ours_threads") if f"{k}_first_order" in med},
+        # the CPU's: fresh pages of host memory, and the stem's product against its convolution
         "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward", "ours_threads") if k in variants} if cpu else None,
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15) if cpu else None,
         "convolutions_alone": convolutions_alone(net, ep, peak, 5 if args.quick else 15),

@@ -62,6 +62,11 @@ def test_quick_benchmark_prints_one_json_line(name: str, ratios: list[str]) -> N
     for key in ratios:
         value = numbers[f".{key}"]
         assert math.isfinite(value) and value > 0, (key, value)
+    if name == "meta":  # the second order's share pairs each strategy with its first-order twin
+        share = figures["second_order_share"]
+        assert set(share) == ({"ours_loop", "ours_threads"} if figures["threads"] > 1 else {"ours_loop"}), share
+        steps = figures["step_s"]  # each share from its own pair of timings (rounded to ms)
+        assert all(abs(v - (1 - steps[f"{k}_first_order"] / steps[k])) < 0.02 for k, v in share.items()), (share, steps)
 
 
 @pytest.mark.slow
