@@ -1,5 +1,5 @@
-"""Shared by the scripts/bench_*.py benchmarks: interleaved, repeated, median timing, and
-the device a benchmark runs on."""
+"""Shared by the scripts/bench_*.py benchmarks: interleaved, repeated, median timing, the
+device a benchmark runs on, and glibc set as ``metanet train`` sets it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from metanet.compile import synchronize  # noqa: F401 - the benchmarks take it from here
+from metanet.trainer import reuse_freed_memory
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | None = None) -> dict[str, float]:
@@ -32,6 +33,16 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torc
 def device_arg(ap: argparse.ArgumentParser) -> None:
     """Add ``--device`` (cpu, cuda or cuda:N) to a benchmark's arguments."""
     ap.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda or cuda:N")
+
+
+def freed_memory_arg(ap: argparse.ArgumentParser) -> None:
+    """Add ``--reuse-freed-memory`` (glibc set as ``metanet train`` sets it) to a benchmark's arguments."""
+    ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
+
+
+def freed_memory(args: argparse.Namespace) -> bool:
+    """``trainer.reuse_freed_memory()`` where ``--reuse-freed-memory`` was given: whether it took."""
+    return reuse_freed_memory() if args.reuse_freed_memory else False
 
 
 def bench_device(ap: argparse.ArgumentParser, name: str) -> torch.device:

@@ -31,11 +31,10 @@ from collections.abc import Callable
 
 import torch
 
-from _bench import bench_device, device_arg, interleaved, machine  # scripts/_bench.py
+from _bench import bench_device, device_arg, freed_memory, freed_memory_arg, interleaved, machine  # scripts/_bench.py
 
 from metanet import executor as X
 from metanet.space import load, loads
-from metanet.trainer import reuse_freed_memory
 
 EDGE_SPACE = """
 name: nb201_edge
@@ -185,10 +184,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
+    freed_memory_arg(ap)
     device_arg(ap)
     args = ap.parse_args()
-    reused = reuse_freed_memory() if args.reuse_freed_memory else False
+    reused = freed_memory(args)
     device = bench_device(ap, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

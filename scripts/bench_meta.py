@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _bench import bench_device, device_arg, interleaved, machine, synchronize  # scripts/_bench.py
+from _bench import bench_device, device_arg, freed_memory, freed_memory_arg, interleaved, machine, synchronize  # scripts/_bench.py
 
 import metanet.executor as X
 import metanet.meta as meta
@@ -415,12 +415,12 @@ def main() -> None:
     ap.add_argument("--no-vmap", action="store_true", help="skip the vmap strategy (slow on CPU)")
     ap.add_argument("--space", default="conv4", choices=("conv4", "conv4_miniimagenet", "conv4_miniimagenet_64"), help="the conv4 network: Omniglot's 1x28x28, 64 channels (default), or mini-ImageNet's 3x84x84 with 32 or 64 channels")
     ap.add_argument("--procs", type=int, default=None, help="also time ours and the clone loop on this many processes with one thread each, the meta-batch sharded as under torchrun (default: the thread count, at least 2; at most the meta-batch; 0 or 1: skip); their ratios to the single process are null unless it is the thread count, their peak is the measured one scaled to the processes' cores")
-    ap.add_argument("--reuse-freed-memory", action="store_true", help="call trainer.reuse_freed_memory() first, as metanet train does (process-wide: compare two runs)")
+    freed_memory_arg(ap)
     device_arg(ap)
     args = ap.parse_args()
     dev = bench_device(ap, args.device)
     cpu = dev.type == "cpu"
-    reused = reuse_freed_memory() if args.reuse_freed_memory else False
+    reused = freed_memory(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = args.meta_batch or (4 if args.quick else 32)
