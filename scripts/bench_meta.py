@@ -24,6 +24,12 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
   alone could reach (``second_order_share``: ``1 - first / second`` for the loop, and for
   the threads where there are several; timing noise can make it slightly negative on a
   quick run);
+- ``ours_loop_query_only`` / ``ours_threads_query_only`` / ``clone_loop_query_only``: no
+  inner step, only the query set's forward and backward at the initial weights: ours'
+  step costs at least that, so their ``speedup_vs_clone`` (the clone loop's full step
+  over ours' query pass) is the most ours could reach at any cost of the support pass
+  and the second order, short of a faster query pass; ``query_pass_speedup_vs_clone``
+  is ours' query pass against the clone loop's, the same forward and backward;
 - ``clone_loop``: what learn2learn's ``MAML.clone()`` + ``adapt`` does, in plain PyTorch:
   an ``nn.Module`` conv4, per task ``torch.autograd.grad(create_graph=True)`` on the
   support loss, the query loss of the adapted weights, backward per task;
@@ -141,9 +147,9 @@ def clone_step(net: nn.Sequential, ep: Episode, steps: int = 1, meta_batch: int 
         (query / scale).backward()
 
 
-def ours_step(model: MetaNet, ep: Episode, strategy: str, arithmetic: str = "fp32", order: str = "second") -> None:
+def ours_step(model: MetaNet, ep: Episode, strategy: str, arithmetic: str = "fp32", order: str = "second", inner_steps: int = 1) -> None:
     with precision(arithmetic, ep.support_x.device):
-        loss, _ = meta_loss(model, ep, inner_steps=1, order=order, strategy=strategy)
+        loss, _ = meta_loss(model, ep, inner_steps=inner_steps, order=order, strategy=strategy)
     loss.backward()
 
 
@@ -153,14 +159,14 @@ def clone_step_bf16(net: nn.Sequential, ep: Episode) -> None:
         clone_step(net, ep)
 
 
-def ours_per_task_step(model: MetaNet, ep: Episode, workers: int = 1, order: str = "second") -> None:
+def ours_per_task_step(model: MetaNet, ep: Episode, workers: int = 1, order: str = "second", inner_steps: int = 1) -> None:
     """The same meta-gradient with one backward per task (``--strategy task``,
     ``distributed.per_task_gradients``): generate for the meta-batch, cut the graph at the
     generated tensors, run each task's adaptation and query loss and backward it alone,
     then backpropagate the collected gradients into the generators. ``workers > 1``: the
     tasks shared among that many threads of one intra-op thread each (``--strategy threads``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator(ep.support_x.device).manual_seed(0), params, workers=workers, inner_steps=1, order=order)
+    _, grads, _ = per_task_gradients(model, ep, slice(0, ep.support_x.shape[0]), torch.Generator(ep.support_x.device).manual_seed(0), params, workers=workers, inner_steps=inner_steps, order=order)
     for p, g in zip(params, grads):
         p.grad = g
 
@@ -458,11 +464,16 @@ def main() -> None:
         # first-order MAML on the same tasks: the step without the support's double
         # backward, the most any speed-up of the second-order work alone could reach
         "ours_loop_first_order": lambda: ours_step(model, ep, "loop", order="first"),
+        # no inner step: the query set's forward and backward at the initial weights, in
+        # both loops; ours is at least this, whatever the support and second order cost
+        "ours_loop_query_only": lambda: ours_step(model, ep, "loop", inner_steps=0),
+        "clone_loop_query_only": lambda: clone_step(net, ep, steps=0),
     }
     threads = torch.get_num_threads()
     if cpu and threads > 1:  # the tasks shared among the threads
         variants["ours_threads"] = lambda: ours_per_task_step(model, ep, threads)
         variants["ours_threads_first_order"] = lambda: ours_per_task_step(model, ep, threads, "first")
+        variants["ours_threads_query_only"] = lambda: ours_per_task_step(model, ep, threads, inner_steps=0)
     if model.plan.stem_recompute and cpu:  # the chunked stem against the whole stem output
         variants["ours_loop_whole_stem"] = ours_whole_stem
     if not args.no_vmap:
@@ -521,6 +532,8 @@ def main() -> None:
         "fraction_of_peak_threads": round(flops / med["ours_threads"] / peak, 3) if "ours_threads" in med else None,
         # the share of ours' step that the second order (the support's double backward) takes
         "second_order_share": {k: round(1 - med[f"{k}_first_order"] / med[k], 3) for k in ("ours_loop", "ours_threads") if f"{k}_first_order" in med},
+        # the query pass alone (no inner step), the clone loop's against ours'
+        "query_pass_speedup_vs_clone": {k: round(med["clone_loop_query_only"] / med[f"{k}_query_only"], 2) for k in ("ours_loop", "ours_threads") if f"{k}_query_only" in med},
         # the CPU's: fresh pages of host memory, and the stem's product against its convolution
         "minor_page_faults_per_step": {k: minor_faults(variants[k]) for k in ("ours_loop", "clone_loop", "ours_loop_per_task_backward", "ours_threads") if k in variants} if cpu else None,
         "stem_fwd_wgrad_75_images": stem_paths(WAYS * QUERIES, 5 if args.quick else 15) if cpu else None,

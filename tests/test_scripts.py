@@ -39,7 +39,7 @@ def _numbers(d: object, path: str = "") -> list[tuple[str, float]]:
     "name,ratios",
     [
         ("fused", ["edge.speedup", "edge.memory_ratio", "conv_omniglot.speedup", "darts_cnn.speedup"]),
-        ("meta", ["speedup_vs_clone.ours_loop", "speedup_vs_clone.ours_loop_bf16", "speedup_vs_clone.ours_loop_first_order", "fraction_of_peak", "processes.speedup_vs_clone_loop", "processes.fraction_of_peak"]),
+        ("meta", ["speedup_vs_clone.ours_loop", "speedup_vs_clone.ours_loop_bf16", "speedup_vs_clone.ours_loop_first_order", "speedup_vs_clone.ours_loop_query_only", "query_pass_speedup_vs_clone.ours_loop", "fraction_of_peak", "processes.speedup_vs_clone_loop", "processes.fraction_of_peak"]),
         ("generate", ["conv_omniglot.generation_ms", "mlp_regression.generation_ms", "meta_memory.ratio"]),
         pytest.param("precision", ["speedup_bf16_vs_fp32", "fp32.accuracy", "bf16.accuracy"], marks=_needs_omniglot),
         ("compile", ["step_ms.eager", "step_ms.compiled"]),
@@ -67,6 +67,9 @@ def test_quick_benchmark_prints_one_json_line(name: str, ratios: list[str]) -> N
         assert set(share) == ({"ours_loop", "ours_threads"} if figures["threads"] > 1 else {"ours_loop"}), share
         steps = figures["step_s"]  # each share from its own pair of timings (rounded to ms)
         assert all(abs(v - (1 - steps[f"{k}_first_order"] / steps[k])) < 0.02 for k, v in share.items()), (share, steps)
+        query = figures["query_pass_speedup_vs_clone"]  # ours' query pass alone against the clone loop's
+        assert set(query) == set(share), query
+        assert all(abs(v - steps["clone_loop_query_only"] / steps[f"{k}_query_only"]) < 0.05 * v for k, v in query.items()), (query, steps)
 
 
 @pytest.mark.slow
