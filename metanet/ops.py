@@ -39,6 +39,8 @@ __all__ = [
     "FoldedStem",
     "whole_stem",
     "relu_conv2d",
+    "conv2d",
+    "conv2d_backward",
     "activation",
     "ACTIVATIONS",
     "suggest",
@@ -432,7 +434,7 @@ class _FoldedStemReluConv(torch.autograd.Function):
         gk = gw = gb = None
         for i in range(0, n, k):
             y = stem.output(i, i + k)
-            gz, gki, _ = torch.ops.aten.convolution_backward(g[i : i + k], F.relu(y), kernel, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, [need_w or need_b, need_k, False])
+            gz, gki = conv2d_backward(g[i : i + k], F.relu(y), kernel, s, p, 1, need_w or need_b, need_k)
             gk = gki if gk is None else gk + gki
             if not (need_w or need_b):
                 continue
@@ -478,6 +480,120 @@ def _folded_norm(cols: Tensor, w: Tensor, eps: float, centre: bool) -> tuple[Ten
         return wm * torch.rsqrt(((wm @ cov) * wm).sum(1, keepdim=True) + eps), mu, centred
 
 
+def _conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: int, padding: int, dilation: int, need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], 1, [need_x, need_w, False])
+    return gx, gw
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """The input gradient of ``conv2d(x, w)`` for the output gradient ``g``, a function of
+    ``g`` and ``w`` (``x`` gives only its shape) whose own derivatives, for ``gg`` against
+    it, are ``conv2d(gg, w)`` (``g``) and the weight gradient of input ``gg`` and output
+    gradient ``g`` (``w``): see ``conv2d_backward``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor, x: Tensor, w: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+        return _conv_backward(g, x, w, stride, padding, dilation, True, False)[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        g, _, w, *ctx.conv = inputs
+        ctx.save_for_backward(g, w)
+
+    @staticmethod
+    def backward(ctx: Any, gg: Tensor) -> tuple[Tensor | None, ...]:
+        g, w = ctx.saved_tensors
+        s, p, d = ctx.conv
+        dg = F.conv2d(gg, w, stride=s, padding=p, dilation=d) if ctx.needs_input_grad[0] else None
+        dw = _conv_backward(g, gg, w, s, p, d, False, True)[1] if ctx.needs_input_grad[2] else None
+        return dg, None, dw, None, None, None
+
+
+class _ConvWeightGrad(torch.autograd.Function):
+    """The weight gradient of ``conv2d(x, w)`` for the output gradient ``g``, a function of
+    ``g`` and ``x`` (``w`` gives only its shape) whose own derivatives, for ``gg`` against
+    it, are ``conv2d(x, gg)`` (``g``) and the input gradient through weights ``gg``
+    (``x``): see ``conv2d_backward``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor, x: Tensor, w: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+        return _conv_backward(g, x, w, stride, padding, dilation, False, True)[1]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        g, x, _, *ctx.conv = inputs
+        ctx.save_for_backward(g, x)
+
+    @staticmethod
+    def backward(ctx: Any, gg: Tensor) -> tuple[Tensor | None, ...]:
+        g, x = ctx.saved_tensors
+        s, p, d = ctx.conv
+        dg = F.conv2d(x, gg, stride=s, padding=p, dilation=d) if ctx.needs_input_grad[0] else None
+        dx = _conv_backward(g, x, gg, s, p, d, True, False)[0] if ctx.needs_input_grad[1] else None
+        return dg, dx, None, None, None, None
+
+
+def conv2d_backward(g: Tensor, x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, dilation: int = 1, need_x: bool = True, need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """The input and weight gradients of ``conv2d(x, w, stride=stride, padding=padding,
+    dilation=dilation)`` for the output gradient ``g`` (None where not needed).
+
+    Outside grad mode, one ``aten.convolution_backward``. In grad mode (a backward that is
+    itself differentiated: the support pass of second-order MAML) each gradient is a
+    function whose derivatives are each one convolution kernel: a forward, an input
+    gradient or a weight gradient. PyTorch's derivative of ``convolution_backward`` takes
+    the part of the weight gradient that varies with the input (input gradient against
+    output gradient) as a convolution with the batch and channel axes swapped: a copy of
+    both operands and a kernel the size of the output, over as many input channels as the
+    support set has images (64 channels, 5 images of 84x84 to 42x42: 26 ms of a 664 ms
+    task, copy included, where a weight gradient on those shapes takes about 5 ms; ad hoc,
+    AVX512, one thread). The values are the same kernels' (tests/test_perf_paths.py
+    checks them against the plain ops, first and second order, in float64)."""
+    if not torch.is_grad_enabled():
+        return _conv_backward(g, x, w, stride, padding, dilation, need_x, need_w)
+    gx = _ConvInputGrad.apply(g, x, w, stride, padding, dilation) if need_x else None
+    gw = _ConvWeightGrad.apply(g, x, w, stride, padding, dilation) if need_w else None
+    return gx, gw
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d`` whose backward is ``conv2d_backward``: see ``conv2d``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+        return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, w, *ctx.conv = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        gx, gw = conv2d_backward(g, x, w, *ctx.conv, *ctx.needs_input_grad[:2])
+        return gx, gw, None, None, None
+
+
+def conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, dilation: int = 1) -> Tensor:
+    """``F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)`` (no bias, one
+    group) whose backward, where it is itself differentiated, is ``conv2d_backward``'s:
+    second-order MAML through it runs each derivative as one convolution kernel. Equal to
+    ``F.conv2d`` in value and in first and second derivatives (tests/test_perf_paths.py)."""
+    if not torch.is_grad_enabled():
+        return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # as relu_conv2d: the saved tensors in one dtype
+        dtype = torch.get_autocast_dtype(device)
+        x, w = x.to(dtype), w.to(dtype)
+    return _Conv2d.apply(x, w, stride, padding, dilation)
+
+
 class _ReluConv2d(torch.autograd.Function):
     """``conv2d(relu(y), w)`` that saves ``y``, not ``relu(y)``, for the backward.
 
@@ -507,8 +623,7 @@ class _ReluConv2d(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         y, w = ctx.saved_tensors
         need_y, need_w = ctx.needs_input_grad[:2]
-        s, p = ctx.stride, ctx.padding
-        gy, gw, _ = torch.ops.aten.convolution_backward(g, F.relu(y), w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, [need_y, need_w, False])
+        gy, gw = conv2d_backward(g, F.relu(y), w, ctx.stride, ctx.padding, 1, need_y, need_w)
         if gy is not None:
             gy = torch.ops.aten.threshold_backward(gy, y, 0.0)  # the ReLU's mask, from y
         return gy, gw, None, None
@@ -633,7 +748,7 @@ def _conv(kernel: int, dilation: int = 1, doc: str = "") -> None:
 
     def fn(x: Tensor, params: Params, *, c: int, stride: int, kernel: int, dilation: int) -> Tensor:
         pad = dilation * (kernel - 1) // 2
-        return F.conv2d(x, params["w"], stride=stride, padding=pad, dilation=dilation)
+        return conv2d(x, params["w"], stride, pad, dilation)
 
     register_op(
         name,

@@ -5,6 +5,7 @@
 - ``ops.conv2d_im2col_batch_norm`` (the norm folded into the stem's weights) vs
   ``batch_norm_reference(F.conv2d(.))``;
 - ``ops.relu_conv2d`` (keeps its input, not its ReLU, for the backward) vs ``F.conv2d(F.relu(.))``;
+- ``ops.conv2d`` (each derivative of its backward one convolution kernel) vs ``F.conv2d``;
 - ``ops.FoldedStem.relu_conv2d`` (the folded stem, ReLU and convolution a chunk of images at a
   time, recomputed for the backward) vs the same ops on the whole stem output, and the
   executor's ``Plan.stem_recompute``;
@@ -702,6 +703,71 @@ def test_relu_conv2d_after_a_norm_keeps_one_tensor_per_node() -> None:
     ours = _saved_bytes(lambda: relu_conv2d(batch_norm(x), w, 1, 1))
     assert plain >= 2 * act + wb
     assert ours < act + wb + 16 * 4 * 2  # y, w, and the norm's per-channel r
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 4, 2), (1, 2, 0, 1)])
+def test_conv2d_equals_plain_ops_to_second_order(k: int, stride: int, padding: int, dilation: int) -> None:
+    """``ops.conv2d`` and ``F.conv2d``: the value, the first and second derivatives with
+    respect to the input and the weights (a strided, a dilated and a 1x1 case), the mixed
+    one of the pair (a weight gradient differentiated with respect to the input, the part
+    that ``conv2d_backward`` computes as a weight gradient), and gradgradcheck."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 9, 9, generator=g, dtype=DT)
+    w = torch.randn(4, 3, k, k, generator=g, dtype=DT)
+
+    def ref(a: torch.Tensor, b: torch.Tensor, s: int, p: int, d: int) -> torch.Tensor:
+        return F.conv2d(a, b, stride=s, padding=p, dilation=d)
+
+    r = torch.randn(ref(x, w, stride, padding, dilation).shape, generator=g, dtype=DT)
+    for wrt in ("x", "w"):
+        def fn(t, conv):
+            return conv(t, w, stride, padding, dilation) if wrt == "x" else conv(x, t, stride, padding, dilation)
+        arg = x if wrt == "x" else w
+        for a, b in zip(_grads(lambda t: fn(t, ops.conv2d), arg, r), _grads(lambda t: fn(t, ref), arg, r)):
+            assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+    def mixed(conv) -> tuple[torch.Tensor, ...]:
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        gx, gw = torch.autograd.grad((conv(xx, ww, stride, padding, dilation) * r).sin().sum(), (xx, ww), create_graph=True)
+        return torch.autograd.grad(gw.pow(2).sum() + gx.cos().sum(), (xx, ww))
+
+    for a, b in zip(mixed(ops.conv2d), mixed(ref)):
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
+    args = (x.clone().requires_grad_(True), w.clone().requires_grad_(True))
+    assert torch.autograd.gradgradcheck(lambda a, b: ops.conv2d(a, b, stride, padding, dilation), args, fast_mode=True)
+
+
+def test_conv2d_under_vmap_and_func_grad_equals_reference_loop() -> None:
+    """The inner loop's pattern, as for ``relu_conv2d``: per-task weights, vmap of a
+    second-order torch.func.grad."""
+    g = torch.Generator().manual_seed(13)
+    xs = torch.randn(3, 2, 3, 7, 7, generator=g, dtype=DT)  # (B, N, C, H, W)
+    ws = torch.randn(3, 4, 3, 3, 3, generator=g, dtype=DT)
+
+    def second(conv):
+        inner = torch.func.grad(lambda w, x: conv(x, w).sin().sum())
+        return torch.func.grad(lambda w, x: conv(x, w - 0.1 * inner(w, x)).pow(2).sum())
+
+    got = torch.func.vmap(second(lambda x, w: ops.conv2d(x, w, 2, 1)))(ws, xs)
+    ref = torch.stack([second(lambda x, w: F.conv2d(x, w, stride=2, padding=1))(w, x) for w, x in zip(ws, xs)])
+    assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_conv2d_under_autocast_keeps_float32_gradients() -> None:
+    """Under bf16 autocast the product runs in bf16 (as ``F.conv2d``'s would) and the
+    gradients, first and second order, reach the float32 weights as float32."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    w = torch.randn(4, 3, 3, 3, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.conv2d(x, w, 2, 1)
+        ref = F.conv2d(x, w, stride=2, padding=1)
+        (gw,) = torch.autograd.grad(y.float().pow(2).sum(), w, create_graph=True)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert_close(y, ref)
+    assert gw.dtype == torch.float32
+    (gg,) = torch.autograd.grad(gw.pow(2).sum(), w)
+    assert gg.dtype == torch.float32 and torch.isfinite(gg).all()
 
 
 # ------------------------------------------------------------------------- fused path
