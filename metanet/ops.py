@@ -451,9 +451,11 @@ class _FoldedStemReluConv(torch.autograd.Function):
 
 
 def _autocast_operands(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """``x`` and ``w`` rounded as autocast would round a product's operands, before the
-    statistics, so that a folded norm equals the vmapped network (cast to bf16 as a whole,
-    executor.run)."""
+    """``x`` and ``w`` rounded as autocast would round a product's operands. Before a custom
+    autograd function (``relu_conv2d``, ``conv2d``): its saved tensors, and so its
+    backward's products, share one dtype, and the casts stay on the tape, so the gradients
+    reach float32 weights as float32. Before a folded norm's statistics: the fold equals
+    the vmapped network (cast to bf16 as a whole, executor.run)."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         return x.to(dtype), w.to(dtype)
@@ -537,6 +539,13 @@ class _ConvWeightGrad(torch.autograd.Function):
         return dg, dx, None, None, None, None
 
 
+# False: a differentiated convolution backward is one ``aten.convolution_backward``, which
+# autograd differentiates with PyTorch's own formula: the reference that
+# ``conv2d_backward`` is tested (tests/test_perf_paths.py) and timed (``bench_meta``'s
+# ``ours_loop_aten_conv_derivative``) against.
+CONV_DERIVATIVES_AS_KERNELS = True
+
+
 def conv2d_backward(g: Tensor, x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, dilation: int = 1, need_x: bool = True, need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """The input and weight gradients of ``conv2d(x, w, stride=stride, padding=padding,
     dilation=dilation)`` for the output gradient ``g`` (None where not needed).
@@ -545,14 +554,15 @@ def conv2d_backward(g: Tensor, x: Tensor, w: Tensor, stride: int = 1, padding: i
     itself differentiated: the support pass of second-order MAML) each gradient is a
     function whose derivatives are each one convolution kernel: a forward, an input
     gradient or a weight gradient. PyTorch's derivative of ``convolution_backward`` takes
-    the part of the weight gradient that varies with the input (input gradient against
-    output gradient) as a convolution with the batch and channel axes swapped: a copy of
-    both operands and a kernel the size of the output, over as many input channels as the
-    support set has images (64 channels, 5 images of 84x84 to 42x42: 26 ms of a 664 ms
+    the input gradient's dependence on the weights (a weight gradient of the incoming
+    ``gg`` against ``g``) as a convolution with the batch and channel axes swapped: a copy
+    of both operands and a kernel the size of the output, over as many input channels as
+    the support set has images (64 channels, 5 images of 84x84 to 42x42: 26 ms of a 664 ms
     task, copy included, where a weight gradient on those shapes takes about 5 ms; ad hoc,
     AVX512, one thread). The values are the same kernels' (tests/test_perf_paths.py
-    checks them against the plain ops, first and second order, in float64)."""
-    if not torch.is_grad_enabled():
+    checks them against the plain ops, first and second order, in float64).
+    ``CONV_DERIVATIVES_AS_KERNELS = False`` gives PyTorch's formula back."""
+    if not (torch.is_grad_enabled() and CONV_DERIVATIVES_AS_KERNELS):
         return _conv_backward(g, x, w, stride, padding, dilation, need_x, need_w)
     gx = _ConvInputGrad.apply(g, x, w, stride, padding, dilation) if need_x else None
     gw = _ConvWeightGrad.apply(g, x, w, stride, padding, dilation) if need_w else None
@@ -587,10 +597,7 @@ def conv2d(x: Tensor, w: Tensor, stride: int = 1, padding: int = 0, dilation: in
     ``F.conv2d`` in value and in first and second derivatives (tests/test_perf_paths.py)."""
     if not torch.is_grad_enabled():
         return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
-    device = x.device.type
-    if torch.is_autocast_enabled(device):  # as relu_conv2d: the saved tensors in one dtype
-        dtype = torch.get_autocast_dtype(device)
-        x, w = x.to(dtype), w.to(dtype)
+    x, w = _autocast_operands(x, w)  # what autocast does to a convolution, before the Function
     return _Conv2d.apply(x, w, stride, padding, dilation)
 
 
@@ -635,13 +642,7 @@ def relu_conv2d(y: Tensor, w: Tensor, stride: int = 1, padding: int = 0) -> Tens
     plain ops in value and in first and second derivatives (tests/test_perf_paths.py)."""
     if not torch.is_grad_enabled():
         return F.conv2d(F.relu(y), w, stride=stride, padding=padding)
-    device = y.device.type
-    if torch.is_autocast_enabled(device):
-        # What autocast does to a convolution, done before the Function so that the saved
-        # tensors (and so the backward's convolution) share one dtype; the casts stay on
-        # the tape, so the gradients reach the float32 weights as float32.
-        dtype = torch.get_autocast_dtype(device)
-        y, w = y.to(dtype), w.to(dtype)
+    y, w = _autocast_operands(y, w)  # what autocast does to a convolution, before the Function
     return _ReluConv2d.apply(y, w, stride, padding)
 
 

@@ -12,6 +12,10 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
 - ``ours_loop_func_grad``: the loop with the differentiable inner step taken with
   ``torch.func.grad`` (``meta.FUNCTIONAL_INNER_GRAD``) instead of ``torch.autograd.grad``
   on aliases: the same graph, through functorch's dispatch;
+- ``ours_loop_aten_conv_derivative``: the loop with the convolutions' differentiated
+  backward left to PyTorch's own derivative of ``convolution_backward``
+  (``ops.CONV_DERIVATIVES_AS_KERNELS = False``) instead of ``ops.conv2d_backward``'s
+  functions, whose derivatives are each one convolution kernel;
 - ``ours_loop_reference_paths``: the loop with the executor's fast paths switched off
   (a conv2d stem and a separate norm instead of the im2col stem with the norm folded in,
   NCHW instead of channels-last from the stem on, the plain-ops batch norm): what they
@@ -84,6 +88,7 @@ from _bench import bench_device, device_arg, freed_memory, freed_memory_arg, int
 
 import metanet.executor as X
 import metanet.meta as meta
+import metanet.ops as ops
 from metanet.distributed import meta_gradients, per_task_gradients, setup, shard
 from metanet.meta import MetaNet, ModelConfig, cpu_bf16_units, meta_loss, precision
 from metanet.ops import conv2d_im2col
@@ -453,11 +458,19 @@ def main() -> None:
         finally:
             meta.FUNCTIONAL_INNER_GRAD = False
 
+    def ours_aten_conv_derivative() -> None:
+        ops.CONV_DERIVATIVES_AS_KERNELS = False
+        try:
+            ours_step(model, ep, "loop")
+        finally:
+            ops.CONV_DERIVATIVES_AS_KERNELS = True
+
     variants: dict[str, Callable[[], None]] = {
         "ours_loop": lambda: ours_step(model, ep, "loop"),
         "clone_loop": lambda: clone_step(net, ep),
         "ours_loop_reference_paths": ours_reference,
         "ours_loop_func_grad": ours_func_grad,
+        "ours_loop_aten_conv_derivative": ours_aten_conv_derivative,
         "ours_loop_per_task_backward": lambda: ours_per_task_step(model, ep),
         "ours_loop_bf16": lambda: ours_step(model, ep, "loop", "bf16"),
         "clone_loop_bf16": lambda: clone_step_bf16(net, ep),

@@ -705,14 +705,19 @@ def test_relu_conv2d_after_a_norm_keeps_one_tensor_per_node() -> None:
     assert ours < act + wb + 16 * 4 * 2  # y, w, and the norm's per-channel r
 
 
-@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 4, 2), (1, 2, 0, 1)])
-def test_conv2d_equals_plain_ops_to_second_order(k: int, stride: int, padding: int, dilation: int) -> None:
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation,size",
+    [(3, 1, 1, 1, 9), (3, 2, 1, 1, 9), (3, 2, 1, 1, 8), (5, 2, 4, 2, 9), (1, 2, 0, 1, 9)],
+)
+def test_conv2d_equals_plain_ops_to_second_order(k: int, stride: int, padding: int, dilation: int, size: int) -> None:
     """``ops.conv2d`` and ``F.conv2d``: the value, the first and second derivatives with
-    respect to the input and the weights (a strided, a dilated and a 1x1 case), the mixed
-    one of the pair (a weight gradient differentiated with respect to the input, the part
-    that ``conv2d_backward`` computes as a weight gradient), and gradgradcheck."""
+    respect to the input and the weights (strided, also where the stride leaves a row and
+    a column unread as conv4's 28 to 14 does, dilated, 1x1), the mixed ones (the input
+    gradient differentiated with respect to the weights, the part PyTorch computes as a
+    convolution with the batch and channel axes swapped, and the weight gradient with
+    respect to the input), and gradgradcheck."""
     g = torch.Generator().manual_seed(12)
-    x = torch.randn(2, 3, 9, 9, generator=g, dtype=DT)
+    x = torch.randn(2, 3, size, size, generator=g, dtype=DT)
     w = torch.randn(4, 3, k, k, generator=g, dtype=DT)
 
     def ref(a: torch.Tensor, b: torch.Tensor, s: int, p: int, d: int) -> torch.Tensor:
@@ -753,21 +758,59 @@ def test_conv2d_under_vmap_and_func_grad_equals_reference_loop() -> None:
     assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_conv2d_under_autocast_keeps_float32_gradients() -> None:
-    """Under bf16 autocast the product runs in bf16 (as ``F.conv2d``'s would) and the
-    gradients, first and second order, reach the float32 weights as float32."""
+def test_conv2d_under_autocast_equals_plain_ops_to_second_order() -> None:
+    """Under bf16 autocast the product runs in bf16 as ``F.conv2d``'s would, and the first
+    and second derivatives reach the float32 input and weights as float32, equal to
+    ``F.conv2d``'s under the same autocast (the same bf16 kernels, so to bf16 rounding)."""
     g = torch.Generator().manual_seed(14)
-    x = torch.randn(2, 3, 8, 8, generator=g)
-    w = torch.randn(4, 3, 3, 3, generator=g, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ops.conv2d(x, w, 2, 1)
-        ref = F.conv2d(x, w, stride=2, padding=1)
-        (gw,) = torch.autograd.grad(y.float().pow(2).sum(), w, create_graph=True)
-    assert y.dtype == ref.dtype == torch.bfloat16
-    assert_close(y, ref)
-    assert gw.dtype == torch.float32
-    (gg,) = torch.autograd.grad(gw.pow(2).sum(), w)
-    assert gg.dtype == torch.float32 and torch.isfinite(gg).all()
+    x0 = torch.randn(2, 3, 8, 8, generator=g)
+    w0 = torch.randn(4, 3, 3, 3, generator=g)
+
+    def derivatives(conv) -> tuple[torch.Tensor, ...]:
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x, w)
+            gx, gw = torch.autograd.grad(y.float().sin().sum(), (x, w), create_graph=True)
+        return (y, gx, gw, *torch.autograd.grad(gw.pow(2).sum() + gx.pow(2).sum(), (x, w)))
+
+    got = derivatives(lambda x, w: ops.conv2d(x, w, 2, 1))
+    ref = derivatives(lambda x, w: F.conv2d(x, w, stride=2, padding=1))
+    assert got[0].dtype == ref[0].dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in got[1:])
+    for a, b in zip(got, ref):
+        assert_close(a.detach().float(), b.detach().float(), rtol=2e-2, atol=2e-2 * float(b.detach().abs().max()))
+
+
+@pytest.mark.parametrize("space", ["conv4", "conv_omniglot"])
+def test_meta_gradient_with_conv_derivatives_as_kernels_equals_pytorchs(monkeypatch: pytest.MonkeyPatch, space: str) -> None:
+    """The second-order meta-gradient of a whole step (fused and naive paths, loop and
+    vmap) with ``ops.conv2d_backward``'s derivatives against PyTorch's own derivative of
+    the convolution's backward (``CONV_DERIVATIVES_AS_KERNELS = False``), float64."""
+    plan = X.compile(load(space))
+    g = torch.Generator().manual_seed(17)
+    shape = plan.space.task.input
+    base = {k: v.to(DT) for k, v in X.init_params(plan, g).items()}
+    alpha = torch.softmax(torch.randn((2, *plan.space.alpha_shape), generator=g, dtype=DT), -1)
+    xs, xq = torch.randn(2, 3, *shape, generator=g, dtype=DT), torch.randn(2, 4, *shape, generator=g, dtype=DT)
+    ys, yq = torch.randint(0, 5, (2, 3), generator=g), torch.randint(0, 5, (2, 4), generator=g)
+
+    def meta_grad(fused: bool, strategy: str) -> list[torch.Tensor]:
+        p = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        a = alpha.clone().requires_grad_(True)
+        batched = {k: v.expand(2, *v.shape) for k, v in p.items()}
+        support = F.cross_entropy(X.run(plan, a, batched, xs, fused=fused, strategy=strategy).flatten(0, 1), ys.flatten())
+        grads = torch.autograd.grad(support, list(batched.values()), create_graph=True)
+        fast = {k: v - 0.1 * gk for (k, v), gk in zip(batched.items(), grads)}
+        query = F.cross_entropy(X.run(plan, a, fast, xq, fused=fused, strategy=strategy).flatten(0, 1), yq.flatten())
+        return list(torch.autograd.grad(query, [*p.values(), a]))
+
+    for fused, strategy in ((True, "loop"), (False, "loop"), (True, "vmap")):
+        got = meta_grad(fused, strategy)
+        monkeypatch.setattr(ops, "CONV_DERIVATIVES_AS_KERNELS", False)
+        ref = meta_grad(fused, strategy)
+        monkeypatch.setattr(ops, "CONV_DERIVATIVES_AS_KERNELS", True)
+        for a, b in zip(got, ref):
+            assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 # ------------------------------------------------------------------------- fused path
