@@ -78,6 +78,7 @@ import queue
 import socket
 import statistics
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -451,26 +452,24 @@ def main() -> None:
         with executing(model, X.ExecOptions(stem_recompute=False)):
             ours_step(model, ep, "loop")
 
-    def ours_func_grad() -> None:
-        meta.FUNCTIONAL_INNER_GRAD = True
-        try:
-            ours_step(model, ep, "loop")
-        finally:
-            meta.FUNCTIONAL_INNER_GRAD = False
-
-    def ours_aten_conv_derivative() -> None:
-        ops.CONV_DERIVATIVES_AS_KERNELS = False
-        try:
-            ours_step(model, ep, "loop")
-        finally:
-            ops.CONV_DERIVATIVES_AS_KERNELS = True
+    def ours_with(module: types.ModuleType, flag: str, value: bool) -> Callable[[], None]:
+        """The loop with ``module.flag`` set to ``value`` for the step (a library switch
+        between a path and its reference)."""
+        def step() -> None:
+            before = getattr(module, flag)
+            setattr(module, flag, value)
+            try:
+                ours_step(model, ep, "loop")
+            finally:
+                setattr(module, flag, before)
+        return step
 
     variants: dict[str, Callable[[], None]] = {
         "ours_loop": lambda: ours_step(model, ep, "loop"),
         "clone_loop": lambda: clone_step(net, ep),
         "ours_loop_reference_paths": ours_reference,
-        "ours_loop_func_grad": ours_func_grad,
-        "ours_loop_aten_conv_derivative": ours_aten_conv_derivative,
+        "ours_loop_func_grad": ours_with(meta, "FUNCTIONAL_INNER_GRAD", True),
+        "ours_loop_aten_conv_derivative": ours_with(ops, "CONV_DERIVATIVES_AS_KERNELS", False),
         "ours_loop_per_task_backward": lambda: ours_per_task_step(model, ep),
         "ours_loop_bf16": lambda: ours_step(model, ep, "loop", "bf16"),
         "clone_loop_bf16": lambda: clone_step_bf16(net, ep),

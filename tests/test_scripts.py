@@ -39,7 +39,7 @@ def _numbers(d: object, path: str = "") -> list[tuple[str, float]]:
     "name,ratios",
     [
         ("fused", ["edge.speedup", "edge.memory_ratio", "conv_omniglot.speedup", "darts_cnn.speedup"]),
-        ("meta", ["speedup_vs_clone.ours_loop", "speedup_vs_clone.ours_loop_bf16", "speedup_vs_clone.ours_loop_first_order", "speedup_vs_clone.ours_loop_query_only", "query_pass_speedup_vs_clone.ours_loop", "fraction_of_peak", "processes.speedup_vs_clone_loop", "processes.fraction_of_peak"]),
+        ("meta", ["speedup_vs_clone.ours_loop", "speedup_vs_clone.ours_loop_bf16", "speedup_vs_clone.ours_loop_first_order", "speedup_vs_clone.ours_loop_query_only", "speedup_vs_clone.ours_loop_aten_conv_derivative", "query_pass_speedup_vs_clone.ours_loop", "fraction_of_peak", "processes.speedup_vs_clone_loop", "processes.fraction_of_peak"]),
         ("generate", ["conv_omniglot.generation_ms", "mlp_regression.generation_ms", "meta_memory.ratio"]),
         pytest.param("precision", ["speedup_bf16_vs_fp32", "fp32.accuracy", "bf16.accuracy"], marks=_needs_omniglot),
         ("compile", ["step_ms.eager", "step_ms.compiled"]),
