@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import Genotype
-from .ops import FoldedStem, activation, batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, folded_stem, get_op, relu_conv2d
+from .kernels import FoldedStem, batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, folded_stem, relu_conv2d
+from .ops import activation, get_op
 from .plan import IM2COL_MAX_FAN_IN, STRATEGIES, CellPlan, EdgePlan, ExecOptions, InputPlan, OpCall, Params, Plan, Slot, compile, init_params, param_count
 
 __all__ = [
@@ -60,7 +61,7 @@ def _stem(plan: Plan, params: Params, x: Tensor, fused: bool = False) -> Tensor 
     if fused and plan.stem_recompute and torch.is_grad_enabled():  # the folded stem, kept as its operands until read
         return _LazyStem(folded_stem(x, w, padding=pad, im2col=plan.stem_im2col, channels_last=cl and plan.stem_im2col))
     if plan.stem_im2col and plan.space.norm == "batch":
-        # the norm folded into the stem's weights (ops.conv2d_im2col_batch_norm): exact,
+        # the norm folded into the stem's weights (kernels.conv2d_im2col_batch_norm): exact,
         # and no pass of the norm over the full-size stem output, forward or backward
         return activation(stem.activation)(conv2d_im2col_batch_norm(x, w, padding=pad, channels_last=cl))  # (N, C, H, W)
     if plan.stem_im2col:
@@ -145,7 +146,7 @@ class _Source:
         return self._pre
 
     def conv(self, kernel: Tensor, stride: int, padding: int) -> Tensor:
-        """``conv2d(pre, kernel)``; after a ReLU, ``ops.relu_conv2d`` on the value, which
+        """``conv2d(pre, kernel)``; after a ReLU, ``kernels.relu_conv2d`` on the value, which
         keeps only the value (saved by the norm anyway) for the backward, not its ReLU, or
         on a lazy stem ``FoldedStem.relu_conv2d``, which keeps nothing full-size."""
         if self.chunked:
@@ -163,7 +164,7 @@ def _network(plan: Plan, params: Params, x: Tensor, cell_edges: Callable[[int], 
 
     Edges receive their source as a ``_Source``: plain ops read its shared pre-activation
     (computed once per source node), the fused path's convolutions take the node value
-    and apply a ReLU pre-activation themselves (``ops.relu_conv2d``, which keeps less
+    and apply a ReLU pre-activation themselves (``kernels.relu_conv2d``, which keeps less
     for the backward). ``fused`` also routes the cell-input projections through it."""
     states: list[Tensor | _LazyStem] = [_stem(plan, params, x, fused)]
     # the stem's output is channels-last but the rest of the network is not: its readers'

@@ -35,7 +35,7 @@ from .generators import ArchitectureGenerator, WeightGenerator, safe_name
 from .graph import Genotype, discretise
 from .heads import class_means, make_head
 from .inner import LSTMRule
-from .ops import whole_stem
+from .kernels import whole_stem
 from .space import SearchSpace
 
 __all__ = [

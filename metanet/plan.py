@@ -118,9 +118,9 @@ class ExecOptions:
     stem_im2col: bool | None = None  # None: for few input channels (IM2COL_MAX_FAN_IN)
     channels_last: bool = True  # the channels-last layouts where the plan allows them
     group_edges: bool = True  # fused path: one convolution for edges sharing a source
-    native_norm: bool = True  # ops.batch_norm (one native kernel); False: ops.batch_norm_reference
-    stem_fold: bool = True  # a convolution stem with its batch norm folded in (ops.conv2d_batch_norm)
-    stem_recompute: bool = True  # fused path: ReLU convolutions read a folded stem in chunks (ops.FoldedStem.relu_conv2d)
+    native_norm: bool = True  # kernels.batch_norm (one native kernel); False: kernels.batch_norm_reference
+    stem_fold: bool = True  # a convolution stem with its batch norm folded in (kernels.conv2d_batch_norm)
+    stem_recompute: bool = True  # fused path: ReLU convolutions read a folded stem in chunks (kernels.FoldedStem.relu_conv2d)
 
 
 @dataclass(frozen=True)
@@ -150,15 +150,15 @@ class Plan:
     # Fused path: run the merged convolutions of an edge group as one (CellPlan.groups);
     # False: one convolution per edge, the same maths.
     group_edges: bool = True
-    # the batch norm of cell outputs: ops.batch_norm, or the plain-ops reference
+    # the batch norm of cell outputs: kernels.batch_norm, or the plain-ops reference
     native_norm: bool = True
     # a convolution stem (not im2col) with its batch norm folded into its weights and a
-    # bias (ops.conv2d_batch_norm): no norm pass over the full-size stem output; the
+    # bias (kernels.conv2d_batch_norm): no norm pass over the full-size stem output; the
     # im2col stem always folds its norm
     stem_fold: bool = False
     # Fused path, a stem with its norm folded in (im2col or stem_fold), no activation, and
     # one convolution after a ReLU reading it: it runs through the stem a chunk of images
-    # at a time, recomputing each chunk for the backward (ops.FoldedStem.relu_conv2d), so
+    # at a time, recomputing each chunk for the backward (kernels.FoldedStem.relu_conv2d), so
     # the full-size stem output is neither kept nor read back from memory
     stem_recompute: bool = False
 

@@ -14,7 +14,7 @@ stride 2, per-task batch norm without affine), relu, global pool, linear):
   on aliases: the same graph, through functorch's dispatch;
 - ``ours_loop_aten_conv_derivative``: the loop with the convolutions' differentiated
   backward left to PyTorch's own derivative of ``convolution_backward``
-  (``ops.CONV_DERIVATIVES_AS_KERNELS = False``) instead of ``ops.conv2d_backward``'s
+  (``kernels.CONV_DERIVATIVES_AS_KERNELS = False``) instead of ``kernels.conv2d_backward``'s
   functions, whose derivatives are each one convolution kernel;
 - ``ours_loop_reference_paths``: the loop with the executor's fast paths switched off
   (a conv2d stem and a separate norm instead of the im2col stem with the norm folded in,
@@ -89,10 +89,10 @@ from _bench import bench_device, device_arg, freed_memory, freed_memory_arg, int
 
 import metanet.executor as X
 import metanet.meta as meta
-import metanet.ops as ops
+import metanet.kernels as kernels
 from metanet.distributed import meta_gradients, per_task_gradients, setup, shard
 from metanet.meta import MetaNet, ModelConfig, cpu_bf16_units, meta_loss, precision
-from metanet.ops import conv2d_im2col
+from metanet.kernels import conv2d_im2col
 from metanet.space import load
 from metanet.trainer import reuse_freed_memory
 from metanet.tuning import PLAN_SWITCHES, REFERENCE, choose_paths, step_timer
@@ -346,7 +346,7 @@ def convolutions_alone(net: nn.Sequential, ep: Episode, peak: float, repeats: in
 
 
 def stem_paths(images: int, repeats: int) -> dict[str, dict[str, float]]:
-    """A 3x3 stem to 64 channels on 28x28 inputs: F.conv2d vs ops.conv2d_im2col, forward +
+    """A 3x3 stem to 64 channels on 28x28 inputs: F.conv2d vs kernels.conv2d_im2col, forward +
     weight gradient (what the query side of a meta-step does), for 1 and 3 input channels."""
     out = {}
     for c_in in (1, 3):
@@ -469,7 +469,7 @@ def main() -> None:
         "clone_loop": lambda: clone_step(net, ep),
         "ours_loop_reference_paths": ours_reference,
         "ours_loop_func_grad": ours_with(meta, "FUNCTIONAL_INNER_GRAD", True),
-        "ours_loop_aten_conv_derivative": ours_with(ops, "CONV_DERIVATIVES_AS_KERNELS", False),
+        "ours_loop_aten_conv_derivative": ours_with(kernels, "CONV_DERIVATIVES_AS_KERNELS", False),
         "ours_loop_per_task_backward": lambda: ours_per_task_step(model, ep),
         "ours_loop_bf16": lambda: ours_step(model, ep, "loop", "bf16"),
         "clone_loop_bf16": lambda: clone_step_bf16(net, ep),

@@ -3,7 +3,7 @@
 Layers, lowest first; a module imports only from lower layers (or its own package's
 lower modules, for ``metanet.tasks``), at the top of the file or inside a function alike:
 
-    ops, checkpoint, compile, results, tasks -> space -> graph -> plan -> executor, export
+    kernels -> ops, checkpoint, compile, results, tasks -> space -> graph -> plan -> executor, export
     -> encoders, generators, draw, inner, heads -> meta -> config, distributed -> tuning -> rundir -> trainer
     -> network -> cli -> the package's __init__ and __main__
 """
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "metanet"
 
 LAYERS = [
+    {"kernels"},
     {"ops", "checkpoint", "compile", "tasks", "results"},
     {"space"},
     {"graph"},

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from metanet.ops import OPS, activation, batch_norm, get_op, init_tensor, register_op
+from metanet.kernels import batch_norm
+from metanet.ops import OPS, activation, get_op, init_tensor, register_op
 
 C = 5  # odd on purpose: the factorised reduce splits channels into c//2 and c - c//2
 N = 3

@@ -1,12 +1,12 @@
 """Fast paths against their references: values, gradients and second-order gradients.
 
-- ``ops.batch_norm`` (custom autograd function) vs ``ops.batch_norm_reference`` (plain ops);
-- ``ops.conv2d_im2col`` (unfold + matmul) vs ``F.conv2d``, and the executor's im2col stem;
-- ``ops.conv2d_im2col_batch_norm`` (the norm folded into the stem's weights) vs
+- ``kernels.batch_norm`` (custom autograd function) vs ``kernels.batch_norm_reference`` (plain ops);
+- ``kernels.conv2d_im2col`` (unfold + matmul) vs ``F.conv2d``, and the executor's im2col stem;
+- ``kernels.conv2d_im2col_batch_norm`` (the norm folded into the stem's weights) vs
   ``batch_norm_reference(F.conv2d(.))``;
-- ``ops.relu_conv2d`` (keeps its input, not its ReLU, for the backward) vs ``F.conv2d(F.relu(.))``;
-- ``ops.conv2d`` (each derivative of its backward one convolution kernel) vs ``F.conv2d``;
-- ``ops.FoldedStem.relu_conv2d`` (the folded stem, ReLU and convolution a chunk of images at a
+- ``kernels.relu_conv2d`` (keeps its input, not its ReLU, for the backward) vs ``F.conv2d(F.relu(.))``;
+- ``kernels.conv2d`` (each derivative of its backward one convolution kernel) vs ``F.conv2d``;
+- ``kernels.FoldedStem.relu_conv2d`` (the folded stem, ReLU and convolution a chunk of images at a
   time, recomputed for the backward) vs the same ops on the whole stem output, and the
   executor's ``Plan.stem_recompute``;
 - ``trainer.reuse_freed_memory`` (glibc keeps freed activations) against glibc's defaults;
@@ -26,8 +26,8 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metanet import executor as X
-from metanet import ops
-from metanet.ops import batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, folded_stem, relu_conv2d
+from metanet import kernels
+from metanet.kernels import batch_norm, batch_norm_reference, conv2d_batch_norm, conv2d_im2col, conv2d_im2col_batch_norm, folded_stem, relu_conv2d
 from metanet.space import builtin_spaces, load
 
 DT = torch.float64
@@ -421,7 +421,7 @@ def test_folded_stem_relu_conv2d_in_chunks_equals_plain_ops_to_second_order(monk
     """``FoldedStem.relu_conv2d`` in chunks of 3 images out of 7 (the last chunk short)
     against the plain ops: value, first and second derivatives with respect to the stem's
     and the convolution's weights, float64; and a gradcheck and gradgradcheck."""
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 3 * 4 * 6 * 6 * 8)  # 3 images of 4 x 6 x 6 float64
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 3 * 4 * 6 * 6 * 8)  # 3 images of 4 x 6 x 6 float64
     g = torch.Generator().manual_seed(12)
     x = torch.rand(7, c_in, 6, 6, generator=g, dtype=DT) + 0.5
     w = torch.randn(4, c_in, 3, 3, generator=g, dtype=DT)
@@ -450,7 +450,7 @@ def test_folded_stem_relu_conv2d_keeps_nothing_full_size(monkeypatch: pytest.Mon
     """In chunks the backward keeps the patches and the weights; ``relu_conv2d`` on the
     stem's output keeps that output (64 x 28 x 28 floats per image against 9 x 28 x 28
     patches, as in conv4)."""
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 64 * 28 * 28 * 4)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 2 * 64 * 28 * 28 * 4)
     g = torch.Generator().manual_seed(13)
     x = torch.rand(10, 1, 28, 28, generator=g)
     w = torch.randn(64, 1, 3, 3, generator=g, requires_grad=True)
@@ -467,13 +467,13 @@ def test_folded_stem_reads_whole_where_chunks_do_not_apply(monkeypatch: pytest.M
     """One chunk's worth of images, no backward to come, autocast, ``vmap``, ``torch.compile``
     and an image that needs a gradient take ``relu_conv2d`` on the whole output, with the
     same values."""
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 4)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 4)
     g = torch.Generator().manual_seed(14)
     x = torch.rand(3, 5, 1, 6, 6, generator=g)
     w = torch.randn(3, 4, 1, 3, 3, generator=g, requires_grad=True)
     k = torch.randn(5, 4, 3, 3, generator=g, requires_grad=True)
 
-    def stem(xx: torch.Tensor, ww: torch.Tensor) -> ops.FoldedStem:
+    def stem(xx: torch.Tensor, ww: torch.Tensor) -> kernels.FoldedStem:
         return folded_stem(xx, ww, padding=1, im2col=True)
 
     assert stem(x[0], w[0]).chunked() and not stem(x[0, :2], w[0]).chunked()
@@ -502,14 +502,14 @@ def test_folded_stem_reads_whole_where_chunks_do_not_apply(monkeypatch: pytest.M
 
 def test_a_pass_differentiated_twice_reads_the_stem_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """The differentiable inner step (``meta._partials``) runs its support pass under
-    ``ops.whole_stem``, as torch.func.grad did (no chunks under a functorch transform): a
+    ``kernels.whole_stem``, as torch.func.grad did (no chunks under a functorch transform): a
     chunked backward would be remade in differentiable ops only to be differentiated
     again. ``whole_stem`` holds on its own thread only, and ends with its block."""
     import threading
 
     from metanet.meta import _partials
 
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 4)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 4)
     g = torch.Generator().manual_seed(16)
     x = torch.rand(5, 1, 6, 6, generator=g)
     w = torch.randn(4, 1, 3, 3, generator=g, requires_grad=True)
@@ -529,7 +529,7 @@ def test_a_pass_differentiated_twice_reads_the_stem_whole(monkeypatch: pytest.Mo
     assert seen == [False]
     (gg,) = torch.autograd.grad(grads["w"].sum(), w)  # differentiable, as before
     assert gg.abs().sum() > 0 and chunked()
-    with ops.whole_stem():
+    with kernels.whole_stem():
         assert not chunked()
         other: list[bool] = []
         t = threading.Thread(target=lambda: other.append(chunked()))
@@ -552,7 +552,7 @@ def test_stem_recompute_meta_gradient_equals_the_whole_stem_output(monkeypatch: 
     rounding, under the loop (chunks) and under vmap (which reads it whole), for the im2col
     and the convolution stem, read by a plain convolution, by merged ops and through a
     cell-input projection."""
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 3 * stem * 8 * 8 * 8)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 3 * stem * 8 * 8 * 8)
     fast = _conv4_with(first, c_in=c_in, size=8, stem=stem)
     slow = _conv4_with(first, c_in=c_in, size=8, stem=stem, options=X.ExecOptions(stem_recompute=False))
     assert fast.stem_recompute and not slow.stem_recompute and fast.stem_im2col == (c_in == 1)
@@ -563,8 +563,8 @@ def test_stem_recompute_meta_gradient_equals_the_whole_stem_output(monkeypatch: 
     xs, xq = torch.randn(B, 3, c_in, 8, 8, generator=g, dtype=DT), torch.randn(B, 8, c_in, 8, 8, generator=g, dtype=DT)
     ys, yq = torch.randint(0, 5, (B, 3), generator=g), torch.randint(0, 5, (B, 8), generator=g)
     calls = []
-    real = ops._FoldedStemReluConv.apply
-    monkeypatch.setattr(ops._FoldedStemReluConv, "apply", lambda *a: calls.append(a[0].src.shape[0]) or real(*a))
+    real = kernels._FoldedStemReluConv.apply
+    monkeypatch.setattr(kernels._FoldedStemReluConv, "apply", lambda *a: calls.append(a[0].src.shape[0]) or real(*a))
     got, ref = (_meta_grad(p, alpha, base, (xs, ys, xq, yq), strategy, fused=True) for p in (fast, slow))
     assert calls == ([8] * B if strategy == "loop" else [])  # each task's query set, in chunks
     assert got[0].abs().sum() > 0  # stem.w
@@ -618,7 +618,7 @@ def test_no_backward_no_folded_stem_statistics() -> None:
 def test_stem_recompute_meta_gradient_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
     """float64 gradcheck of the second-order meta-gradient with respect to the stem's and
     the first cell's weights, with the query set's stem read in chunks."""
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 64 * 6 * 6 * 8)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 2 * 64 * 6 * 6 * 8)
     torch.manual_seed(0)  # fast_mode's random directions
     plan = _conv4_with("conv_3x3", size=6)
     assert plan.stem_recompute
@@ -710,7 +710,7 @@ def test_relu_conv2d_after_a_norm_keeps_one_tensor_per_node() -> None:
     [(3, 1, 1, 1, 9), (3, 2, 1, 1, 9), (3, 2, 1, 1, 8), (5, 2, 4, 2, 9), (1, 2, 0, 1, 9)],
 )
 def test_conv2d_equals_plain_ops_to_second_order(k: int, stride: int, padding: int, dilation: int, size: int) -> None:
-    """``ops.conv2d`` and ``F.conv2d``: the value, the first and second derivatives with
+    """``kernels.conv2d`` and ``F.conv2d``: the value, the first and second derivatives with
     respect to the input and the weights (strided, also where the stride leaves a row and
     a column unread as conv4's 28 to 14 does, dilated, 1x1), the mixed ones (the input
     gradient differentiated with respect to the weights, the part PyTorch computes as a
@@ -728,7 +728,7 @@ def test_conv2d_equals_plain_ops_to_second_order(k: int, stride: int, padding: i
         def fn(t, conv):
             return conv(t, w, stride, padding, dilation) if wrt == "x" else conv(x, t, stride, padding, dilation)
         arg = x if wrt == "x" else w
-        for a, b in zip(_grads(lambda t: fn(t, ops.conv2d), arg, r), _grads(lambda t: fn(t, ref), arg, r)):
+        for a, b in zip(_grads(lambda t: fn(t, kernels.conv2d), arg, r), _grads(lambda t: fn(t, ref), arg, r)):
             assert_close(a, b, rtol=1e-10, atol=1e-10)
 
     def mixed(conv) -> tuple[torch.Tensor, ...]:
@@ -736,10 +736,10 @@ def test_conv2d_equals_plain_ops_to_second_order(k: int, stride: int, padding: i
         gx, gw = torch.autograd.grad((conv(xx, ww, stride, padding, dilation) * r).sin().sum(), (xx, ww), create_graph=True)
         return torch.autograd.grad(gw.pow(2).sum() + gx.cos().sum(), (xx, ww))
 
-    for a, b in zip(mixed(ops.conv2d), mixed(ref)):
+    for a, b in zip(mixed(kernels.conv2d), mixed(ref)):
         assert_close(a, b, rtol=1e-10, atol=1e-10)
     args = (x.clone().requires_grad_(True), w.clone().requires_grad_(True))
-    assert torch.autograd.gradgradcheck(lambda a, b: ops.conv2d(a, b, stride, padding, dilation), args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: kernels.conv2d(a, b, stride, padding, dilation), args, fast_mode=True)
 
 
 def test_conv2d_under_vmap_and_func_grad_equals_reference_loop() -> None:
@@ -753,7 +753,7 @@ def test_conv2d_under_vmap_and_func_grad_equals_reference_loop() -> None:
         inner = torch.func.grad(lambda w, x: conv(x, w).sin().sum())
         return torch.func.grad(lambda w, x: conv(x, w - 0.1 * inner(w, x)).pow(2).sum())
 
-    got = torch.func.vmap(second(lambda x, w: ops.conv2d(x, w, 2, 1)))(ws, xs)
+    got = torch.func.vmap(second(lambda x, w: kernels.conv2d(x, w, 2, 1)))(ws, xs)
     ref = torch.stack([second(lambda x, w: F.conv2d(x, w, stride=2, padding=1))(w, x) for w, x in zip(ws, xs)])
     assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
@@ -773,7 +773,7 @@ def test_conv2d_under_autocast_equals_plain_ops_to_second_order() -> None:
             gx, gw = torch.autograd.grad(y.float().sin().sum(), (x, w), create_graph=True)
         return (y, gx, gw, *torch.autograd.grad(gw.pow(2).sum() + gx.pow(2).sum(), (x, w)))
 
-    got = derivatives(lambda x, w: ops.conv2d(x, w, 2, 1))
+    got = derivatives(lambda x, w: kernels.conv2d(x, w, 2, 1))
     ref = derivatives(lambda x, w: F.conv2d(x, w, stride=2, padding=1))
     assert got[0].dtype == ref[0].dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in got[1:])
@@ -784,7 +784,7 @@ def test_conv2d_under_autocast_equals_plain_ops_to_second_order() -> None:
 @pytest.mark.parametrize("space", ["conv4", "conv_omniglot"])
 def test_meta_gradient_with_conv_derivatives_as_kernels_equals_pytorchs(monkeypatch: pytest.MonkeyPatch, space: str) -> None:
     """The second-order meta-gradient of a whole step (fused and naive paths, loop and
-    vmap) with ``ops.conv2d_backward``'s derivatives against PyTorch's own derivative of
+    vmap) with ``kernels.conv2d_backward``'s derivatives against PyTorch's own derivative of
     the convolution's backward (``CONV_DERIVATIVES_AS_KERNELS = False``), float64."""
     plan = X.compile(load(space))
     g = torch.Generator().manual_seed(17)
@@ -806,9 +806,9 @@ def test_meta_gradient_with_conv_derivatives_as_kernels_equals_pytorchs(monkeypa
 
     for fused, strategy in ((True, "loop"), (False, "loop"), (True, "vmap")):
         got = meta_grad(fused, strategy)
-        monkeypatch.setattr(ops, "CONV_DERIVATIVES_AS_KERNELS", False)
+        monkeypatch.setattr(kernels, "CONV_DERIVATIVES_AS_KERNELS", False)
         ref = meta_grad(fused, strategy)
-        monkeypatch.setattr(ops, "CONV_DERIVATIVES_AS_KERNELS", True)
+        monkeypatch.setattr(kernels, "CONV_DERIVATIVES_AS_KERNELS", True)
         for a, b in zip(got, ref):
             assert_close(a, b, rtol=1e-9, atol=1e-12)
 

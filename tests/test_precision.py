@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from metanet import space as spaces
 from metanet.meta import MetaNet, ModelConfig, meta_loss, precision
-from metanet.ops import relu_conv2d
+from metanet.kernels import relu_conv2d
 from metanet.tasks import Episode
 from metanet.trainer import ConfigError, TrainConfig, train, validate_config
 
@@ -96,7 +96,7 @@ def test_bf16_batch_norm_backward_stays_in_bf16_and_matches_float32(create_graph
     bf16 precision."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from metanet.ops import batch_norm
+    from metanet.kernels import batch_norm
 
     g = torch.Generator().manual_seed(3)
     x32 = torch.randn(6, 8, 5, 5, generator=g)
