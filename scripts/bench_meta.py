@@ -80,6 +80,7 @@ import statistics
 import time
 import types
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -456,12 +457,8 @@ def main() -> None:
         """The loop with ``module.flag`` set to ``value`` for the step (a library switch
         between a path and its reference)."""
         def step() -> None:
-            before = getattr(module, flag)
-            setattr(module, flag, value)
-            try:
+            with mock.patch.object(module, flag, value):
                 ours_step(model, ep, "loop")
-            finally:
-                setattr(module, flag, before)
         return step
 
     variants: dict[str, Callable[[], None]] = {
